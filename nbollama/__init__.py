@@ -1,0 +1,91 @@
+"""nbollama: a Jupyter-native LLM engine.
+
+One GGUF model in the kernel, N parallel slots with continuous batching, and
+views that show what the engine does. In a notebook::
+
+    %load_ext nbollama
+    %%generate --max-tokens 64
+    Explain continuous batching in one sentence.
+    ---
+    Write a haiku about GPUs.
+
+From Python::
+
+    from nbollama import Engine
+    with Engine.load(parallel=4, ctx=1024) as engine:
+        for result in engine.generate(["Hi!", "Name a colour."], max_tokens=32):
+            print(result.text)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .engine import Engine, Handle, Result, SamplingParams, Subscription
+from .exceptions import (
+    ContextError,
+    EngineClosedError,
+    EngineError,
+    InvalidParamsError,
+    ModelError,
+    ModelLoadError,
+    ModelNotFoundError,
+    NbollamaError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestCancelledError,
+    RequestError,
+    RequestFailedError,
+)
+from .session import agenerate, current_engine, generate, load, on_engine_change, set_engine, unload
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine",
+    "Handle",
+    "Result",
+    "SamplingParams",
+    "Subscription",
+    "current_engine",
+    "set_engine",
+    "load",
+    "unload",
+    "on_engine_change",
+    "generate",
+    "agenerate",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+    "NbollamaError",
+    "ModelError",
+    "ModelNotFoundError",
+    "ModelLoadError",
+    "EngineError",
+    "EngineClosedError",
+    "ContextError",
+    "RequestError",
+    "QueueFullError",
+    "PromptTooLongError",
+    "InvalidParamsError",
+    "RequestCancelledError",
+    "RequestFailedError",
+    "__version__",
+]
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    return [{"src": "labextension", "dest": "nbollama"}]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbollama``: the magics and the side panel's comm target."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext nbollama``: close the engine, remove the magics and the comm target."""
+    from .magics import unload_ipython_extension as unload_
+
+    unload_(ipython)

@@ -1,0 +1,1 @@
+"""Private implementation; the public modules in ``nbollama`` re-export what users need."""

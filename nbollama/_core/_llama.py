@@ -1,0 +1,385 @@
+"""The only module that talks to llama.cpp (through llama-cpp-python's ctypes layer).
+
+Thin, typed wrappers over a model, a context, a batch and a sampler chain. No
+policy lives here: the batch loop in ``_engine`` decides what to decode.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as ll
+
+from ..exceptions import ContextError, ModelLoadError
+
+__all__ = [
+    "LlamaModel",
+    "LlamaContext",
+    "Batch",
+    "SamplerChain",
+    "supports_gpu_offload",
+    "DECODE_OK",
+    "DECODE_NO_KV_SLOT",
+    "DECODE_ABORTED",
+]
+
+DECODE_OK = 0
+DECODE_NO_KV_SLOT = 1
+DECODE_ABORTED = 2
+
+_MIB = 1024 * 1024
+
+
+class _LlamaLog:
+    """Keeps llama.cpp's recent log lines: they hold the reasons for failures and buffer sizes.
+
+    llama.cpp reports a failed load only in its log; the engine quotes those
+    lines in ``ModelLoadError``. ``NBOLLAMA_VERBOSE=1`` also echoes them.
+    """
+
+    def __init__(self) -> None:
+        self._lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=400)
+        self._lock = threading.Lock()
+        self._partial = ""
+        self._serial = 0
+        self._callback = ll.llama_log_callback(self._on_log)
+        ll.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes | None, user_data: object) -> None:
+        chunk = (text or b"").decode("utf-8", errors="replace")
+        if os.environ.get("NBOLLAMA_VERBOSE"):
+            sys.stderr.write(chunk)
+        with self._lock:
+            self._partial += chunk
+            while "\n" in self._partial:
+                line, self._partial = self._partial.split("\n", 1)
+                self._serial += 1
+                self._lines.append((self._serial, line))
+
+    @contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        """Collect the lines logged inside the block (from any thread)."""
+        with self._lock:
+            start = self._serial
+        lines: list[str] = []
+        try:
+            yield lines
+        finally:
+            with self._lock:
+                lines.extend(line for serial, line in self._lines if serial > start)
+
+
+_backend_lock = threading.Lock()
+_log: _LlamaLog | None = None
+
+
+def _ensure_backend() -> _LlamaLog:
+    global _log
+    with _backend_lock:
+        if _log is None:
+            ll.llama_backend_init()
+            _log = _LlamaLog()
+        return _log
+
+
+def supports_gpu_offload() -> bool:
+    _ensure_backend()
+    return bool(ll.llama_supports_gpu_offload())
+
+
+def _failure_reason(lines: Sequence[str]) -> str:
+    """The llama.cpp log lines that explain a failure, most telling first."""
+    telling = [
+        ln.strip()
+        for ln in lines
+        if re.search(r"error|failed|invalid|cannot|not within|unknown|unsupported", ln, re.I)
+    ]
+    return "; ".join(dict.fromkeys(telling[-4:])) or "llama.cpp gave no reason"
+
+
+def _buffer_mib(lines: Sequence[str], kind: str) -> float:
+    """Sum llama.cpp's '... <kind> buffer size = X MiB' lines."""
+    total = 0.0
+    for ln in lines:
+        m = re.search(rf"{kind} buffer size\s*=\s*([\d.]+)\s*MiB", ln)
+        if m:
+            total += float(m.group(1))
+    return total
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What one cached token costs, from the model's hyper-parameters."""
+
+    n_layer: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_swa: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        # f16 K and V for every layer: an upper bound (sliding-window layers keep fewer cells)
+        return self.n_layer * self.n_head_kv * (self.head_dim_k + self.head_dim_v) * 2
+
+
+def _builtin_template_for(arch: str) -> str | None:
+    """The longest built-in template name that the architecture's name starts with."""
+    n = ll.llama_chat_builtin_templates(None, 0)
+    names = (ctypes.c_char_p * n)()
+    ll.llama_chat_builtin_templates(names, n)
+    matches = [name.decode() for name in names if name and arch.startswith(name.decode())]
+    return max(matches, key=len, default=None)
+
+
+class LlamaModel:
+    """Weights and vocabulary, loaded once and shared by every context made from them."""
+
+    def __init__(self, path: Path, *, gpu_layers: int) -> None:
+        log = _ensure_backend()
+        params = ll.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers
+        with log.capture() as lines:
+            ptr = ll.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise ModelLoadError(str(path), f"llama.cpp could not load it: {_failure_reason(lines)}")
+        self.ptr = ptr
+        self.path = path
+        self.gpu_layers = gpu_layers
+        self.vocab = ll.llama_model_get_vocab(ptr)
+        self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(ll.llama_model_n_ctx_train(ptr))
+        self.n_embd = int(ll.llama_model_n_embd(ptr))
+        self.n_params = int(ll.llama_model_n_params(ptr))
+        self.size_bytes = int(ll.llama_model_size(ptr))
+        self.is_recurrent = bool(ll.llama_model_is_recurrent(ptr))
+        self.is_hybrid = bool(ll.llama_model_is_hybrid(ptr))
+        self.arch = self.meta("general.architecture") or "unknown"
+        self.name = self.meta("general.name") or path.stem
+        n_head = int(ll.llama_model_n_head(ptr)) or 1
+        default_head_dim = self.n_embd // n_head
+        self.kv_geometry = KVGeometry(
+            n_layer=int(ll.llama_model_n_layer(ptr)),
+            n_head_kv=int(ll.llama_model_n_head_kv(ptr)),
+            head_dim_k=int(self.meta(f"{self.arch}.attention.key_length") or default_head_dim),
+            head_dim_v=int(self.meta(f"{self.arch}.attention.value_length") or default_head_dim),
+            n_swa=int(ll.llama_model_n_swa(ptr)),
+        )
+        template = ll.llama_model_chat_template(ptr, None)
+        self.chat_template: bytes | None = template or None
+        self.chat_template_source = "GGUF metadata"
+        if self.chat_template is None:
+            # Base models often ship without a template; llama.cpp knows its family's format.
+            family = _builtin_template_for(self.arch)
+            if family is not None:
+                self.chat_template = family.encode()
+                self.chat_template_source = f"llama.cpp's built-in {family!r} template (none in the GGUF)"
+        self._pieces: dict[int, bytes] = {}
+        self._pieces_lock = threading.Lock()
+        self._closed = False
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            out = (ll.llama_token * capacity)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), out, capacity, add_special, True)
+            if n >= 0:
+                return list(out[:n])
+            capacity = -n
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (cached: the batch loop asks once per sampled token)."""
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        data = buf.raw[:n]
+        with self._pieces_lock:
+            self._pieces[token] = data
+        return data
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    def apply_chat_template(self, messages: Sequence[tuple[str, str]]) -> str:
+        """Render messages with the model's own template (llama.cpp's built-in renderers)."""
+        if self.chat_template is None:
+            raise ValueError(f"model {self.name!r} has no chat template in its GGUF metadata")
+        keep = [(r.encode(), c.encode()) for r, c in messages]
+        array = (ll.llama_chat_message * len(keep))()
+        for i, (role, content) in enumerate(keep):
+            array[i].role = role
+            array[i].content = content
+        size = sum(len(c) for _, c in keep) * 2 + 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = ll.llama_chat_apply_template(self.chat_template, array, len(keep), True, buf, size)
+            if n < 0:
+                raise ValueError(
+                    f"llama.cpp does not recognise the chat template of {self.name!r}; "
+                    "send the prompt with chat=False and format it yourself"
+                )
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = n + 1
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            ll.llama_model_free(self.ptr)
+
+
+class LlamaContext:
+    """One llama.cpp context with a sequence (KV stream) per slot."""
+
+    def __init__(
+        self, model: LlamaModel, *, n_seq: int, ctx_per_slot: int, n_batch: int, threads: int
+    ) -> None:
+        log = _ensure_backend()
+        params = ll.llama_context_default_params()
+        params.n_ctx = ctx_per_slot * n_seq
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        # One KV stream per slot: each slot owns exactly ctx_per_slot cells and
+        # attention never scans the other slots' tokens.
+        params.kv_unified = False
+        params.no_perf = True
+        with log.capture() as lines:
+            ptr = ll.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise ContextError(
+                f"llama.cpp could not create a context of {n_seq} x {ctx_per_slot} tokens "
+                f"(n_batch={n_batch}): {_failure_reason(lines)}"
+            )
+        self.ptr = ptr
+        self.model = model
+        self.memory = ll.llama_get_memory(ptr)
+        self.n_seq = n_seq
+        self.n_batch = n_batch
+        self.ctx_per_slot = min(ctx_per_slot, int(ll.llama_n_ctx_seq(ptr)))
+        self.kv_bytes = int(_buffer_mib(lines, "KV") * _MIB)
+        self.compute_bytes = int((_buffer_mib(lines, "compute") + _buffer_mib(lines, "output")) * _MIB)
+        self._closed = False
+
+    def decode(self, batch: Batch) -> int:
+        return int(ll.llama_decode(self.ptr, batch.raw))
+
+    def clear_sequence(self, seq: int) -> None:
+        ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def sequence_length(self, seq: int) -> int:
+        """Cells the sequence holds (its highest position + 1)."""
+        return int(ll.llama_memory_seq_pos_max(self.memory, seq)) + 1
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            ll.llama_free(self.ptr)
+
+
+class Batch:
+    """A reusable ``llama_batch`` of up to ``capacity`` tokens, one sequence id each."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = ll.llama_batch_init(capacity, 0, 1)
+        self._token = self.raw.token
+        self._pos = self.raw.pos
+        self._n_seq_id = self.raw.n_seq_id
+        self._seq_id = self.raw.seq_id
+        self._logits = self.raw.logits
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append a token; returns its index (where its logits land when asked for)."""
+        i = self.n_tokens
+        self._token[i] = token
+        self._pos[i] = pos
+        self._n_seq_id[i] = 1
+        self._seq_id[i][0] = seq
+        self._logits[i] = logits
+        self.n_tokens = i + 1
+        self.raw.n_tokens = i + 1
+        return i
+
+    def free(self) -> None:
+        if self.raw is not None:
+            ll.llama_batch_free(self.raw)
+            self.raw = None
+
+
+class SamplerChain:
+    """One request's sampler chain, C side: penalties, top-k, top-p, min-p, temperature, dist."""
+
+    def __init__(
+        self,
+        *,
+        n_vocab: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        min_p: float,
+        repeat_penalty: float,
+        repeat_last_n: int,
+        seed: int,
+    ) -> None:
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        add = ll.llama_sampler_chain_add
+        if repeat_penalty != 1.0:
+            add(chain, ll.llama_sampler_init_penalties(n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0))
+        if temperature <= 0.0:
+            add(chain, ll.llama_sampler_init_greedy())
+        else:
+            if top_k > 0:
+                add(chain, ll.llama_sampler_init_top_k(top_k))
+            if top_p < 1.0:
+                add(chain, ll.llama_sampler_init_top_p(top_p, 1))
+            if min_p > 0.0:
+                add(chain, ll.llama_sampler_init_min_p(min_p, 1))
+            add(chain, ll.llama_sampler_init_temp(temperature))
+            add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        self.ptr = chain
+
+    def accept_prompt(self, tokens: Sequence[int]) -> None:
+        """Let the penalty sampler see the prompt, as llama.cpp's server does."""
+        for token in tokens:
+            ll.llama_sampler_accept(self.ptr, token)
+
+    def sample(self, context: LlamaContext, index: int) -> int:
+        return int(ll.llama_sampler_sample(self.ptr, context.ptr, index))
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            ll.llama_sampler_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,369 @@
+"""Requests as the caller sees them: parameters in, a ``Handle`` to stream or wait on, a ``Result`` out.
+
+A handle is written by the engine's thread and read from anywhere: plain
+threads (``result()``, ``for delta in handle``) and event loops under anyio,
+asyncio or trio (``await handle``, ``handle.astream()``). Event-loop waiters
+are woken without ever blocking the engine's thread on the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import sniffio
+
+from ..exceptions import InvalidParamsError, NbollamaError, RequestFailedError
+
+__all__ = [
+    "FinishReason",
+    "RequestStatus",
+    "SamplingParams",
+    "Result",
+    "Handle",
+]
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+RequestStatus = Literal["queued", "prefill", "generating", "done", "cancelled", "error"]
+
+_FINAL_STATUS: dict[str, RequestStatus] = {
+    "stop": "done",
+    "length": "done",
+    "cancelled": "cancelled",
+    "error": "error",
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is sampled and when it stops; validated once, at submit."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, rule: str) -> InvalidParamsError:
+            return InvalidParamsError(f"{name}={value!r}: {rule}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "must be a whole number >= 1")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", self.temperature, "must be >= 0 (0 means greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "must be a whole number >= 0 (0 turns it off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", self.top_p, "must be in (0, 1]")
+        if not 0.0 <= self.min_p < 1.0:
+            raise bad("min_p", self.min_p, "must be in [0, 1)")
+        if not math.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
+            raise bad("repeat_penalty", self.repeat_penalty, "must be > 0 (1.0 turns it off)")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", self.seed, "must be a whole number or None")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", self.stop, "must be non-empty strings")
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished request: its text, why it stopped, and how long each part took (seconds)."""
+
+    id: int
+    prompt: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    error: str | None
+    ttft: float | None  # submit -> first token (queue wait and prefill included)
+    tpot: float | None  # mean time per output token after the first
+    queue_wait: float  # submit -> a slot took it
+    total_time: float  # submit -> finished
+    slot: int | None
+
+    @property
+    def ok(self) -> bool:
+        return self.finish_reason in ("stop", "length")
+
+    @property
+    def gen_tps(self) -> float | None:
+        """Generated tokens per second after the first token (this request's own speed)."""
+        if self.tpot:
+            return 1.0 / self.tpot
+        return None
+
+
+@dataclass
+class _Timing:
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
+class _LoopWaker:
+    """Wakes one task in an event loop from the engine's thread, never blocking that thread."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        library = sniffio.current_async_library()
+        if library == "trio":
+            import trio
+
+            token = trio.lowlevel.current_trio_token()
+            self._soon: Callable[[Callable[[], object]], object] = token.run_sync_soon
+        else:
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            self._soon = loop.call_soon_threadsafe
+
+    def wake(self) -> None:
+        try:
+            self._soon(self.event.set)
+        except RuntimeError:
+            pass  # the loop has closed; nobody is waiting any more
+
+
+class Handle:
+    """A submitted request: stream it, wait for it, or cancel it.
+
+    ``for delta in handle`` and ``async for delta in handle.astream()`` yield
+    text as it is sampled; ``handle.result()`` and ``await handle`` give the
+    ``Result``. Iterating after the request finished replays it from the start.
+    """
+
+    def __init__(
+        self,
+        request_id: int,
+        prompt: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        canceller: Callable[[Handle], None],
+    ) -> None:
+        self.id = request_id
+        self.prompt = prompt
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.timing = _Timing()
+        self._canceller = canceller
+        self._cond = threading.Condition()
+        self._chunks: list[str] = []
+        self._status: RequestStatus = "queued"
+        self._slot: int | None = None
+        self._completion_tokens = 0
+        self._result: Result | None = None
+        self._exception: NbollamaError | None = None
+        self._wakers: list[_LoopWaker] = []
+        self._done_callbacks: list[Callable[[Handle], object]] = []
+
+    # -- what the engine's thread calls -------------------------------------------------
+
+    def _set_running(self, slot: int, status: RequestStatus) -> None:
+        with self._cond:
+            self._slot = slot
+            self._status = status
+        self._notify()
+
+    def _publish(self, delta: str, completion_tokens: int) -> None:
+        with self._cond:
+            if delta:
+                self._chunks.append(delta)
+            self._completion_tokens = completion_tokens
+            self._status = "generating"
+        self._notify()
+
+    def _finish(
+        self,
+        finish_reason: FinishReason,
+        *,
+        tail: str = "",
+        error: str | None = None,
+        exception: NbollamaError | None = None,
+    ) -> Result:
+        t = self.timing
+        t.finished = time.perf_counter()
+        with self._cond:
+            if self._result is not None:
+                return self._result
+            if tail:
+                self._chunks.append(tail)
+            text = "".join(self._chunks)
+            first = t.first_token
+            n = self._completion_tokens
+            self._result = Result(
+                id=self.id,
+                prompt=self.prompt,
+                text=text,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=n,
+                finish_reason=finish_reason,
+                error=error,
+                ttft=(first - t.submitted) if first is not None else None,
+                tpot=((t.finished - first) / (n - 1)) if first is not None and n > 1 else None,
+                queue_wait=((t.started or t.finished) - t.submitted),
+                total_time=t.finished - t.submitted,
+                slot=self._slot,
+            )
+            self._status = _FINAL_STATUS[finish_reason]
+            if finish_reason == "error":
+                self._exception = exception or RequestFailedError(error or "request failed")
+            callbacks, self._done_callbacks = self._done_callbacks, []
+        self._notify()
+        for callback in callbacks:
+            _call_quietly(callback, self)
+        return self._result
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+            wakers = list(self._wakers)
+        for waker in wakers:
+            waker.wake()
+
+    # -- what callers use -------------------------------------------------------------
+
+    @property
+    def status(self) -> RequestStatus:
+        return self._status
+
+    @property
+    def slot(self) -> int | None:
+        """The slot serving (or that served) this request; None while queued."""
+        return self._slot
+
+    @property
+    def text(self) -> str:
+        """The text generated so far."""
+        with self._cond:
+            return "".join(self._chunks)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._completion_tokens
+
+    def done(self) -> bool:
+        return self._result is not None
+
+    def exception(self) -> NbollamaError | None:
+        """Why the request failed, once it has (``finish_reason == "error"``)."""
+        return self._exception
+
+    def cancel(self) -> bool:
+        """Cancel the request; its slot is freed at the engine's next step.
+
+        Returns False if it had already finished. The text generated so far is
+        kept in the result, whose ``finish_reason`` is ``"cancelled"``.
+        """
+        if self.done():
+            return False
+        self._canceller(self)
+        return True
+
+    def add_done_callback(self, callback: Callable[[Handle], object]) -> None:
+        """Call ``callback(handle)`` when the request finishes (at once if it has).
+
+        It runs on the engine's thread: keep it short and never block it.
+        """
+        with self._cond:
+            if self._result is None:
+                self._done_callbacks.append(callback)
+                return
+        _call_quietly(callback, self)
+
+    def result(self, timeout: float | None = None) -> Result:
+        """Wait for the result; ``TimeoutError`` if ``timeout`` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._result is None:
+                remaining = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+                if remaining <= 0:
+                    raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+                self._cond.wait(remaining)  # short waits keep Ctrl-C responsive
+            return self._result
+
+    def __iter__(self) -> Iterator[str]:
+        index = 0
+        while True:
+            with self._cond:
+                while index >= len(self._chunks) and self._result is None:
+                    self._cond.wait(0.2)
+                chunks = self._chunks[index:]
+                index += len(chunks)
+                finished = self._result is not None and index >= len(self._chunks)
+            if chunks:
+                yield "".join(chunks)
+            if finished:
+                return
+
+    async def astream(self) -> AsyncIterator[str]:
+        """Yield text deltas as they are sampled, inside any anyio-supported loop."""
+        waker = _LoopWaker()
+        with self._cond:
+            self._wakers.append(waker)
+        try:
+            index = 0
+            while True:
+                with self._cond:
+                    chunks = self._chunks[index:]
+                    index += len(chunks)
+                    finished = self._result is not None and index >= len(self._chunks)
+                    if not chunks and not finished:
+                        waker.event = anyio.Event()
+                if chunks:
+                    yield "".join(chunks)
+                    continue
+                if finished:
+                    return
+                await waker.event.wait()
+        finally:
+            with self._cond:
+                self._wakers.remove(waker)
+
+    async def wait(self) -> Result:
+        """``await handle.wait()`` (or just ``await handle``): the result, without blocking the loop."""
+        if self._result is not None:
+            return self._result
+        waker = _LoopWaker()
+        with self._cond:
+            self._wakers.append(waker)
+        try:
+            while True:
+                with self._cond:
+                    if self._result is not None:
+                        return self._result
+                    waker.event = anyio.Event()
+                await waker.event.wait()
+        finally:
+            with self._cond:
+                self._wakers.remove(waker)
+
+    def __await__(self) -> Generator[Any, None, Result]:
+        return self.wait().__await__()
+
+    def __repr__(self) -> str:
+        return f"<Handle id={self.id} status={self._status} slot={self._slot} tokens={self._completion_tokens}>"
+
+
+def _call_quietly(callback: Callable[[Handle], object], handle: Handle) -> None:
+    try:
+        callback(handle)
+    except Exception:  # a user's callback must not take the engine's thread down
+        import logging
+
+        logging.getLogger("nbollama").exception("done-callback of request %s failed", handle.id)
+
+
+def join_results(handles: Sequence[Handle]) -> list[Result]:
+    return [h.result() for h in handles]

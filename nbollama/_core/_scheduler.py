@@ -1,0 +1,69 @@
+"""The waiting queue: bounded, highest priority first, first come first served within a priority."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Generic, TypeVar
+
+from ..exceptions import QueueFullError
+
+__all__ = ["WaitingQueue"]
+
+T = TypeVar("T")
+
+
+class WaitingQueue(Generic[T]):
+    """Not thread-safe on its own: the engine holds its lock around every call.
+
+    Removal is lazy (a removed entry stays in the heap, marked), so cancelling
+    a queued request is O(1) and ``len()`` still counts only live entries.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        if max_size < 1:
+            raise ValueError(f"max queue size must be >= 1, got {max_size}")
+        self.max_size = max_size
+        self._heap: list[tuple[int, int, T]] = []
+        self._order = itertools.count()
+        self._live: set[int] = set()  # id() of queued items
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, item: T) -> bool:
+        return id(item) in self._live
+
+    def push(self, item: T, priority: int) -> None:
+        if len(self._live) >= self.max_size:
+            raise QueueFullError(
+                f"the engine is busy: {len(self._live)} requests are already waiting "
+                f"(queue limit {self.max_size}, set NBOLLAMA_MAX_QUEUE to change it); "
+                "wait for some to finish or cancel them"
+            )
+        heapq.heappush(self._heap, (-priority, next(self._order), item))
+        self._live.add(id(item))
+
+    def pop(self) -> T | None:
+        while self._heap:
+            _, _, item = heapq.heappop(self._heap)
+            if id(item) in self._live:
+                self._live.discard(id(item))
+                return item
+        return None
+
+    def remove(self, item: T) -> bool:
+        if id(item) in self._live:
+            self._live.discard(id(item))
+            return True
+        return False
+
+    def items(self) -> list[T]:
+        """Live entries in the order they would be served."""
+        return [item for _, _, item in sorted(self._heap) if id(item) in self._live]
+
+    def drain(self) -> list[T]:
+        out = self.items()
+        self._heap.clear()
+        self._live.clear()
+        return out

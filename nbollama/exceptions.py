@@ -1,0 +1,99 @@
+"""Every exception nbollama raises on purpose, in one tree.
+
+::
+
+    NbollamaError
+    ├── ModelError
+    │   ├── ModelNotFoundError      the path (or the bundled model) is not there
+    │   └── ModelLoadError          not a GGUF file, truncated, or llama.cpp refused it
+    ├── EngineError
+    │   ├── EngineClosedError       the engine was closed; load a new one
+    │   └── ContextError            llama.cpp could not create a context of that size
+    ├── RequestError
+    │   ├── QueueFullError          the queue holds NBOLLAMA_MAX_QUEUE requests ("server busy")
+    │   ├── PromptTooLongError      the prompt does not fit in one slot's context
+    │   ├── InvalidParamsError      a sampling parameter is out of range  (also a ValueError)
+    │   ├── RequestCancelledError   awaiting/streaming a request that was cancelled
+    │   └── RequestFailedError      the request ended with finish_reason="error"
+    └── (TimeoutError)              Handle.result(timeout=...) ran out; the builtin one
+
+Requests that fail inside the batch loop never raise there: they end with
+``finish_reason="error"`` and a message in ``Result.error`` so the other
+slots go on. ``Handle.result()`` returns such results; only the streaming and
+awaiting helpers turn them into exceptions when asked to (``raise_on_error``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NbollamaError",
+    "ModelError",
+    "ModelNotFoundError",
+    "ModelLoadError",
+    "EngineError",
+    "EngineClosedError",
+    "ContextError",
+    "RequestError",
+    "QueueFullError",
+    "PromptTooLongError",
+    "InvalidParamsError",
+    "RequestCancelledError",
+    "RequestFailedError",
+]
+
+
+class NbollamaError(Exception):
+    """Base class: catch this to catch anything nbollama raises on purpose."""
+
+
+class ModelError(NbollamaError):
+    """The model file could not be found or loaded."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """No file at the given path."""
+
+
+class ModelLoadError(ModelError):
+    """The file exists but is not a usable GGUF model."""
+
+
+class EngineError(NbollamaError):
+    """The engine itself cannot do what was asked."""
+
+
+class EngineClosedError(EngineError):
+    """The engine was closed; its slots and model are gone."""
+
+
+class ContextError(EngineError):
+    """llama.cpp refused to create a context (usually: not enough memory)."""
+
+
+class RequestError(NbollamaError):
+    """A request could not be accepted or did not complete."""
+
+
+class QueueFullError(RequestError):
+    """The waiting queue is full; the engine is busy (Ollama answers HTTP 503 here)."""
+
+
+class PromptTooLongError(RequestError):
+    """The prompt needs more tokens than one slot's context holds."""
+
+
+class InvalidParamsError(RequestError, ValueError):
+    """A sampling parameter is out of its range."""
+
+
+class RequestCancelledError(RequestError):
+    """The request was cancelled before it completed."""
+
+
+class RequestFailedError(RequestError):
+    """The request ended with ``finish_reason="error"``."""

@@ -1,0 +1,223 @@
+"""Memory figures for the engine and its views, and the ``parallel="auto"`` rule.
+
+With a GPU the figures come from NVML (``pynvml``, package ``nvidia-ml-py``);
+without one, or when NVML is missing or fails in any way, they come from the
+host: this process's RSS and PSS and the available RAM. Nothing here raises
+because a driver is absent: a notebook on a laptop must still show something.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from ._core._snapshot import GPUFigures, MemoryFigures
+
+__all__ = [
+    "AUTO_PARALLEL",
+    "ParallelChoice",
+    "gpu_figures",
+    "host_figures",
+    "nvml_error",
+    "reset_nvml",
+    "memory_figures",
+    "choose_parallel",
+    "format_bytes",
+]
+
+#: What ``parallel="auto"`` picks when that many slots fit (Ollama's original rule).
+AUTO_PARALLEL = 4
+
+_nvml_lock = threading.Lock()
+_nvml_state: dict[str, Any] = {"initialised": False, "error": None}
+
+
+def format_bytes(n: float | None) -> str:
+    """``1536 -> '1.5 KiB'``; for one-line summaries."""
+    if n is None:
+        return "n/a"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _nvml() -> Any | None:
+    """The initialised ``pynvml`` module, or None (the reason kept for the note)."""
+    with _nvml_lock:
+        if _nvml_state["initialised"]:
+            return _nvml_state["module"]
+        if _nvml_state["error"] is not None:
+            return None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver errors...
+            _nvml_state["error"] = f"NVML unavailable ({type(exc).__name__}: {exc})"
+            return None
+        _nvml_state.update(initialised=True, module=pynvml)
+        return pynvml
+
+
+def reset_nvml() -> None:
+    """Forget NVML's state so the next call tries again (tests swap the module)."""
+    with _nvml_lock:
+        module = _nvml_state.get("module")
+        if _nvml_state["initialised"] and module is not None:
+            try:
+                module.nvmlShutdown()
+            except Exception:
+                pass
+        _nvml_state.clear()
+        _nvml_state.update(initialised=False, error=None)
+
+
+def nvml_error() -> str | None:
+    """Why NVML is not in use, if it is not."""
+    _nvml()
+    return _nvml_state["error"]
+
+
+def gpu_figures() -> list[GPUFigures]:
+    """Per-GPU totals from NVML; empty when there is no GPU or NVML fails."""
+    nvml = _nvml()
+    if nvml is None:
+        return []
+    pid = os.getpid()
+    try:
+        out: list[GPUFigures] = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            info = nvml.nvmlDeviceGetMemoryInfo(handle)
+            name = nvml.nvmlDeviceGetName(handle)
+            if isinstance(name, bytes):
+                name = name.decode(errors="replace")
+            process_used: int | None = None
+            try:
+                for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid == pid and proc.usedGpuMemory is not None:
+                        process_used = (process_used or 0) + int(proc.usedGpuMemory)
+                if process_used is None:
+                    process_used = 0
+            except Exception:
+                process_used = None  # some drivers (and containers) hide processes
+            out.append(
+                GPUFigures(
+                    index=index,
+                    name=str(name),
+                    total=int(info.total),
+                    used=int(info.used),
+                    free=int(info.free),
+                    process_used=process_used,
+                )
+            )
+        return out
+    except Exception as exc:
+        with _nvml_lock:
+            _nvml_state["error"] = f"NVML query failed ({type(exc).__name__}: {exc})"
+        return []
+
+
+def _pss() -> int | None:
+    """Proportional set size: counts the shared, mmapped model file once per sharer."""
+    try:
+        with open(f"/proc/{os.getpid()}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def host_figures() -> dict[str, int | None]:
+    vm = psutil.virtual_memory()
+    return {
+        "process_rss": int(psutil.Process().memory_info().rss),
+        "process_pss": _pss(),
+        "host_total": int(vm.total),
+        "host_available": int(vm.available),
+    }
+
+
+def memory_figures(kv_bytes: int = 0, kv_estimate: str = "") -> MemoryFigures:
+    """Everything a memory view shows, from NVML when a GPU answers, else the host."""
+    gpus = gpu_figures()
+    host = host_figures()
+    if gpus:
+        note = f"VRAM from NVML on {len(gpus)} GPU(s)"
+    else:
+        note = f"host memory ({nvml_error() or 'no GPU found'})"
+    return MemoryFigures(
+        source="nvml" if gpus else "host",
+        process_rss=int(host["process_rss"] or 0),
+        process_pss=host["process_pss"],
+        host_total=int(host["host_total"] or 0),
+        host_available=int(host["host_available"] or 0),
+        gpus=gpus,
+        kv_bytes=int(kv_bytes),
+        kv_estimate=kv_estimate,
+        note=note,
+    )
+
+
+@dataclass(frozen=True)
+class ParallelChoice:
+    """The effective parallel value and the sentence that explains it."""
+
+    parallel: int
+    reason: str
+
+
+def choose_parallel(
+    per_slot_bytes: int,
+    shared_bytes: int,
+    *,
+    on_gpu: bool,
+    env_value: str | None = None,
+) -> ParallelChoice:
+    """Ollama's original rule: 4 slots if their KV cache and buffers fit in free memory, else 1.
+
+    ``per_slot_bytes`` is one slot's KV cache, ``shared_bytes`` the compute and
+    output buffers that exist once whatever the slot count. ``env_value`` is
+    ``NBOLLAMA_NUM_PARALLEL``, which wins when set.
+    """
+    if env_value:
+        try:
+            forced = int(env_value)
+        except ValueError:
+            raise ValueError(
+                f"NBOLLAMA_NUM_PARALLEL={env_value!r} is not a whole number"
+            ) from None
+        if forced < 1:
+            raise ValueError(f"NBOLLAMA_NUM_PARALLEL={forced} must be at least 1")
+        return ParallelChoice(forced, f"NBOLLAMA_NUM_PARALLEL={forced}")
+    need = AUTO_PARALLEL * per_slot_bytes + shared_bytes
+    if on_gpu:
+        gpus = gpu_figures()
+        if gpus:
+            free = max(g["free"] for g in gpus)
+            where = "free VRAM"
+        else:
+            free = int(psutil.virtual_memory().available)
+            where = "available RAM (no GPU answered NVML)"
+    else:
+        free = int(psutil.virtual_memory().available)
+        where = "available RAM"
+    if need <= free:
+        return ParallelChoice(
+            AUTO_PARALLEL,
+            f"auto: {AUTO_PARALLEL} slots need {format_bytes(need)}, {where} is {format_bytes(free)}",
+        )
+    return ParallelChoice(
+        1,
+        f"auto: {AUTO_PARALLEL} slots would need {format_bytes(need)} but {where} is only "
+        f"{format_bytes(free)}, so 1",
+    )

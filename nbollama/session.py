@@ -1,0 +1,103 @@
+"""The kernel's engine: the one the magics, the dashboard and the side panel all look at.
+
+A notebook has one engine at a time. ``load`` replaces it cleanly (the old
+one's requests are cancelled and its memory freed before the new one loads),
+and views follow replacements through ``on_engine_change``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+from ._core._engine import Engine
+from ._core._requests import Result
+
+__all__ = [
+    "current_engine",
+    "set_engine",
+    "load",
+    "unload",
+    "on_engine_change",
+    "generate",
+    "agenerate",
+]
+
+_lock = threading.RLock()
+_engine: Engine | None = None
+_listeners: list[Callable[[Engine | None], object]] = []
+
+
+def current_engine() -> Engine | None:
+    """The kernel's engine, or None when none is loaded (or it was closed)."""
+    engine = _engine
+    return engine if engine is not None and not engine.closed else None
+
+
+def set_engine(engine: Engine | None, *, close_previous: bool = True) -> None:
+    """Make ``engine`` the kernel's engine and tell the views."""
+    global _engine
+    with _lock:
+        previous, _engine = _engine, engine
+        listeners = list(_listeners)
+    if close_previous and previous is not None and previous is not engine:
+        previous.close()
+    for listener in listeners:
+        try:
+            listener(engine)
+        except Exception:
+            import logging
+
+            logging.getLogger("nbollama").exception("an engine-change listener failed")
+
+
+def load(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    parallel: int | Literal["auto"] = "auto",
+    **options: Any,
+) -> Engine:
+    """Load a model as the kernel's engine, closing the one before it first (memory is freed first)."""
+    set_engine(None)
+    engine = Engine.load(model, parallel=parallel, **options)
+    set_engine(engine)
+    return engine
+
+
+def unload() -> bool:
+    """Close the kernel's engine; False if there was none."""
+    had = current_engine() is not None
+    set_engine(None)
+    return had
+
+
+def on_engine_change(listener: Callable[[Engine | None], object]) -> Callable[[], None]:
+    """Call ``listener(engine_or_None)`` whenever the kernel's engine changes; returns the unsubscriber."""
+    with _lock:
+        _listeners.append(listener)
+
+    def unsubscribe() -> None:
+        with _lock:
+            if listener in _listeners:
+                _listeners.remove(listener)
+
+    return unsubscribe
+
+
+def _engine_or_default() -> Engine:
+    with _lock:
+        engine = current_engine()
+        if engine is None:
+            engine = load()
+        return engine
+
+
+def generate(prompts: str | Iterable[str], **params: Any) -> list[Result]:
+    """Generate with the kernel's engine, loading the bundled model first if none is loaded."""
+    return _engine_or_default().generate(prompts, **params)
+
+
+async def agenerate(prompts: str | Iterable[str], **params: Any) -> list[Result]:
+    return await _engine_or_default().agenerate(prompts, **params)
