@@ -190,6 +190,8 @@ class _Config:
     gpu_layers: int
     max_queue: int
     parallel_reason: str
+    flash_attn: bool | None = None
+    kv_unified: bool = False
     load_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -242,12 +244,16 @@ class Engine:
         gpu_layers: int | Literal["auto"] = "auto",
         threads: int | None = None,
         max_queue: int | None = None,
+        flash_attn: bool | Literal["auto"] = "auto",
+        kv_unified: bool = False,
     ) -> Engine:
         """Load a GGUF model (``None``/``"default"``: the bundled Gemma 3 270M) and start the slots.
 
         ``ctx`` is the context of ONE slot; the KV cache holds ``parallel x ctx``
         tokens. ``gpu_layers="auto"`` offloads every layer when llama.cpp was
-        built with a GPU backend, none otherwise.
+        built with a GPU backend, none otherwise. ``flash_attn`` and
+        ``kv_unified`` pass through to llama.cpp (``kv_unified=True`` lets all
+        slots share one KV buffer instead of one stream each).
         """
         _validate_load_args(parallel, ctx, n_batch, threads)
         started = time.perf_counter()
@@ -268,6 +274,8 @@ class Engine:
                 threads=threads,
                 max_queue=max_queue,
                 started=started,
+                flash_attn=None if flash_attn == "auto" else bool(flash_attn),
+                kv_unified=kv_unified,
             )
         finally:
             weights.release()
@@ -283,6 +291,8 @@ class Engine:
         threads: int | None,
         max_queue: int | None,
         started: float,
+        flash_attn: bool | None = None,
+        kv_unified: bool = False,
     ) -> Engine:
         model = weights.model
         per_slot = model.kv_geometry.bytes_per_token * ctx
@@ -316,6 +326,8 @@ class Engine:
             gpu_layers=model.gpu_layers,
             max_queue=_max_queue(max_queue),
             parallel_reason=reason,
+            flash_attn=flash_attn,
+            kv_unified=kv_unified,
         )
         engine = cls(weights, config)
         engine._config.load_seconds = time.perf_counter() - started
@@ -334,6 +346,8 @@ class Engine:
                 ctx_per_slot=config.ctx_per_slot,
                 n_batch=config.n_batch,
                 threads=config.threads,
+                flash_attn=config.flash_attn,
+                kv_unified=config.kv_unified,
             )
         except BaseException:
             self._weights.release()
@@ -362,7 +376,14 @@ class Engine:
         self._thread.start()
         _live_engines.add(self)
 
-    def spawn(self, *, parallel: int, ctx: int | None = None, n_batch: int | None = None) -> Engine:
+    def spawn(
+        self,
+        *,
+        parallel: int,
+        ctx: int | None = None,
+        n_batch: int | None = None,
+        max_queue: int | None = None,
+    ) -> Engine:
         """A new engine on the SAME loaded weights with its own context and slots.
 
         The model file is not read again; this engine keeps running. Used by
@@ -378,8 +399,10 @@ class Engine:
             ctx=ctx,
             n_batch=n_batch,
             threads=self._config.threads,
-            max_queue=self._config.max_queue,
+            max_queue=self._config.max_queue if max_queue is None else max_queue,
             started=time.perf_counter(),
+            flash_attn=self._config.flash_attn,
+            kv_unified=self._config.kv_unified,
         )
 
     # -- what it is ------------------------------------------------------------------

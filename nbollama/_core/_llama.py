@@ -257,7 +257,15 @@ class LlamaContext:
     """One llama.cpp context with a sequence (KV stream) per slot."""
 
     def __init__(
-        self, model: LlamaModel, *, n_seq: int, ctx_per_slot: int, n_batch: int, threads: int
+        self,
+        model: LlamaModel,
+        *,
+        n_seq: int,
+        ctx_per_slot: int,
+        n_batch: int,
+        threads: int,
+        flash_attn: bool | None = None,
+        kv_unified: bool = False,
     ) -> None:
         log = _ensure_backend()
         params = ll.llama_context_default_params()
@@ -267,9 +275,14 @@ class LlamaContext:
         params.n_seq_max = n_seq
         params.n_threads = threads
         params.n_threads_batch = threads
-        # One KV stream per slot: each slot owns exactly ctx_per_slot cells and
-        # attention never scans the other slots' tokens.
-        params.kv_unified = False
+        # By default one KV stream per slot: each slot owns exactly ctx_per_slot
+        # cells and attention never scans the other slots' tokens.
+        params.kv_unified = kv_unified
+        params.flash_attn_type = {
+            None: ll.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            True: ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            False: ll.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[flash_attn]
         params.no_perf = True
         with log.capture() as lines:
             ptr = ll.llama_init_from_model(model.ptr, params)
