@@ -24,6 +24,9 @@ if ! command -v node >/dev/null 2>&1; then
   exit 1
 fi
 
+# jlpm (JupyterLab's yarn) builds the extension: point it at the registry npm is set up for.
+export YARN_NPM_REGISTRY_SERVER="${YARN_NPM_REGISTRY_SERVER:-$(npm config get registry 2>/dev/null | sed 's:/*$::')}"
+
 PYTHON=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip

@@ -1,0 +1,373 @@
+import {
+  HISTORY_LENGTH,
+  IEngineSnapshot,
+  ISlotSnapshot,
+  badgeColour,
+  cancelNotice,
+  engineView,
+  formatBytes,
+  formatCount,
+  formatRate,
+  hintView,
+  isEngineSnapshot,
+  memoryView,
+  parseKernelMessage,
+  pushHistory,
+  slotRows,
+  sparklinePath,
+  statusView
+} from '../model';
+
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+
+function slot(id: number, extra: Partial<ISlotSnapshot> = {}): ISlotSnapshot {
+  return {
+    id,
+    state: 'idle',
+    badge: 'idle',
+    request_id: null,
+    prompt_preview: '',
+    prompt_tokens: 0,
+    prefilled_tokens: 0,
+    decoded_tokens: 0,
+    max_tokens: 0,
+    tps: 0,
+    kv_used: 0,
+    ...extra
+  };
+}
+
+function snapshot(extra: Partial<IEngineSnapshot> = {}): IEngineSnapshot {
+  return {
+    v: 1,
+    time: 1700000000,
+    seq: 7,
+    closed: false,
+    model: {
+      name: 'gemma-3-270m-it-Q4_K_M',
+      path: '/x/model.gguf',
+      arch: 'gemma3',
+      size_bytes: 253 * MiB,
+      n_params: 268000000
+    },
+    parallel: 4,
+    ctx_per_slot: 2048,
+    n_batch: 512,
+    gpu_layers: 0,
+    parallel_reason: 'asked for 4',
+    slots: [slot(0), slot(1), slot(2), slot(3)],
+    queue: { length: 0, max: 0 },
+    throughput: 0,
+    throughput_window: 5,
+    busy_slots: 0,
+    kv: { used: 0, total: 8192, bytes: 144 * MiB },
+    memory: {
+      source: 'host',
+      process_rss: 2 * GiB,
+      process_pss: null,
+      host_total: 16 * GiB,
+      host_available: 10 * GiB,
+      gpus: [],
+      kv_bytes: 144 * MiB,
+      kv_estimate: '4 slots x 2048 ctx x 18.0 KiB/token = 144 MiB',
+      note: 'no GPU'
+    },
+    totals: {
+      submitted: 0,
+      completed: 0,
+      cancelled: 0,
+      errors: 0,
+      prompt_tokens: 0,
+      generated_tokens: 0
+    },
+    recent: [],
+    ...extra
+  };
+}
+
+describe('parseKernelMessage', () => {
+  it('accepts a snapshot with an engine', () => {
+    const snap = snapshot();
+    const msg = parseKernelMessage({ v: 1, type: 'snapshot', engine: snap });
+    expect(msg).toEqual({ v: 1, type: 'snapshot', engine: snap });
+  });
+
+  it('accepts a snapshot without an engine', () => {
+    expect(parseKernelMessage({ v: 1, type: 'snapshot', engine: null })).toEqual({
+      v: 1,
+      type: 'snapshot',
+      engine: null
+    });
+  });
+
+  it('rejects a malformed engine snapshot', () => {
+    const bad = { ...snapshot(), slots: [{ id: 'zero' }] };
+    expect(parseKernelMessage({ v: 1, type: 'snapshot', engine: bad })).toEqual({
+      invalid: 'malformed engine snapshot'
+    });
+    expect(isEngineSnapshot({ seq: 1 })).toBe(false);
+    expect(isEngineSnapshot(snapshot())).toBe(true);
+  });
+
+  it('rejects other protocol versions, unknown types and non-objects', () => {
+    expect(parseKernelMessage({ v: 2, type: 'snapshot', engine: null })).toHaveProperty(
+      'invalid'
+    );
+    expect(parseKernelMessage({ v: 1, type: 'bogus' })).toEqual({
+      invalid: 'unknown message type "bogus"'
+    });
+    expect(parseKernelMessage('snapshot')).toHaveProperty('invalid');
+    expect(parseKernelMessage(null)).toHaveProperty('invalid');
+    expect(parseKernelMessage([1, 2])).toHaveProperty('invalid');
+  });
+
+  it('reads cancelled and error messages', () => {
+    expect(parseKernelMessage({ v: 1, type: 'cancelled', slot: 2, request_id: 9 })).toEqual(
+      { v: 1, type: 'cancelled', slot: 2, request_id: 9 }
+    );
+    expect(
+      parseKernelMessage({ v: 1, type: 'cancelled', slot: 1, request_id: null })
+    ).toEqual({ v: 1, type: 'cancelled', slot: 1, request_id: null });
+    expect(parseKernelMessage({ v: 1, type: 'cancelled' })).toHaveProperty('invalid');
+    expect(parseKernelMessage({ v: 1, type: 'error', message: 'bad slot' })).toEqual({
+      v: 1,
+      type: 'error',
+      message: 'bad slot'
+    });
+  });
+});
+
+describe('formatting', () => {
+  it('formats bytes in binary units', () => {
+    expect(formatBytes(0)).toBe('0 B');
+    expect(formatBytes(-5)).toBe('0 B');
+    expect(formatBytes(512)).toBe('512 B');
+    expect(formatBytes(1536)).toBe('1.50 KiB');
+    expect(formatBytes(144 * MiB)).toBe('144 MiB');
+    expect(formatBytes(1.5 * GiB)).toBe('1.50 GiB');
+    expect(formatBytes(80 * GiB)).toBe('80.0 GiB');
+  });
+
+  it('formats rates and counts', () => {
+    expect(formatRate(0)).toBe('0 tok/s');
+    expect(formatRate(Number.NaN)).toBe('0 tok/s');
+    expect(formatRate(3.44)).toBe('3.4 tok/s');
+    expect(formatRate(95.4)).toBe('95 tok/s');
+    expect(formatCount(1234567)).toBe('1,234,567');
+    expect(formatCount(12)).toBe('12');
+  });
+});
+
+describe('slotRows', () => {
+  it('makes one row per slot in slot order with state colours', () => {
+    const snap = snapshot({
+      slots: [
+        slot(2, {
+          state: 'generating',
+          badge: 'generating',
+          request_id: 5,
+          prompt_preview: 'Write a haiku',
+          prompt_tokens: 10,
+          prefilled_tokens: 10,
+          decoded_tokens: 12,
+          max_tokens: 48,
+          tps: 31.2
+        }),
+        slot(0, {
+          state: 'prefill',
+          badge: 'prefill',
+          request_id: 6,
+          prompt_preview: 'Tell me',
+          prompt_tokens: 40,
+          prefilled_tokens: 10,
+          max_tokens: 48
+        }),
+        slot(1, {
+          badge: 'cancelled',
+          request_id: 3,
+          prompt_preview: 'old prompt',
+          decoded_tokens: 7,
+          max_tokens: 400,
+          tps: 20
+        }),
+        slot(3)
+      ]
+    });
+    const rows = slotRows(snap);
+    expect(rows.map(r => r.slot)).toEqual([0, 1, 2, 3]);
+
+    expect(rows[0].progressText).toBe('prefill 10/40');
+    expect(rows[0].progress).toBeCloseTo(0.25);
+    expect(rows[0].badgeColour).toBe(badgeColour('prefill'));
+    expect(rows[0].cancellable).toBe(true);
+
+    expect(rows[1].badge).toBe('cancelled');
+    expect(rows[1].state).toBe('idle');
+    expect(rows[1].cancellable).toBe(false);
+    expect(rows[1].preview).toBe('old prompt');
+    expect(rows[1].progressText).toBe('7/400');
+
+    expect(rows[2].progressText).toBe('12/48');
+    expect(rows[2].progress).toBeCloseTo(0.25);
+    expect(rows[2].tpsText).toBe('31 tok/s');
+    expect(rows[2].badgeColour).toContain('--jp-brand-color1');
+
+    expect(rows[3]).toMatchObject({
+      preview: '',
+      progressText: '',
+      progress: 0,
+      tpsText: '',
+      cancellable: false
+    });
+  });
+
+  it('gives every badge its own colour', () => {
+    const badges = ['idle', 'prefill', 'generating', 'done', 'cancelled', 'error'];
+    const colours = new Set(badges.map(badgeColour));
+    expect(colours.size).toBe(badges.length);
+    expect(badgeColour('error')).toContain('--jp-error-color1');
+  });
+});
+
+describe('memoryView', () => {
+  it('shows process RSS against host RAM without NVML', () => {
+    const view = memoryView(snapshot());
+    expect(view.source).toBe('host');
+    expect(view.fraction).toBeCloseTo(2 / 16);
+    expect(view.kvFraction).toBeCloseTo(144 / (16 * 1024));
+    expect(view.text).toBe('2.00 GiB / 16.0 GiB');
+    expect(view.kvText).toBe('KV cache 144 MiB');
+  });
+
+  it('shows GPU 0 VRAM when the source is nvml', () => {
+    const base = snapshot();
+    const view = memoryView({
+      ...base,
+      memory: {
+        ...base.memory,
+        source: 'nvml',
+        gpus: [
+          {
+            index: 1,
+            name: 'other',
+            total: 40 * GiB,
+            used: 1 * GiB,
+            free: 39 * GiB,
+            process_used: null
+          },
+          {
+            index: 0,
+            name: 'NVIDIA H100',
+            total: 80 * GiB,
+            used: 20 * GiB,
+            free: 60 * GiB,
+            process_used: 19 * GiB
+          }
+        ]
+      }
+    });
+    expect(view.label).toContain('NVIDIA H100');
+    expect(view.fraction).toBeCloseTo(0.25);
+    expect(view.text).toBe('20.0 GiB / 80.0 GiB');
+  });
+
+  it('keeps the KV part inside the used part and survives a zero total', () => {
+    const base = snapshot();
+    const view = memoryView({
+      ...base,
+      memory: { ...base.memory, process_rss: 1 * MiB, kv_bytes: 1 * GiB }
+    });
+    expect(view.kvFraction).toBeLessThanOrEqual(view.fraction);
+    const empty = memoryView({ ...base, memory: { ...base.memory, host_total: 0 } });
+    expect(empty.fraction).toBe(0);
+    expect(empty.kvFraction).toBe(0);
+  });
+});
+
+describe('sparkline', () => {
+  it('keeps at most HISTORY_LENGTH samples, newest last', () => {
+    let history: number[] = [];
+    for (let i = 0; i < HISTORY_LENGTH + 5; i++) {
+      history = pushHistory(history, i);
+    }
+    expect(history).toHaveLength(HISTORY_LENGTH);
+    expect(history[0]).toBe(5);
+    expect(history[history.length - 1]).toBe(HISTORY_LENGTH + 4);
+    expect(pushHistory([], Number.NaN)).toEqual([0]);
+  });
+
+  it('draws values left to right with the maximum at the top', () => {
+    expect(sparklinePath([], 100, 10)).toBe('');
+    expect(sparklinePath([5], 100, 10)).toBe('M0,0 L100,0');
+    expect(sparklinePath([0, 5, 10], 100, 10)).toBe('M0,10 L50,5 L100,0');
+    expect(sparklinePath([0, 0], 100, 10)).toBe('M0,10 L100,10');
+  });
+});
+
+describe('statusView', () => {
+  it('is hidden unless the kernel answers', () => {
+    for (const phase of ['no-notebook', 'no-kernel', 'connecting', 'not-loaded'] as const) {
+      expect(statusView(phase, snapshot()).visible).toBe(false);
+    }
+  });
+
+  it('says idle, busy with throughput, or no model', () => {
+    expect(statusView('connected', null)).toEqual({
+      visible: true,
+      text: 'nbollama: no model',
+      busy: false
+    });
+    expect(statusView('connected', snapshot()).text).toBe('nbollama idle');
+    const busy = statusView(
+      'connected',
+      snapshot({ busy_slots: 3, throughput: 95.2, queue: { length: 2, max: 0 } })
+    );
+    expect(busy).toEqual({
+      visible: true,
+      text: 'nbollama 3/4 busy · 95 tok/s · 2 queued',
+      busy: true
+    });
+    expect(statusView('connected', snapshot({ closed: true })).text).toBe(
+      'nbollama: engine closed'
+    );
+  });
+});
+
+describe('hintView and engineView', () => {
+  it('tells the user what to run', () => {
+    expect(hintView('not-loaded', null)?.code).toBe('%load_ext nbollama');
+    expect(hintView('connected', null)?.code).toBe('%nbollama load');
+    expect(hintView('no-notebook', null)?.text).toMatch(/Open a notebook/);
+    expect(hintView('connected', snapshot())).toBeNull();
+  });
+
+  it('summarises the engine', () => {
+    const snap = snapshot({
+      queue: { length: 3, max: 0 },
+      throughput: 12.5,
+      totals: {
+        submitted: 10,
+        completed: 6,
+        cancelled: 1,
+        errors: 0,
+        prompt_tokens: 100,
+        generated_tokens: 1234
+      }
+    });
+    const view = engineView(snap, [1, 2, 3]);
+    expect(view.model).toBe('gemma-3-270m-it-Q4_K_M');
+    expect(view.meta).toBe('parallel 4 · ctx 2,048/slot');
+    expect(view.rows).toHaveLength(4);
+    expect(view.queueText).toBe('3 queued');
+    expect(view.throughputText).toBe('13 tok/s');
+    expect(view.totalTokens).toBe(1234);
+    expect(view.totalTokensText).toBe('1,234 tokens generated');
+    expect(view.sparkline.startsWith('M0,')).toBe(true);
+  });
+
+  it('words cancel answers', () => {
+    expect(cancelNotice(2, 17)).toBe('Cancelled request 17 on slot 2.');
+    expect(cancelNotice(1, null)).toBe('Slot 1 was idle: nothing to cancel.');
+  });
+});

@@ -1,0 +1,558 @@
+/**
+ * Pure snapshot -> view logic for the nbollama panel and status-bar item.
+ *
+ * Everything here is a plain function of its arguments (no DOM, no
+ * JupyterLab), so the rules for what the panel shows are unit-tested with
+ * jest while the widgets only copy the resulting view onto the page.
+ *
+ * The snapshot types mirror `nbollama/_core/_snapshot.py` (`EngineSnapshot`),
+ * the contract between the kernel and every view of the engine.
+ */
+
+/** The protocol version this panel speaks (the `v` of every message). */
+export const PROTOCOL_VERSION = 1;
+
+/** How many throughput samples the sparkline keeps. */
+export const HISTORY_LENGTH = 60;
+
+export type SlotState = 'idle' | 'prefill' | 'generating';
+export type SlotBadge =
+  | 'idle'
+  | 'prefill'
+  | 'generating'
+  | 'done'
+  | 'cancelled'
+  | 'error';
+
+export interface ISlotSnapshot {
+  id: number;
+  state: SlotState;
+  badge: SlotBadge;
+  request_id: number | null;
+  prompt_preview: string;
+  prompt_tokens: number;
+  prefilled_tokens: number;
+  decoded_tokens: number;
+  max_tokens: number;
+  tps: number;
+  kv_used: number;
+}
+
+export interface IQueueSnapshot {
+  length: number;
+  max: number;
+}
+
+export interface IKVSnapshot {
+  used: number;
+  total: number;
+  bytes: number;
+}
+
+export interface IGPUFigures {
+  index: number;
+  name: string;
+  total: number;
+  used: number;
+  free: number;
+  process_used: number | null;
+}
+
+export interface IMemoryFigures {
+  source: 'nvml' | 'host';
+  process_rss: number;
+  process_pss: number | null;
+  host_total: number;
+  host_available: number;
+  gpus: IGPUFigures[];
+  kv_bytes: number;
+  kv_estimate: string;
+  note: string;
+}
+
+export interface ITotals {
+  submitted: number;
+  completed: number;
+  cancelled: number;
+  errors: number;
+  prompt_tokens: number;
+  generated_tokens: number;
+}
+
+export interface IModelSnapshot {
+  name: string;
+  path: string;
+  arch: string;
+  size_bytes: number;
+  n_params: number;
+}
+
+export interface IEngineSnapshot {
+  v: number;
+  time: number;
+  seq: number;
+  closed: boolean;
+  model: IModelSnapshot;
+  parallel: number;
+  ctx_per_slot: number;
+  n_batch: number;
+  gpu_layers: number;
+  parallel_reason: string;
+  slots: ISlotSnapshot[];
+  queue: IQueueSnapshot;
+  throughput: number;
+  throughput_window: number;
+  busy_slots: number;
+  kv: IKVSnapshot;
+  memory: IMemoryFigures;
+  totals: ITotals;
+  recent: unknown[];
+}
+
+/** Messages the kernel sends on the `nbollama` comm. */
+export type KernelMessage =
+  | { v: number; type: 'snapshot'; engine: IEngineSnapshot | null }
+  | { v: number; type: 'error'; message: string }
+  | { v: number; type: 'cancelled'; slot: number; request_id: number | null };
+
+/** Messages the panel sends on the `nbollama` comm. */
+export type PanelMessage =
+  | { type: 'cancel'; slot: number }
+  | { type: 'refresh' };
+
+/**
+ * Where the panel stands with the current notebook's kernel.
+ *
+ * - `no-notebook`: no notebook is open (or focused) in the shell;
+ * - `no-kernel`: the notebook has no running kernel;
+ * - `connecting`: a comm open was sent and nothing came back yet;
+ * - `not-loaded`: the kernel has no `nbollama` comm target (closed at once);
+ * - `connected`: the kernel answers; the snapshot may still be null (no engine).
+ */
+export type ConnectionPhase =
+  | 'no-notebook'
+  | 'no-kernel'
+  | 'connecting'
+  | 'not-loaded'
+  | 'connected';
+
+// ---------------------------------------------------------------- validation
+
+function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function isNumber(value: unknown): value is number {
+  return typeof value === 'number' && Number.isFinite(value);
+}
+
+function isSlot(value: unknown): value is ISlotSnapshot {
+  return (
+    isRecord(value) &&
+    isNumber(value.id) &&
+    typeof value.state === 'string' &&
+    typeof value.badge === 'string' &&
+    typeof value.prompt_preview === 'string' &&
+    isNumber(value.decoded_tokens) &&
+    isNumber(value.max_tokens) &&
+    isNumber(value.tps)
+  );
+}
+
+/**
+ * Whether `value` has the fields the panel reads from an engine snapshot.
+ *
+ * A kernel running another nbollama version could send a different shape;
+ * the panel then says so instead of throwing while rendering.
+ */
+export function isEngineSnapshot(value: unknown): value is IEngineSnapshot {
+  if (!isRecord(value)) {
+    return false;
+  }
+  const { model, queue, kv, memory, totals, slots } = value;
+  return (
+    isNumber(value.seq) &&
+    isNumber(value.parallel) &&
+    isNumber(value.ctx_per_slot) &&
+    isNumber(value.throughput) &&
+    isNumber(value.busy_slots) &&
+    isRecord(model) &&
+    typeof model.name === 'string' &&
+    isRecord(queue) &&
+    isNumber(queue.length) &&
+    isRecord(kv) &&
+    isNumber(kv.bytes) &&
+    isRecord(memory) &&
+    (memory.source === 'nvml' || memory.source === 'host') &&
+    isNumber(memory.process_rss) &&
+    isNumber(memory.host_total) &&
+    Array.isArray(memory.gpus) &&
+    isRecord(totals) &&
+    isNumber(totals.generated_tokens) &&
+    Array.isArray(slots) &&
+    slots.every(isSlot)
+  );
+}
+
+/**
+ * Parse one comm message from the kernel, or return an error string.
+ *
+ * Never throws: whatever arrives, the panel gets something it can show.
+ */
+export function parseKernelMessage(
+  data: unknown
+): KernelMessage | { invalid: string } {
+  if (!isRecord(data) || typeof data.type !== 'string') {
+    return { invalid: 'message without a type' };
+  }
+  if (data.v !== PROTOCOL_VERSION) {
+    return {
+      invalid: `protocol version ${String(data.v)} (this panel speaks ${PROTOCOL_VERSION})`
+    };
+  }
+  switch (data.type) {
+    case 'snapshot':
+      if (data.engine === null) {
+        return { v: PROTOCOL_VERSION, type: 'snapshot', engine: null };
+      }
+      if (!isEngineSnapshot(data.engine)) {
+        return { invalid: 'malformed engine snapshot' };
+      }
+      return { v: PROTOCOL_VERSION, type: 'snapshot', engine: data.engine };
+    case 'error':
+      return {
+        v: PROTOCOL_VERSION,
+        type: 'error',
+        message: typeof data.message === 'string' ? data.message : 'error'
+      };
+    case 'cancelled':
+      if (!isNumber(data.slot)) {
+        return { invalid: 'cancelled message without a slot' };
+      }
+      return {
+        v: PROTOCOL_VERSION,
+        type: 'cancelled',
+        slot: data.slot,
+        request_id: isNumber(data.request_id) ? data.request_id : null
+      };
+    default:
+      return { invalid: `unknown message type ${JSON.stringify(data.type)}` };
+  }
+}
+
+// ---------------------------------------------------------------- formatting
+
+/** Bytes in binary units, e.g. `1.5 GiB`, `512 MiB`, `0 B`. */
+export function formatBytes(bytes: number): string {
+  if (!isNumber(bytes) || bytes <= 0) {
+    return '0 B';
+  }
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  const digits = unit === 0 || value >= 100 ? 0 : value >= 10 ? 1 : 2;
+  return `${value.toFixed(digits)} ${units[unit]}`;
+}
+
+/** Tokens per second with sensible precision: `95 tok/s`, `3.4 tok/s`. */
+export function formatRate(tps: number): string {
+  if (!isNumber(tps) || tps <= 0) {
+    return '0 tok/s';
+  }
+  return tps >= 10 ? `${Math.round(tps)} tok/s` : `${tps.toFixed(1)} tok/s`;
+}
+
+/** An integer with thousands separators that do not depend on the locale. */
+export function formatCount(n: number): string {
+  const whole = Math.max(0, Math.round(isNumber(n) ? n : 0));
+  return whole.toString().replace(/\B(?=(\d{3})+(?!\d))/g, ',');
+}
+
+function clamp01(x: number): number {
+  if (!isNumber(x) || x <= 0) {
+    return 0;
+  }
+  return x >= 1 ? 1 : x;
+}
+
+// ---------------------------------------------------------------- slots
+
+/** The colour of a slot badge, as a JupyterLab theme variable with fallback. */
+export function badgeColour(badge: SlotBadge | string): string {
+  switch (badge) {
+    case 'prefill':
+      return 'var(--jp-warn-color1, #f57c00)';
+    case 'generating':
+      return 'var(--jp-brand-color1, #1976d2)';
+    case 'done':
+      return 'var(--jp-success-color1, #388e3c)';
+    case 'cancelled':
+      return 'var(--jp-warn-color2, #ffb74d)';
+    case 'error':
+      return 'var(--jp-error-color1, #d32f2f)';
+    default:
+      return 'var(--jp-layout-color3, #bdbdbd)';
+  }
+}
+
+export interface ISlotRowView {
+  slot: number;
+  state: SlotState;
+  badge: SlotBadge;
+  badgeColour: string;
+  requestId: number | null;
+  preview: string;
+  /** `decoded/max`, or `prefill n/m` while the prompt is being read. */
+  progressText: string;
+  /** 0..1, how far the request is towards its max_tokens. */
+  progress: number;
+  tpsText: string;
+  /** Only a busy slot has something to cancel. */
+  cancellable: boolean;
+}
+
+/** One row per slot, in slot order. */
+export function slotRows(snapshot: IEngineSnapshot): ISlotRowView[] {
+  return [...snapshot.slots]
+    .sort((a, b) => a.id - b.id)
+    .map(slot => {
+      const busy = slot.state !== 'idle';
+      const prefilling = slot.state === 'prefill';
+      const progressText = prefilling
+        ? `prefill ${slot.prefilled_tokens}/${slot.prompt_tokens}`
+        : `${slot.decoded_tokens}/${slot.max_tokens}`;
+      const progress = prefilling
+        ? clamp01(slot.prefilled_tokens / Math.max(1, slot.prompt_tokens))
+        : clamp01(slot.decoded_tokens / Math.max(1, slot.max_tokens));
+      const idleWithoutHistory = !busy && slot.request_id === null;
+      return {
+        slot: slot.id,
+        state: slot.state,
+        badge: slot.badge,
+        badgeColour: badgeColour(slot.badge),
+        requestId: slot.request_id,
+        preview: idleWithoutHistory ? '' : slot.prompt_preview,
+        progressText: idleWithoutHistory ? '' : progressText,
+        progress: idleWithoutHistory ? 0 : progress,
+        tpsText: busy || slot.tps > 0 ? formatRate(slot.tps) : '',
+        cancellable: busy
+      };
+    });
+}
+
+// ---------------------------------------------------------------- memory
+
+export interface IMemoryView {
+  source: 'nvml' | 'host';
+  label: string;
+  used: number;
+  total: number;
+  /** 0..1 of the bar that is used. */
+  fraction: number;
+  /** 0..1 of the bar that is the KV cache (drawn inside the used part). */
+  kvFraction: number;
+  text: string;
+  kvText: string;
+  note: string;
+}
+
+/**
+ * The memory bar: VRAM of GPU 0 when NVML answered, else this process's
+ * resident memory against the host's RAM; the KV cache is shown in both.
+ */
+export function memoryView(snapshot: IEngineSnapshot): IMemoryView {
+  const memory = snapshot.memory;
+  const kvBytes = isNumber(memory.kv_bytes) ? memory.kv_bytes : snapshot.kv.bytes;
+  const gpu =
+    memory.gpus.find(g => g.index === 0) ??
+    (memory.gpus.length > 0 ? memory.gpus[0] : undefined);
+  let label: string;
+  let used: number;
+  let total: number;
+  if (memory.source === 'nvml' && gpu !== undefined) {
+    label = `VRAM · GPU ${gpu.index} ${gpu.name}`.trim();
+    used = gpu.used;
+    total = gpu.total;
+  } else {
+    label = 'RAM · kernel process / host';
+    used = memory.process_rss;
+    total = memory.host_total;
+  }
+  const fraction = total > 0 ? clamp01(used / total) : 0;
+  const kvFraction = total > 0 ? Math.min(fraction, clamp01(kvBytes / total)) : 0;
+  return {
+    source: memory.source,
+    label,
+    used,
+    total,
+    fraction,
+    kvFraction,
+    text: `${formatBytes(used)} / ${formatBytes(total)}`,
+    kvText: `KV cache ${formatBytes(kvBytes)}`,
+    note: memory.note ?? ''
+  };
+}
+
+// ---------------------------------------------------------------- sparkline
+
+/** Append a sample, keeping the last `limit` of them. */
+export function pushHistory(
+  history: readonly number[],
+  value: number,
+  limit: number = HISTORY_LENGTH
+): number[] {
+  const next = [...history, isNumber(value) && value > 0 ? value : 0];
+  return next.length > limit ? next.slice(next.length - limit) : next;
+}
+
+function fmt(x: number): string {
+  return (Math.round(x * 100) / 100).toString();
+}
+
+/**
+ * An SVG path (`M x,y L x,y ...`) drawing `values` left to right in a
+ * `width` x `height` box, zero at the bottom and the largest value at the
+ * top; a single sample is a flat line; no samples give an empty path.
+ */
+export function sparklinePath(
+  values: readonly number[],
+  width: number,
+  height: number
+): string {
+  if (values.length === 0) {
+    return '';
+  }
+  const max = Math.max(...values.map(v => (isNumber(v) ? v : 0)));
+  const scale = max > 0 ? height / max : 0;
+  const y = (v: number): number => height - (isNumber(v) ? v : 0) * scale;
+  if (values.length === 1) {
+    return `M0,${fmt(y(values[0]))} L${fmt(width)},${fmt(y(values[0]))}`;
+  }
+  const step = width / (values.length - 1);
+  return values
+    .map((v, i) => `${i === 0 ? 'M' : 'L'}${fmt(i * step)},${fmt(y(v))}`)
+    .join(' ');
+}
+
+// ---------------------------------------------------------------- status bar
+
+export interface IStatusView {
+  visible: boolean;
+  text: string;
+  busy: boolean;
+}
+
+/**
+ * The status-bar text: `nbollama 3/4 busy · 95 tok/s`, `nbollama idle`,
+ * `nbollama: no model`; hidden while the kernel has no nbollama.
+ */
+export function statusView(
+  phase: ConnectionPhase,
+  snapshot: IEngineSnapshot | null
+): IStatusView {
+  if (phase !== 'connected') {
+    return { visible: false, text: '', busy: false };
+  }
+  if (snapshot === null) {
+    return { visible: true, text: 'nbollama: no model', busy: false };
+  }
+  if (snapshot.closed) {
+    return { visible: true, text: 'nbollama: engine closed', busy: false };
+  }
+  const queued = snapshot.queue.length > 0 ? ` · ${snapshot.queue.length} queued` : '';
+  if (snapshot.busy_slots <= 0) {
+    return { visible: true, text: `nbollama idle${queued}`, busy: false };
+  }
+  return {
+    visible: true,
+    text: `nbollama ${snapshot.busy_slots}/${snapshot.parallel} busy · ${formatRate(snapshot.throughput)}${queued}`,
+    busy: true
+  };
+}
+
+// ---------------------------------------------------------------- panel
+
+export interface IHintView {
+  text: string;
+  /** Code for the user to run, shown in a `<code>`, if any. */
+  code: string | null;
+}
+
+/** What the panel says instead of the engine view, or null when live. */
+export function hintView(
+  phase: ConnectionPhase,
+  snapshot: IEngineSnapshot | null
+): IHintView | null {
+  switch (phase) {
+    case 'no-notebook':
+      return { text: 'Open a notebook to see its nbollama engine.', code: null };
+    case 'no-kernel':
+      return { text: 'The current notebook has no running kernel.', code: null };
+    case 'connecting':
+      return { text: 'Connecting to the kernel…', code: null };
+    case 'not-loaded':
+      return {
+        text: 'nbollama is not loaded in this kernel. Run:',
+        code: '%load_ext nbollama'
+      };
+    case 'connected':
+      if (snapshot === null) {
+        return { text: 'No model is loaded. Run:', code: '%nbollama load' };
+      }
+      return null;
+  }
+}
+
+export interface IEngineView {
+  model: string;
+  meta: string;
+  parallelReason: string;
+  closed: boolean;
+  rows: ISlotRowView[];
+  queueLength: number;
+  queueText: string;
+  throughputText: string;
+  totalTokens: number;
+  totalTokensText: string;
+  sparkline: string;
+  memory: IMemoryView;
+}
+
+/** Sparkline box size in SVG user units. */
+export const SPARK_WIDTH = 240;
+export const SPARK_HEIGHT = 36;
+
+/** Everything the panel draws for a live engine. */
+export function engineView(
+  snapshot: IEngineSnapshot,
+  history: readonly number[]
+): IEngineView {
+  const totals = snapshot.totals;
+  const closed = snapshot.closed ? ' · closed' : '';
+  return {
+    model: snapshot.model.name,
+    meta: `parallel ${snapshot.parallel} · ctx ${formatCount(snapshot.ctx_per_slot)}/slot${closed}`,
+    parallelReason: snapshot.parallel_reason ?? '',
+    closed: snapshot.closed,
+    rows: slotRows(snapshot),
+    queueLength: snapshot.queue.length,
+    queueText:
+      snapshot.queue.length === 0 ? 'queue empty' : `${snapshot.queue.length} queued`,
+    throughputText: formatRate(snapshot.throughput),
+    totalTokens: totals.generated_tokens,
+    totalTokensText: `${formatCount(totals.generated_tokens)} tokens generated`,
+    sparkline: sparklinePath(history, SPARK_WIDTH, SPARK_HEIGHT),
+    memory: memoryView(snapshot)
+  };
+}
+
+/** The text shown after the kernel answered a cancel. */
+export function cancelNotice(slot: number, requestId: number | null): string {
+  return requestId === null
+    ? `Slot ${slot} was idle: nothing to cancel.`
+    : `Cancelled request ${requestId} on slot ${slot}.`;
+}

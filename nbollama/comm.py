@@ -1,0 +1,339 @@
+"""The kernel side of the JupyterLab panel: a Jupyter comm named ``nbollama``.
+
+``%load_ext nbollama`` calls :func:`register`, which registers the comm target
+on the kernel's comm manager; the panel (``labextension/``) opens a comm to it
+for the current notebook's kernel and this module streams engine snapshots
+back. ``%unload_ext nbollama`` calls :func:`unregister`, which closes every
+panel comm (the panel then says to run ``%load_ext nbollama``).
+
+Protocol, version 1 (every message is a JSON object in the comm's ``data``):
+
+kernel -> panel
+
+- ``{"v": 1, "type": "snapshot", "engine": EngineSnapshot | null}``: sent when
+  the comm opens, whenever the kernel's engine is loaded, replaced or unloaded,
+  in answer to ``refresh``, and while the comm is open at most every 0.25 s
+  (4 Hz) and only when something changed (the snapshot's ``seq``, or its
+  throughput figure, which decays after generation stops). ``engine`` is
+  ``null`` when no engine is loaded or the engine was closed. The snapshot's
+  shape is ``nbollama._core._snapshot.EngineSnapshot``.
+- ``{"v": 1, "type": "cancelled", "slot": N, "request_id": id | null}``: the
+  answer to ``cancel``; ``request_id`` is null when the slot was idle.
+- ``{"v": 1, "type": "error", "message": str}``: the answer to a message that
+  could not be understood or carried out (not an object, unknown ``type``, a
+  slot that is not a whole number in range, no engine loaded).
+
+panel -> kernel
+
+- ``{"type": "cancel", "slot": N}``: cancel the request slot ``N`` serves.
+- ``{"type": "refresh"}``: send a snapshot now.
+- An optional ``"v": 1`` is accepted; any other ``v`` is an error.
+
+When ``register`` first adds the target it also opens a short-lived comm from
+the kernel to the frontend (same target name, ``data={"v": 1, "type":
+"hello"}``) so a panel that found no target before ``%load_ext`` connects at
+once; the panel closes it. Frontends without the panel close it too (or
+ignore it), which costs nothing.
+
+Threads: snapshots are sent from the engine's monitor thread. ipykernel's
+``Comm.send`` hands the message to the IOPub thread (``IOPubThread.schedule``
+through a per-thread event pipe), so sending from a background thread is
+safe; a lock per connection keeps messages from different threads in order.
+With JupyterLab >= 4.6 and ipykernel 7 comm messages may arrive on a subshell
+thread, so every handler here is thread-safe and never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .engine import Engine, EngineSnapshot, Subscription
+
+__all__ = [
+    "TARGET_NAME",
+    "PROTOCOL_VERSION",
+    "SNAPSHOT_INTERVAL",
+    "CommLike",
+    "PanelConnection",
+    "register",
+    "unregister",
+    "is_registered",
+    "open_connections",
+]
+
+TARGET_NAME = "nbollama"
+PROTOCOL_VERSION = 1
+#: Seconds between two streamed snapshots at most (4 Hz).
+SNAPSHOT_INTERVAL = 0.25
+
+logger = logging.getLogger("nbollama.comm")
+
+_lock = threading.RLock()
+_manager: Any = None  # the comm manager our target is registered on
+_connections: set[PanelConnection] = set()
+
+
+class CommLike(Protocol):
+    """What this module uses of a comm (ipykernel's ``Comm`` or a test double)."""
+
+    comm_id: str
+
+    def send(self, data: Any = None, metadata: Any = None, buffers: Any = None) -> None: ...
+
+    def on_msg(self, callback: Callable[[dict[str, Any]], object] | None) -> None: ...
+
+    def on_close(self, callback: Callable[[dict[str, Any]], object] | None) -> None: ...
+
+    def close(self, data: Any = None, metadata: Any = None, buffers: Any = None) -> None: ...
+
+
+class _BadMessage(Exception):
+    """An incoming message that gets an ``error`` answer."""
+
+
+def _session() -> Any:
+    # Imported late: nbollama/__init__.py may import this module.
+    from . import session
+
+    return session
+
+
+class PanelConnection:
+    """One open panel comm: follows the kernel's engine and streams its snapshots."""
+
+    def __init__(self, comm: CommLike) -> None:
+        self.comm = comm
+        self._lock = threading.RLock()
+        self._closed = False
+        self._engine: Engine | None = None
+        self._subscription: Subscription | None = None
+        self._last_key: tuple[int, int, float] | None | str = "nothing sent"
+        comm.on_msg(self._on_msg)
+        comm.on_close(self._on_close)
+        self._unsubscribe_change = _session().on_engine_change(self._follow)
+        self._follow(_session().current_engine())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- engine following ------------------------------------------------------------
+
+    def _follow(self, engine: Engine | None) -> None:
+        """Watch ``engine`` (the kernel's new engine, or None) and tell the panel."""
+        with self._lock:
+            if self._closed:
+                return
+            if engine is not None and engine.closed:
+                engine = None
+            if engine is not self._engine:
+                if self._subscription is not None:
+                    self._subscription.close()
+                    self._subscription = None
+                self._engine = engine
+                if engine is not None:
+                    self._subscription = engine.subscribe(
+                        lambda snap, source=engine: self._on_snapshot(source, snap),
+                        interval=SNAPSHOT_INTERVAL,
+                    )
+            self._publish(engine, engine.snapshot() if engine is not None else None, force=False)
+
+    def _on_snapshot(self, source: Engine, snapshot: EngineSnapshot | None) -> None:
+        """Called from the engine's monitor thread, at most every SNAPSHOT_INTERVAL."""
+        with self._lock:
+            if source is not self._engine:
+                return  # a late call from an engine the kernel no longer uses
+            self._publish(source, snapshot, force=False)
+
+    def _publish(
+        self, engine: Engine | None, snapshot: EngineSnapshot | None, *, force: bool
+    ) -> None:
+        """Send a snapshot unless it says nothing new (same engine, seq and throughput)."""
+        with self._lock:
+            if self._closed:
+                return
+            if snapshot is not None and snapshot.get("closed"):
+                snapshot = None
+            key = (
+                None
+                if snapshot is None or engine is None
+                else (id(engine), snapshot["seq"], snapshot["throughput"])
+            )
+            if not force and key == self._last_key:
+                return
+            self._last_key = key
+            self._send({"v": PROTOCOL_VERSION, "type": "snapshot", "engine": snapshot})
+
+    def refresh(self) -> None:
+        """Send a snapshot of the current engine now, changed or not."""
+        with self._lock:
+            engine = self._engine
+            if engine is not None and engine.closed:
+                engine = None
+            self._publish(engine, engine.snapshot() if engine is not None else None, force=True)
+
+    # -- incoming messages -----------------------------------------------------------
+
+    def _on_msg(self, msg: Mapping[str, Any]) -> None:
+        try:
+            content = msg.get("content") if isinstance(msg, Mapping) else None
+            data = content.get("data") if isinstance(content, Mapping) else None
+            self._handle(data)
+        except _BadMessage as exc:
+            self._error(str(exc))
+        except Exception as exc:  # never let a panel message raise in the kernel
+            logger.exception("nbollama: a panel message failed")
+            self._error(f"{type(exc).__name__}: {exc}")
+
+    def _handle(self, data: object) -> None:
+        if not isinstance(data, Mapping):
+            raise _BadMessage(f"expected a JSON object, got {type(data).__name__}")
+        version = data.get("v", PROTOCOL_VERSION)
+        if version != PROTOCOL_VERSION or isinstance(version, bool):
+            raise _BadMessage(
+                f"protocol version {version!r} is not supported (this kernel speaks {PROTOCOL_VERSION})"
+            )
+        kind = data.get("type")
+        if kind == "refresh":
+            self.refresh()
+        elif kind == "cancel":
+            slot = data.get("slot")
+            if not isinstance(slot, int) or isinstance(slot, bool):
+                raise _BadMessage(f"cancel needs a whole-number 'slot', got {slot!r}")
+            engine = _session().current_engine()
+            if engine is None:
+                raise _BadMessage("no engine is loaded: nothing to cancel (run %nbollama load)")
+            try:
+                request_id = engine.cancel_slot(slot)
+            except ValueError as exc:
+                raise _BadMessage(str(exc)) from None
+            self._send(
+                {"v": PROTOCOL_VERSION, "type": "cancelled", "slot": slot, "request_id": request_id}
+            )
+        elif isinstance(kind, str):
+            raise _BadMessage(f"unknown message type {kind!r} (expected 'cancel' or 'refresh')")
+        else:
+            raise _BadMessage("message without a string 'type'")
+
+    def _error(self, message: str) -> None:
+        self._send({"v": PROTOCOL_VERSION, "type": "error", "message": message})
+
+    def _send(self, payload: dict[str, Any]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self.comm.send(payload)
+            except Exception:
+                logger.exception("nbollama: cannot send to the panel")
+
+    # -- closing ---------------------------------------------------------------------
+
+    def _on_close(self, msg: Mapping[str, Any]) -> None:
+        """The panel closed the comm (notebook switched, page closed)."""
+        self.close(notify_frontend=False)
+
+    def close(self, *, notify_frontend: bool = True) -> None:
+        """Stop streaming; also close the panel's side when ``notify_frontend``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            subscription, self._subscription = self._subscription, None
+            self._engine = None
+        if subscription is not None:
+            subscription.close()
+        self._unsubscribe_change()
+        with _lock:
+            _connections.discard(self)
+        if notify_frontend:
+            try:
+                self.comm.close()
+            except Exception:
+                logger.debug("nbollama: the panel comm was already gone", exc_info=True)
+
+
+def _open_target(comm: CommLike, msg: Mapping[str, Any]) -> None:
+    """The comm target: a panel opened a comm to this kernel."""
+    try:
+        connection = PanelConnection(comm)
+    except Exception as exc:
+        # Keep the comm open (the target exists), say what went wrong.
+        logger.exception("nbollama: cannot serve the panel")
+        try:
+            comm.send(
+                {"v": PROTOCOL_VERSION, "type": "error", "message": f"{type(exc).__name__}: {exc}"}
+            )
+        except Exception:
+            pass
+        return
+    with _lock:
+        _connections.add(connection)
+
+
+def _comm_manager(ipython: Any) -> Any:
+    kernel = getattr(ipython, "kernel", None)
+    return getattr(kernel, "comm_manager", None)
+
+
+def _announce() -> None:
+    """Tell panels that already looked for the target that it exists now."""
+    import comm
+
+    try:
+        comm.create_comm(target_name=TARGET_NAME, data={"v": PROTOCOL_VERSION, "type": "hello"})
+    except Exception:
+        logger.debug("nbollama: could not announce the comm target", exc_info=True)
+
+
+def register(ipython: Any) -> bool:
+    """Register the ``nbollama`` comm target on the kernel; False outside a kernel.
+
+    Calling it again is harmless: the target is replaced by itself and the
+    announcement is sent only the first time.
+    """
+    global _manager
+    manager = _comm_manager(ipython)
+    if manager is None:
+        return False
+    with _lock:
+        first = (
+            _manager is not manager
+            or getattr(manager, "targets", {}).get(TARGET_NAME) is not _open_target
+        )
+        manager.register_target(TARGET_NAME, _open_target)
+        _manager = manager
+    if first:
+        _announce()
+    return True
+
+
+def unregister(ipython: Any) -> None:
+    """Remove the comm target and close every open panel comm (each panel then says
+    to run ``%load_ext nbollama``). Harmless when nothing is registered."""
+    global _manager
+    manager = _comm_manager(ipython)
+    with _lock:
+        if manager is not None and getattr(manager, "targets", {}).get(TARGET_NAME) is _open_target:
+            manager.unregister_target(TARGET_NAME, _open_target)
+        if manager is _manager:
+            _manager = None
+        connections = list(_connections)
+    for connection in connections:
+        connection.close(notify_frontend=True)
+
+
+def is_registered(ipython: Any) -> bool:
+    """Whether this kernel's comm manager has the ``nbollama`` target."""
+    manager = _comm_manager(ipython)
+    return manager is not None and getattr(manager, "targets", {}).get(TARGET_NAME) is _open_target
+
+
+def open_connections() -> list[PanelConnection]:
+    """The panel comms open now (for tests and diagnostics)."""
+    with _lock:
+        return list(_connections)
