@@ -12,7 +12,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from ._core._engine import Engine
+from ._core._engine import Engine, _validate_load_args
+from .models import resolve_model
 from ._core._requests import Result
 
 __all__ = [
@@ -59,7 +60,13 @@ def load(
     parallel: int | Literal["auto"] = "auto",
     **options: Any,
 ) -> Engine:
-    """Load a model as the kernel's engine, closing the one before it first (memory is freed first)."""
+    """Load a model as the kernel's engine, closing the one before it first (memory is freed first).
+
+    Arguments and the model file are checked before the old engine is closed,
+    so a typo leaves a working engine in place.
+    """
+    _validate_load_args(parallel, options.get("ctx", 2048), options.get("n_batch", 512), options.get("threads"))
+    model = resolve_model(model)
     set_engine(None)
     engine = Engine.load(model, parallel=parallel, **options)
     set_engine(engine)

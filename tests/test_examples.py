@@ -1,0 +1,77 @@
+"""Every teaching notebook runs top to bottom in a real kernel, on the real model.
+
+Sizes are cut with ``NBOLLAMA_QUICK=1``. After a notebook's own cells, the
+test appends one cell of checks on what the notebook measured (the shape and
+sanity of its tables, not exact numbers), run in the same kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+CHECKS = {
+    "01_quickstart.ipynb": """
+assert len(answers) == 4 and all(r.ok for r in answers), answers
+assert list(df["prompt"]) == [r.prompt for r in answers]
+assert handle.result().ok and handle.result().text
+""",
+    "02_parallel_sweep.ipynb": """
+assert [r.parallel for r in sweep.rows] == PARALLEL
+assert all(r.throughput > 0 and r.mean_ttft > 0 and r.peak_memory > 0 for r in sweep.rows)
+assert all(r.completion_tokens > 0 for r in sweep.rows)
+assert sweep.recommended in PARALLEL
+assert sweep.rows[-1].kv_bytes > sweep.rows[0].kv_bytes
+import nbollama
+assert nbollama.current_engine().parallel in (1, 2)  # --apply switched the engine
+""",
+    "03_latency_vs_throughput.ipynb": """
+assert [r["parallel"] for r in rows] == PARALLEL
+assert all(r["throughput tok/s"] > 0 and r["mean latency s"] > 0 for r in rows)
+assert len(burst) == N_PROMPTS and max(r.queue_wait for r in burst) > 0
+waiting = normal_results[1:]  # the first normal request took the free slot at once
+assert urgent_result.queue_wait < min(r.queue_wait for r in waiting)
+assert served_before == len(waiting)
+""",
+    "04_memory.ipynb": """
+assert [r["N"] for r in rows] == N_VALUES
+assert all(r["_one"] > 0 and r["_n"] > 0 for r in rows)
+assert rows[-1]["_one"] < rows[-1]["_n"], rows  # one model with N slots beats N models
+assert len(fig.data) == 3 and all(list(t.y) == sorted(t.y) for t in fig.data)  # KV grows with parallel
+""",
+    "05_classroom.ipynb": """
+assert len(class_answers) == len(questions) and all(r.ok for r in class_answers)
+assert len(quiz) == 1 and quiz[0].ok
+assert result.finish_reason == "cancelled" and 10 <= result.completion_tokens < 400
+""",
+}
+
+
+def test_every_example_has_checks() -> None:
+    assert sorted(p.name for p in EXAMPLES.glob("*.ipynb")) == sorted(CHECKS)
+
+
+def test_examples_are_committed_without_outputs() -> None:
+    for path in EXAMPLES.glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_example_runs(name: str, tmp_path: Path) -> None:
+    nb = nbformat.read(EXAMPLES / name, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(CHECKS[name]))
+    os.environ["NBOLLAMA_QUICK"] = "1"  # inherited by the kernel
+    client = NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
