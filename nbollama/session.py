@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from ._core._engine import Engine, _validate_load_args
-from .models import resolve_model
 from ._core._requests import Result
+from .models import resolve_model
 
 __all__ = [
     "current_engine",
