@@ -54,6 +54,7 @@ __all__ = [
     "on_engine_change",
     "generate",
     "agenerate",
+    "dashboard",
     "load_ipython_extension",
     "unload_ipython_extension",
     "NbollamaError",
@@ -71,6 +72,14 @@ __all__ = [
     "RequestFailedError",
     "__version__",
 ]
+
+
+def dashboard(engine: Engine | None = None, *, compact: bool = False) -> Any:
+    """A live dashboard of the engine (``nbollama.widgets.dashboard``); imported lazily,
+    so ``import nbollama`` does not pull in ipywidgets and plotly."""
+    from .widgets import dashboard as _dashboard
+
+    return _dashboard(engine, compact=compact)
 
 
 def _jupyter_labextension_paths() -> list[dict[str, str]]:

@@ -560,6 +560,13 @@ class _Run:
             handle.cancel()
 
 
+def _freeze_when_done(handles: Sequence[Handle], board: Any) -> None:
+    """A ``--watch`` dashboard stops updating (keeping its last state) once its cell's requests end."""
+    for handle in handles:
+        handle.result()
+    board.stop()
+
+
 def _drive_in_background(
     run: _Run, job: BackgroundGeneration, store: Callable[[Results], None]
 ) -> None:
@@ -899,7 +906,11 @@ class NbollamaMagics(Magics):
         handles = self._submit(prog, engine, prompts, params)
         if getattr(args, "watch", False):
             widgets = importlib.import_module("nbollama.widgets")
-            display(widgets.dashboard(engine, compact=True))
+            board = widgets.dashboard(engine, compact=True)
+            display(board)
+            threading.Thread(
+                target=_freeze_when_done, args=(handles, board), name="nbollama-watch", daemon=True
+            ).start()
         run = _Run(self.shell, handles, live=not args.quiet, markdown=args.markdown)
         if args.background:
             return self._background(run, args.out)

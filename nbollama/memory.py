@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,23 +126,38 @@ def gpu_figures() -> list[GPUFigures]:
         return []
 
 
-def _pss() -> int | None:
-    """Proportional set size: counts the shared, mmapped model file once per sharer."""
+_PSS_TTL = 2.0  # reading smaps_rollup costs ~5 ms: most of a snapshot's cost
+_pss_cache: tuple[float, int | None] = (-_PSS_TTL, None)
+
+
+def _pss(*, fresh: bool = False) -> int | None:
+    """Proportional set size: counts the shared, mmapped model file once per sharer.
+
+    Cached for two seconds, because views ask several times a second.
+    """
+    global _pss_cache
+    now = time.monotonic()
+    if not fresh and now - _pss_cache[0] < _PSS_TTL:
+        return _pss_cache[1]
+    value: int | None = None
     try:
         with open(f"/proc/{os.getpid()}/smaps_rollup") as fh:
             for line in fh:
                 if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
+                    value = int(line.split()[1]) * 1024
+                    break
     except OSError:
-        return None
-    return None
+        value = None
+    _pss_cache = (now, value)
+    return value
 
 
-def host_figures() -> dict[str, int | None]:
+def host_figures(*, fresh: bool = False) -> dict[str, int | None]:
+    """This process's RSS and PSS and the host's RAM; ``fresh`` skips the PSS cache."""
     vm = psutil.virtual_memory()
     return {
         "process_rss": int(psutil.Process().memory_info().rss),
-        "process_pss": _pss(),
+        "process_pss": _pss(fresh=fresh),
         "host_total": int(vm.total),
         "host_available": int(vm.available),
     }

@@ -157,6 +157,7 @@ class Subscription:
         self.last_sent = 0.0
         self.last_seq = -1
         self.last_throughput = -1.0
+        self.last_badges = -1
         self.closed = False
 
     def close(self) -> None:
@@ -957,6 +958,13 @@ class Engine:
         self._monitor_wakeup.set()
         return subscription
 
+    def _badges_showing(self, now: float) -> int:
+        return sum(
+            1
+            for s in self._slots
+            if s.request is None and s.last_request_id is not None and now - s.last_finished < _BADGE_SECONDS
+        )
+
     def _unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
             if subscription in self._subscriptions:
@@ -972,12 +980,13 @@ class Engine:
             if due:
                 seq = self._seq
                 throughput = round(self._meter.rate(), 1)
+                badges = self._badges_showing(now)  # an expiring "done" badge is a change too
                 for sub in due:
-                    if sub.closed or (sub.last_seq == seq and sub.last_throughput == throughput):
+                    if sub.closed or (sub.last_seq, sub.last_throughput, sub.last_badges) == (seq, throughput, badges):
                         continue
                     if snap is None:
                         snap = self.snapshot()
-                    sub.last_sent, sub.last_seq, sub.last_throughput = now, seq, throughput
+                    sub.last_sent, sub.last_seq, sub.last_throughput, sub.last_badges = now, seq, throughput, badges
                     try:
                         sub.callback(snap)
                     except Exception:

@@ -1,0 +1,259 @@
+"""The throughput chart: aggregate tokens/s and busy slots over the last minute, TTFT per request.
+
+A plotly ``FigureWidget`` updated in place inside ``batch_update()`` (one
+message per redraw, never a rebuilt figure). The plotted numbers are also
+kept as plain lists, so they can be compared with the engine's own metrics.
+
+Redraws happen on the engine's monitor thread, while plotly's answers from
+the browser (the trace and layout deltas it sends after every redraw, a
+zoom) are handled on the kernel's main thread; one lock keeps the two from
+editing the figure at the same time.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from typing import Any
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from traitlets import Bool, Float, Int, List, observe
+
+from .._core._engine import Engine
+from .._core._snapshot import CompletedRequest, EngineSnapshot
+from ._live import DEFAULT_INTERVAL, LiveLink, close_children
+
+__all__ = ["ThroughputChart"]
+
+_THROUGHPUT, _BUSY, _TTFT, _QUEUE_WAIT = range(4)
+
+
+class GuardedFigureWidget(go.FigureWidget):  # type: ignore[misc]
+    """A ``FigureWidget`` whose messages from the browser wait for ``lock``.
+
+    Each ``_js2py_*`` handler is re-declared under its own name, which
+    replaces plotly's observer with one that holds the lock around it.
+    """
+
+    def __init__(self, figure: go.Figure, lock: threading.RLock) -> None:
+        self._guard = lock
+        super().__init__(figure)
+
+    @observe("_js2py_traceDeltas")
+    def _handler_js2py_traceDeltas(self, change: dict[str, Any]) -> None:
+        with self._guard:
+            super()._handler_js2py_traceDeltas(change)
+
+    @observe("_js2py_layoutDelta")
+    def _handler_js2py_layoutDelta(self, change: dict[str, Any]) -> None:
+        with self._guard:
+            super()._handler_js2py_layoutDelta(change)
+
+    @observe("_js2py_restyle")
+    def _handler_js2py_restyle(self, change: dict[str, Any]) -> None:
+        with self._guard:
+            super()._handler_js2py_restyle(change)
+
+    @observe("_js2py_update")
+    def _handler_js2py_update(self, change: dict[str, Any]) -> None:
+        with self._guard:
+            super()._handler_js2py_update(change)
+
+    @observe("_js2py_relayout")
+    def _handler_js2py_relayout(self, change: dict[str, Any]) -> None:
+        with self._guard:
+            super()._handler_js2py_relayout(change)
+
+    @observe("_js2py_pointsCallback")
+    def _handler_js2py_pointsCallback(self, change: dict[str, Any]) -> None:
+        with self._guard:
+            super()._handler_js2py_pointsCallback(change)
+
+
+class ThroughputChart(widgets.VBox):
+    """Throughput and busy slots (top, last ``window`` seconds); TTFT and queue wait per request (bottom).
+
+    Time series points come from snapshots, so they are at most 4 a second
+    and none while nothing changes. Requests are taken from each snapshot's
+    ``recent`` list once each (by id), so the bottom chart gains a bar pair
+    per finished request.
+    """
+
+    window = Float(60.0)
+    max_requests = Int(60)
+    times: List[float] = List()  # time.time() of each point
+    throughput: List[float] = List()  # aggregate generated tokens/s (the snapshot's ``throughput``)
+    busy: List[int] = List()  # busy slots
+    request_ids: List[int] = List()
+    ttft: List[float | None] = List()  # seconds; None when a request ended before its first token
+    queue_wait: List[float] = List()
+    last_throughput = Float(0.0)
+    last_busy = Int(0)
+    parallel = Int(0)
+    engine_closed = Bool(False)
+
+    def __init__(
+        self, engine: Engine | None = None, *, interval: float = DEFAULT_INTERVAL, **kwargs: Any
+    ) -> None:
+        #: held while the figure is edited, by our redraws and by the browser's messages
+        self.figure_lock = threading.RLock()
+        self.figure = GuardedFigureWidget(self._base_figure(), self.figure_lock)
+        self._seen: set[int] = set()
+        self._requests_drawn = True
+        self._link: LiveLink | None = None
+        kwargs.setdefault("layout", widgets.Layout(width="100%"))
+        super().__init__([self.figure], **kwargs)
+        self.add_class("nbollama-throughput-chart")
+        if engine is not None:
+            self._link = LiveLink(self.reset, self.update, interval=interval)
+            self._link.attach(engine)
+
+    @staticmethod
+    def _base_figure() -> go.Figure:
+        fig = make_subplots(
+            rows=2,
+            cols=1,
+            specs=[[{"secondary_y": True}], [{}]],
+            row_heights=[0.6, 0.4],
+            vertical_spacing=0.16,
+            subplot_titles=("throughput and busy slots", "per request: TTFT and queue wait"),
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=[],
+                y=[],
+                name="throughput (tok/s)",
+                mode="lines",
+                fill="tozeroy",
+                line={"color": "#1e88e5"},
+            ),
+            row=1,
+            col=1,
+            secondary_y=False,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=[],
+                y=[],
+                name="busy slots",
+                mode="lines",
+                line={"color": "#f0a202", "shape": "hv", "width": 2},
+            ),
+            row=1,
+            col=1,
+            secondary_y=True,
+        )
+        fig.add_trace(
+            go.Bar(x=[], y=[], name="ttft (s)", marker={"color": "#90caf9"}), row=2, col=1
+        )
+        fig.add_trace(
+            go.Bar(x=[], y=[], name="queue wait (s)", marker={"color": "#8d6e63"}), row=2, col=1
+        )
+        fig.update_layout(
+            height=380,
+            margin={"l": 50, "r": 50, "t": 40, "b": 30},
+            barmode="overlay",  # queue wait drawn over the TTFT it is part of
+            legend={"orientation": "h", "y": -0.12},
+            uirevision="nbollama",  # keep the user's zoom across updates
+        )
+        fig.update_yaxes(title_text="tok/s", rangemode="tozero", row=1, col=1, secondary_y=False)
+        fig.update_yaxes(
+            title_text="busy slots",
+            dtick=1,
+            rangemode="tozero",
+            showgrid=False,
+            row=1,
+            col=1,
+            secondary_y=True,
+        )
+        fig.update_xaxes(tickformat="%H:%M:%S", row=1, col=1)
+        fig.update_yaxes(title_text="s", rangemode="tozero", row=2, col=1)
+        fig.update_xaxes(type="category", row=2, col=1)
+        return fig
+
+    @property
+    def ttft_by_id(self) -> dict[int, float | None]:
+        return dict(zip(self.request_ids, self.ttft))
+
+    def reset(self, engine: Engine | None) -> None:
+        """Empty the chart for a new engine (its request ids start again at 1)."""
+        self._seen = set()
+        self._requests_drawn = True
+        self.times, self.throughput, self.busy = [], [], []
+        self.request_ids, self.ttft, self.queue_wait = [], [], []
+        self.parallel = engine.parallel if engine is not None else 0
+        self.engine_closed = False
+        self.last_throughput, self.last_busy = 0.0, 0
+        with self.figure_lock, self.figure.batch_update():
+            for trace in self.figure.data:
+                trace.x, trace.y = [], []
+            self.figure.layout.yaxis2.range = [0, max(1, self.parallel)]
+
+    def update(self, snapshot: EngineSnapshot | None, *, draw: bool = True) -> None:
+        """Record a snapshot's point (and any newly finished requests); redraw unless ``draw=False``.
+
+        The dashboard records every snapshot but redraws at most once a
+        second while the engine is busy: the figure's arrays are the bulk of
+        what a dashboard sends, and a 60 s window gains nothing from 4 Hz.
+        """
+        if snapshot is None or snapshot["closed"]:
+            self.engine_closed = True
+            if snapshot is None:
+                return
+        now = snapshot["time"]
+        self.parallel = snapshot["parallel"]
+        start = now - self.window
+        keep = next((i for i, t in enumerate(self.times) if t >= start), len(self.times))
+        self.times = [*self.times[keep:], now]
+        self.throughput = [*self.throughput[keep:], snapshot["throughput"]]
+        self.busy = [*self.busy[keep:], snapshot["busy_slots"]]
+        self.last_throughput = snapshot["throughput"]
+        self.last_busy = snapshot["busy_slots"]
+        fresh = [r for r in snapshot["recent"] if r["id"] not in self._seen]
+        if fresh:
+            self._add_requests(fresh)
+            self._requests_drawn = False
+        # ``recent`` only ever drops its oldest, so ids that left it never come back
+        self._seen = {r["id"] for r in snapshot["recent"]}
+        if draw:
+            self.draw()
+
+    def draw(self) -> None:
+        """Send the recorded data to the figure: one ``batch_update``, one message."""
+        if not self.times:
+            return
+        now = self.times[-1]
+        stamps = [datetime.fromtimestamp(t) for t in self.times]
+        with self.figure_lock, self.figure.batch_update():
+            data = self.figure.data
+            data[_THROUGHPUT].x, data[_THROUGHPUT].y = stamps, self.throughput
+            data[_BUSY].x, data[_BUSY].y = stamps, self.busy
+            if not self._requests_drawn:
+                labels = [f"#{i}" for i in self.request_ids]
+                data[_TTFT].x, data[_TTFT].y = labels, self.ttft
+                data[_QUEUE_WAIT].x, data[_QUEUE_WAIT].y = labels, self.queue_wait
+                self._requests_drawn = True
+            layout = self.figure.layout
+            layout.xaxis.range = [
+                datetime.fromtimestamp(now - self.window),
+                datetime.fromtimestamp(now),
+            ]
+            layout.yaxis2.range = [0, max(1, self.parallel)]
+
+    def _add_requests(self, fresh: list[CompletedRequest]) -> None:
+        ids, ttft, wait = list(self.request_ids), list(self.ttft), list(self.queue_wait)
+        for request in fresh:
+            ids.append(request["id"])
+            ttft.append(request["ttft"])
+            wait.append(request["queue_wait"])
+        drop = max(0, len(ids) - self.max_requests)
+        self.request_ids, self.ttft, self.queue_wait = ids[drop:], ttft[drop:], wait[drop:]
+
+    def close(self) -> None:
+        link = getattr(self, "_link", None)
+        if link is not None:
+            link.close()
+        close_children(self)
+        super().close()

@@ -1,0 +1,232 @@
+"""The dashboard: what was loaded, the slots, throughput and memory, live in one output cell.
+
+One subscription feeds every part, so two views cost one snapshot, not two.
+``%nbollama dashboard`` shows the full one; ``%%generate --watch`` the compact
+one (slot rows and a one-line summary, no chart).
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+import ipywidgets as widgets
+from traitlets import Bool, Int, Unicode
+
+from .._core._engine import Engine
+from .._core._snapshot import EngineSnapshot
+from ._chart import ThroughputChart
+from ._live import DEFAULT_INTERVAL, LiveLink, close_children
+from ._memory import MemoryPanel, memory_summary
+from ._slots import SlotMonitor
+
+__all__ = ["Dashboard", "dashboard"]
+
+_STATUS_COLOURS = {
+    "live": "#2e7d32",
+    "engine closed": "#c62828",
+    "no engine": "#9e9e9e",
+    "stopped": "#757575",
+    "closed": "#9e9e9e",
+}
+
+#: Seconds between redraws of the chart and the memory panel while the engine
+#: is busy (slot rows follow every snapshot); an idle or closed engine's
+#: snapshot is always drawn, so the last state shown is the real one.
+SLOW_PARTS_INTERVAL = 1.0
+
+_HINT = (
+    '<div class="nbollama-hint" style="padding:6px 8px;border-left:3px solid #f0a202;background:#fff8e1;'
+    'font-size:12px">No engine is loaded. Run <code>%nbollama load</code> (or <code>nbollama.load()</code>); '
+    "this dashboard picks it up as soon as it is there.</div>"
+)
+
+
+class Dashboard(widgets.VBox):
+    """Header, slot monitor, throughput chart and memory panel of one engine, updated live.
+
+    Made with no engine, it follows the kernel's engine (``%nbollama load``
+    swaps it in). ``stop()`` freezes it on its last state, ``close()`` also
+    removes its widgets; any number of dashboards can watch one engine.
+    """
+
+    compact = Bool(False)
+    #: "live", "engine closed", "no engine"; "stopped" or "closed" after ``stop()`` / ``close()``
+    status = Unicode("no engine")
+    following_session = Bool(False)
+    model_name = Unicode("")
+    parallel = Int(0)
+    ctx_per_slot = Int(0)
+    n_batch = Int(0)
+    gpu_layers = Int(0)
+    parallel_reason = Unicode("")
+    snapshot_seq = Int(-1)
+    #: snapshots shown so far (the first render included)
+    updates = Int(0)
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        *,
+        compact: bool = False,
+        follow_session: bool | None = None,
+        interval: float = DEFAULT_INTERVAL,
+        **kwargs: Any,
+    ) -> None:
+        self._header = widgets.HTML(_HINT)
+        self.slots = SlotMonitor(summary=not compact)
+        self.chart: ThroughputChart | None = None
+        self.memory: MemoryPanel | None = None
+        self._summary: widgets.HTML | None = None
+        parts: list[widgets.Widget] = [self._header, self.slots]
+        if compact:
+            self._summary = widgets.HTML("")
+            parts.append(self._summary)
+        else:
+            self.chart = ThroughputChart(layout=widgets.Layout(flex="3 1 0", min_width="320px"))
+            self.memory = MemoryPanel(
+                layout=widgets.Layout(flex="1 1 0", min_width="240px", padding="0 0 0 12px")
+            )
+            parts.append(
+                widgets.HBox([self.chart, self.memory], layout=widgets.Layout(width="100%"))
+            )
+        self._last_slow = 0.0
+        self._link = LiveLink(self._on_engine, self._on_snapshot, interval=interval)
+        kwargs.setdefault("layout", widgets.Layout(width="100%"))
+        super().__init__(parts, **kwargs)
+        self.compact = compact
+        self.add_class("nbollama-dashboard")
+        follow = engine is None if follow_session is None else follow_session
+        if follow and engine is None:
+            self.following_session = True
+            self._link.follow_session()
+        else:
+            self._link.attach(engine)
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine shown now (None with no engine)."""
+        return self._link.engine
+
+    @property
+    def live(self) -> bool:
+        """True while snapshots can still arrive."""
+        return self._link.live
+
+    # -- called with the link's lock held ------------------------------------------------
+
+    def _on_engine(self, engine: Engine | None) -> None:
+        self.slots.reset(engine)
+        if self.chart is not None:
+            self.chart.reset(engine)
+        if self.memory is not None:
+            self.memory.reset(engine)
+        self.snapshot_seq = -1
+        self._last_slow = 0.0
+        if engine is None:
+            self.status = "no engine"
+            self.model_name, self.parallel, self.ctx_per_slot, self.parallel_reason = "", 0, 0, ""
+            self._header.value = _HINT
+            if self._summary is not None:
+                self._summary.value = ""
+            return
+        self.status = "live"
+        self.model_name = engine.model_name
+        self.parallel = engine.parallel
+        self.ctx_per_slot = engine.ctx
+        self.n_batch = engine.n_batch
+        self.gpu_layers = engine.gpu_layers
+        self.parallel_reason = engine.parallel_reason
+        self._header.value = self._header_html()
+
+    def _on_snapshot(self, snapshot: EngineSnapshot | None) -> None:
+        if snapshot is None or snapshot["closed"]:
+            self.status = "engine closed"
+        now = time.monotonic()
+        slow = (
+            snapshot is None
+            or snapshot["closed"]
+            or snapshot["busy_slots"] == 0
+            or now - self._last_slow >= SLOW_PARTS_INTERVAL
+        )
+        if slow:
+            self._last_slow = now
+        self.slots.update(snapshot)
+        if self.chart is not None:
+            self.chart.update(snapshot, draw=slow)
+        if self.memory is not None and slow:
+            self.memory.update(snapshot)
+        if snapshot is not None:
+            self.snapshot_seq = snapshot["seq"]
+            if self._summary is not None:
+                self._summary.value = self._summary_html(snapshot)
+        self.updates += 1
+        self._header.value = self._header_html()
+
+    # -- rendering ----------------------------------------------------------------------
+
+    def _header_html(self) -> str:
+        colour = _STATUS_COLOURS.get(self.status, "#9e9e9e")
+        device = (
+            "CPU"
+            if self.gpu_layers == 0
+            else ("GPU (all layers)" if self.gpu_layers < 0 else f"GPU ({self.gpu_layers} layers)")
+        )
+        pill = (
+            f'<span style="padding:0 6px;border-radius:8px;border:1px solid {colour};color:{colour};'
+            f'font-size:11px">{html.escape(self.status)}</span>'
+        )
+        line = (
+            f"<b>nbollama</b> · <b>{html.escape(self.model_name)}</b> · parallel <b>{self.parallel}</b> · "
+            f"ctx/slot <b>{self.ctx_per_slot}</b> · n_batch {self.n_batch} · {device} {pill}"
+        )
+        reason = html.escape(self.parallel_reason)
+        if self.compact:
+            return (
+                f'<div class="nbollama-header" style="font-size:12px" title="{reason}">{line}</div>'
+            )
+        return (
+            f'<div class="nbollama-header" style="font-size:13px">{line}'
+            f'<div style="color:#757575;font-size:11px">why parallel={self.parallel}: {reason}</div></div>'
+        )
+
+    def _summary_html(self, snapshot: EngineSnapshot) -> str:
+        totals = snapshot["totals"]
+        return (
+            '<div class="nbollama-summary" style="font-size:12px;font-family:monospace">'
+            f"{snapshot['throughput']:.1f} tok/s · {snapshot['busy_slots']}/{snapshot['parallel']} busy · "
+            f"queue {snapshot['queue']['length']} · {totals['completed']} done · "
+            f"{html.escape(memory_summary(snapshot['memory']))} · "
+            f"KV used {snapshot['kv']['used']}/{snapshot['kv']['total']} tok</div>"
+        )
+
+    def stop(self) -> None:
+        """Stop the updates but keep showing the last state (``%%generate --watch`` after its run)."""
+        with self._link.lock:
+            self._link.close()
+            self.status = "stopped"
+            self._header.value = self._header_html()
+
+    def close(self) -> None:
+        """Stop the updates (the engine keeps running) and close every widget of the dashboard."""
+        with self._link.lock:
+            self._link.close()
+            self.status = "closed"
+        close_children(self)
+        super().close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<nbollama Dashboard {self.status} {self.model_name or '-'} parallel={self.parallel}>"
+        )
+
+
+def dashboard(engine: Engine | None = None, *, compact: bool = False) -> Dashboard:
+    """A live dashboard of ``engine``, or of the kernel's engine (followed across ``%nbollama load``).
+
+    ``compact=True`` gives slot rows and a one-line summary, without the chart.
+    Display it (last expression of a cell); ``stop()`` freezes it on its last
+    state, ``close()`` stops it and removes it.
+    """
+    return Dashboard(engine, compact=compact)

@@ -1,0 +1,181 @@
+"""The memory panel: where the bytes went, and why the KV cache is the size it is.
+
+With a GPU it shows VRAM per device from NVML and this process's share of
+it; without one, this process's RSS (and PSS, which counts the mmapped model
+file once however many processes share it) and the RAM still available.
+Either way it shows the KV cache and the ``parallel x ctx/slot`` sum behind
+it: the number one surprise when people raise ``parallel``.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import ipywidgets as widgets
+from traitlets import Bool, Dict, Int, List, Unicode
+
+from .._core._engine import Engine
+from .._core._snapshot import EngineSnapshot, MemoryFigures
+from ..memory import format_bytes
+from ._live import DEFAULT_INTERVAL, LiveLink, close_children
+
+__all__ = ["MemoryPanel", "memory_html", "memory_summary"]
+
+
+def _bar(
+    used: int, total: int, colour: str, part: int | None = None, part_colour: str = "#1565c0"
+) -> str:
+    """A horizontal bar: ``used`` of ``total``, with ``part`` of ``used`` in a darker shade."""
+    if total <= 0:
+        return ""
+    used_pct = max(0.0, min(100.0, 100.0 * used / total))
+    inner = ""
+    if part is not None and used > 0:
+        part_pct = max(0.0, min(100.0, 100.0 * part / used))
+        inner = f'<div style="width:{part_pct:.1f}%;height:100%;background:{part_colour}"></div>'
+    return (
+        '<div style="width:100%;height:8px;background:#e0e0e0;border-radius:4px;overflow:hidden">'
+        f'<div style="width:{used_pct:.1f}%;height:100%;background:{colour};display:flex">{inner}</div></div>'
+    )
+
+
+def _row(label: str, value: str) -> str:
+    return (
+        f'<tr><td style="padding:1px 8px 1px 0;color:#616161;white-space:nowrap">{label}</td>'
+        f'<td style="padding:1px 0;font-family:monospace">{value}</td></tr>'
+    )
+
+
+def memory_html(figures: MemoryFigures) -> str:
+    """The panel's body for one set of figures (plain HTML, so it also works in a static render)."""
+    parts: list[str] = ['<div class="nbollama-memory" style="font-size:12px;line-height:1.5">']
+    if figures["source"] == "nvml" and figures["gpus"]:
+        for gpu in figures["gpus"]:
+            title = f"GPU {gpu['index']} · {html.escape(gpu['name'])}"
+            used = f"{format_bytes(gpu['used'])} / {format_bytes(gpu['total'])} used"
+            if gpu["process_used"] is None:
+                mine = "this process: not reported by the driver"
+            else:
+                mine = f"this process: {format_bytes(gpu['process_used'])}"
+            parts.append(
+                f'<div class="nbollama-gpu" style="margin-bottom:4px"><b>{title}</b><br>'
+                f'<span style="font-family:monospace">{used} · {format_bytes(gpu["free"])} free</span><br>'
+                f"{_bar(gpu['used'], gpu['total'], '#90caf9', gpu['process_used'])}"
+                f'<span style="font-family:monospace">{mine}</span></div>'
+            )
+        rows = [_row("process RSS", format_bytes(figures["process_rss"]))]
+    else:
+        rows = [_row("process RSS", format_bytes(figures["process_rss"]))]
+        if figures["process_pss"] is not None:
+            rows.append(_row("process PSS", format_bytes(figures["process_pss"])))
+        rows.append(
+            _row(
+                "RAM available",
+                f"{format_bytes(figures['host_available'])} of {format_bytes(figures['host_total'])}",
+            )
+        )
+        in_use = figures["host_total"] - figures["host_available"]
+        parts.append(
+            _bar(in_use, figures["host_total"], "#a5d6a7", figures["process_rss"], "#2e7d32")
+        )
+    rows.append(_row("KV cache", format_bytes(figures["kv_bytes"])))
+    parts.append(f'<table style="border-collapse:collapse;margin-top:4px">{"".join(rows)}</table>')
+    if figures["kv_estimate"]:
+        parts.append(
+            '<div class="nbollama-kv-estimate" style="color:#424242">'
+            f"KV = parallel x ctx/slot: {html.escape(figures['kv_estimate'])}</div>"
+        )
+    parts.append(
+        f'<div class="nbollama-memory-note" style="color:#9e9e9e;font-size:11px">{html.escape(figures["note"])}</div>'
+    )
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def memory_summary(figures: MemoryFigures) -> str:
+    """One line for the compact dashboard: VRAM (or RSS/PSS) and the KV cache."""
+    if figures["source"] == "nvml" and figures["gpus"]:
+        used = sum(g["used"] for g in figures["gpus"])
+        total = sum(g["total"] for g in figures["gpus"])
+        mine = [g["process_used"] for g in figures["gpus"] if g["process_used"] is not None]
+        text = f"VRAM {format_bytes(used)}/{format_bytes(total)}"
+        if mine:
+            text += f" (this process {format_bytes(sum(mine))})"
+    else:
+        text = f"RSS {format_bytes(figures['process_rss'])}"
+        if figures["process_pss"] is not None:
+            text += f" (PSS {format_bytes(figures['process_pss'])})"
+    return f"{text} · KV {format_bytes(figures['kv_bytes'])}"
+
+
+class MemoryPanel(widgets.VBox):
+    """Memory figures of the engine's process: VRAM per GPU, or RSS/PSS; always the KV cache.
+
+    The figures are traitlets (bytes); ``show(figures)`` renders any
+    ``MemoryFigures`` (the snapshot's ``memory``), ``update(snapshot)`` a snapshot.
+    """
+
+    source = Unicode("host")
+    process_rss = Int(0)
+    process_pss = Int(None, allow_none=True)
+    host_total = Int(0)
+    host_available = Int(0)
+    gpus = List(Dict())
+    kv_bytes = Int(0)
+    kv_estimate = Unicode("")
+    note = Unicode("")
+    engine_closed = Bool(False)
+
+    def __init__(
+        self, engine: Engine | None = None, *, interval: float = DEFAULT_INTERVAL, **kwargs: Any
+    ) -> None:
+        self._title = widgets.HTML("<b>Memory</b>")
+        self._body = widgets.HTML('<span style="color:#9e9e9e">no engine</span>')
+
+        self._link: LiveLink | None = None
+        super().__init__([self._title, self._body], **kwargs)
+        self.add_class("nbollama-memory-panel")
+        if engine is not None:
+            self._link = LiveLink(self.reset, self.update, interval=interval)
+            self._link.attach(engine)
+
+    @property
+    def html(self) -> str:
+        """What the panel shows, as HTML."""
+        return str(self._body.value)
+
+    def reset(self, engine: Engine | None) -> None:
+        self.engine_closed = False
+        if engine is None:
+            self._body.value = '<span style="color:#9e9e9e">no engine</span>'
+
+    def update(self, snapshot: EngineSnapshot | None) -> None:
+        if snapshot is None or snapshot["closed"]:
+            self.engine_closed = True
+            self._title.value = '<b>Memory</b> <span style="color:#c62828">(engine closed: figures from before)</span>'
+            return
+        self.show(snapshot["memory"])
+
+    def show(self, figures: MemoryFigures) -> None:
+        """Render one set of figures (from a snapshot, or ``nbollama.memory.memory_figures()``)."""
+        self.source = figures["source"]
+        self.process_rss = figures["process_rss"]
+        self.process_pss = figures["process_pss"]
+        self.host_total = figures["host_total"]
+        self.host_available = figures["host_available"]
+        self.gpus = [dict(g) for g in figures["gpus"]]
+        self.kv_bytes = figures["kv_bytes"]
+        self.kv_estimate = figures["kv_estimate"]
+        self.note = figures["note"]
+        self._title.value = "<b>Memory</b>" + (
+            " · NVML" if figures["source"] == "nvml" else " · host"
+        )
+        self._body.value = memory_html(figures)  # an unchanged string sends nothing
+
+    def close(self) -> None:
+        link = getattr(self, "_link", None)
+        if link is not None:
+            link.close()
+        close_children(self)
+        super().close()

@@ -1,0 +1,378 @@
+"""The inline dashboard against the real engine and model: what it shows must be what happened.
+
+No engine mocks: every snapshot here comes from the shared Gemma 3 270M
+engine (``conftest.engine``). The last test runs a notebook in a real
+ipykernel (nbclient) to check that updates made on the engine's monitor
+thread reach the frontend through IOPub.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from nbollama import Engine
+from nbollama.engine import EngineSnapshot
+from nbollama.session import current_engine, set_engine
+from nbollama.widgets import Dashboard, ThroughputChart, dashboard
+
+REPO = Path(__file__).resolve().parent.parent
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+PROMPTS = [
+    "Count from 1 to 30, separated by commas:",
+    "List the letters of the alphabet:",
+    "Name ten animals:",
+    "Write the numbers from 100 down to 80:",
+]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def live_dashboard(idle_engine: Engine) -> Iterator[Dashboard]:
+    board = dashboard(idle_engine)
+    yield board
+    board.close()
+
+
+def _settled(board: Dashboard, engine: Engine) -> Callable[[], bool]:
+    """True once the board shows the engine idle again with every request counted."""
+
+    def check() -> bool:
+        totals = engine.snapshot()["totals"]
+        return board.slots.completed + board.slots.cancelled + board.slots.errors == totals[
+            "completed"
+        ] + totals["cancelled"] + totals["errors"] and all(
+            row.badge == "idle" for row in board.slots.rows
+        )
+
+    return check
+
+
+def test_slot_rows_follow_a_real_generation(live_dashboard: Dashboard, idle_engine: Engine) -> None:
+    board, engine = live_dashboard, idle_engine
+    before = engine.snapshot()["totals"]
+    assert [row.slot_id for row in board.slots.rows] == list(range(engine.parallel))
+    assert board.status == "live" and board.parallel == engine.parallel == board.slots.parallel
+    first_updates = board.updates
+
+    results = engine.generate(PROMPTS, max_tokens=16, temperature=0.0)
+    wait_for(_settled(board, engine), what="the dashboard to show every slot idle again")
+
+    after = engine.snapshot()["totals"]
+    assert board.updates > first_updates + 2, (
+        "snapshots should have arrived from the monitor thread"
+    )
+    # counts add up with the engine's totals
+    assert board.slots.submitted == after["submitted"] == before["submitted"] + len(PROMPTS)
+    assert board.slots.completed == after["completed"] == before["completed"] + len(PROMPTS)
+    assert board.slots.generated_tokens == after["generated_tokens"]
+    assert after["generated_tokens"] - before["generated_tokens"] == sum(
+        r.completion_tokens for r in results
+    )
+    assert board.slots.busy_slots == 0 and board.slots.queue_length == 0
+    # every slot that served a request went generating -> done -> idle, in that order
+    used = {r.slot for r in results}
+    assert used == set(range(engine.parallel)), "4 prompts on 4 slots should use every slot"
+    for result in results:
+        assert result.slot is not None
+        row = board.slots.rows[result.slot]
+        seen = row.badges_seen
+        assert "generating" in seen and seen[-1] == "idle", seen
+        assert seen.index("generating") < len(seen) - 1 - seen[::-1].index("idle")
+        if "done" in seen:
+            assert seen.index("generating") < seen.index("done")
+        assert row.request_id == result.id
+        assert row.decoded_tokens == result.completion_tokens
+        assert row.prompt_preview == " ".join(result.prompt.split())[:80]
+    # the rows' progress bars show decoded/max of the last request
+    row = board.slots.rows[results[0].slot]  # type: ignore[index]
+    assert row._progress.max == 16 and row._progress.value == results[0].completion_tokens
+
+
+def test_cancelled_request_shows_cancelled_badge(
+    live_dashboard: Dashboard, idle_engine: Engine
+) -> None:
+    board, engine = live_dashboard, idle_engine
+    handle = engine.submit(
+        "Write a very long essay about the history of the printing press.",
+        max_tokens=400,
+        temperature=0.0,
+    )
+    wait_for(lambda: handle.status == "generating", what="the request to generate")
+    slot = handle.slot
+    assert slot is not None
+    wait_for(
+        lambda: board.slots.rows[slot].badge == "generating", what="the row to show generating"
+    )
+    assert board.slots.busy_slots == 1
+    handle.cancel()
+    wait_for(
+        lambda: "cancelled" in board.slots.rows[slot].badges_seen,
+        timeout=10,
+        what="a cancelled badge",
+    )
+    wait_for(_settled(board, engine), what="the slot to be idle again")
+    assert board.slots.cancelled == engine.snapshot()["totals"]["cancelled"]
+
+
+def test_chart_data_matches_engine_metrics(live_dashboard: Dashboard, idle_engine: Engine) -> None:
+    board, engine = live_dashboard, idle_engine
+    assert board.chart is not None
+    # a chart fed by its own subscription, with the snapshots it was fed kept aside
+    own = ThroughputChart()
+    own.reset(engine)
+    fed: list[EngineSnapshot] = []
+    lock = threading.Lock()
+
+    def feed(snapshot: EngineSnapshot) -> None:
+        with lock:
+            fed.append(snapshot)
+            own.update(snapshot)
+
+    subscription = engine.subscribe(feed, interval=0.25)
+    try:
+        results = engine.generate(PROMPTS[:3], max_tokens=16, temperature=0.0)
+        wait_for(
+            lambda: all(r.id in board.chart.ttft_by_id for r in results),  # type: ignore[union-attr]
+            what="the chart to show every request's TTFT",
+        )
+        wait_for(_settled(board, engine), what="the engine to settle")
+    finally:
+        subscription.close()
+    with lock:
+        assert own.throughput == [s["throughput"] for s in fed]
+        assert own.busy == [s["busy_slots"] for s in fed]
+        assert own.times == [s["time"] for s in fed]
+        assert own.last_throughput == fed[-1]["throughput"]
+        assert max(own.throughput) > 0 and max(own.busy) >= 1
+    # TTFT and queue wait per request: exactly the Result values, once each
+    chart = board.chart
+    assert len(chart.request_ids) == len(set(chart.request_ids))
+    for result in results:
+        assert chart.ttft_by_id[result.id] == result.ttft
+        assert chart.queue_wait[chart.request_ids.index(result.id)] == result.queue_wait
+    # the figure plots exactly those lists (it is updated in place, never rebuilt)
+    figure = chart.figure
+    assert list(figure.data[0].y) == chart.throughput
+    assert list(figure.data[1].y) == chart.busy
+    assert list(figure.data[2].x) == [f"#{i}" for i in chart.request_ids]
+    assert list(figure.data[2].y) == chart.ttft
+    assert list(figure.data[3].y) == chart.queue_wait
+    assert chart.last_throughput == chart.throughput[-1] == board.slots.throughput
+    assert chart.times[-1] - chart.times[0] <= chart.window + 1
+
+
+def test_browser_messages_wait_for_a_redraw_in_progress() -> None:
+    """plotly's answers from the browser (main thread) never edit the figure mid-redraw (monitor thread)."""
+    chart = ThroughputChart()
+    try:
+        held = threading.Event()
+
+        def redraw_in_progress() -> None:
+            with chart.figure_lock:
+                held.set()
+                time.sleep(0.3)
+
+        worker = threading.Thread(target=redraw_in_progress)
+        worker.start()
+        held.wait()
+        started = time.perf_counter()
+        chart.figure._js2py_relayout = {
+            "relayout_data": {"yaxis.range": [0, 5]},
+            "source_view_id": None,
+        }
+        waited = time.perf_counter() - started
+        worker.join()
+        assert waited >= 0.2, "the browser's relayout should have waited for the redraw"
+        assert tuple(chart.figure.layout.yaxis.range) == (0, 5)  # and then applied, once
+        assert chart.figure._js2py_relayout is None
+    finally:
+        chart.close()
+
+
+def test_closing_stops_updates(idle_engine: Engine) -> None:
+    engine = idle_engine
+    closed_board, stopped_board = dashboard(engine), dashboard(engine, compact=True)
+    open_board = dashboard(engine, compact=True)
+    boards = (closed_board, stopped_board, open_board)
+    try:
+        engine.generate(PROMPTS[:1], max_tokens=4, temperature=0.0)
+        for board in boards:
+            wait_for(_settled(board, engine), what="every dashboard to settle")
+        closed_board.close()
+        stopped_board.stop()
+        assert closed_board.status == "closed" and not closed_board.live
+        assert closed_board.comm is None  # its widgets are gone from the frontend
+        assert stopped_board.status == "stopped" and not stopped_board.live
+        assert stopped_board.comm is not None and "stopped" in stopped_board._header.value
+
+        def state(board: Dashboard) -> tuple[int, int, int]:
+            return board.updates, board.snapshot_seq, board.slots.completed
+
+        frozen = {id(board): state(board) for board in (closed_board, stopped_board)}
+        open_updates = open_board.updates
+        engine.generate(PROMPTS[:2], max_tokens=4, temperature=0.0)
+        wait_for(_settled(open_board, engine), what="the open dashboard to settle")
+        time.sleep(0.6)
+        for board in (closed_board, stopped_board):
+            assert state(board) == frozen[id(board)]
+        assert open_board.updates > open_updates and open_board.live
+        assert open_board.slots.completed == engine.snapshot()["totals"]["completed"]
+    finally:
+        for board in boards:
+            board.close()
+
+
+def test_compact_and_memory(idle_engine: Engine) -> None:
+    engine = idle_engine
+    full, compact = dashboard(engine), dashboard(engine, compact=True)
+    try:
+        snap = engine.snapshot()
+        assert compact.compact and compact.chart is None and compact.memory is None
+        summary = compact._summary.value  # type: ignore[union-attr]
+        assert "tok/s" in summary and "KV" in summary and ("RSS" in summary or "VRAM" in summary)
+        assert len(compact.slots.rows) == engine.parallel
+        assert full.memory is not None
+        memory = full.memory
+        assert memory.kv_bytes == engine.kv_bytes == snap["memory"]["kv_bytes"]
+        assert (
+            memory.kv_estimate == engine.kv_estimate
+            and f"{engine.parallel} slots x {engine.ctx} ctx" in memory.kv_estimate
+        )
+        assert memory.source == snap["memory"]["source"]
+        assert engine.kv_estimate in memory.html and "parallel x ctx/slot" in memory.html
+        assert memory.note and memory.note.split(" (")[0] in memory.html
+        if memory.source == "host":
+            assert (
+                memory.process_rss > 0
+                and "process RSS" in memory.html
+                and "RAM available" in memory.html
+            )
+        else:
+            assert memory.gpus and "GPU 0" in memory.html
+        header = full._header.value
+        assert engine.model_name in header and engine.parallel_reason in header
+        assert f"ctx/slot <b>{engine.ctx}</b>" in header
+        assert WIDGET_VIEW in full._repr_mimebundle_()
+    finally:
+        full.close()
+        compact.close()
+
+
+def test_follows_the_session_engine(idle_engine: Engine) -> None:
+    previous = current_engine()
+    set_engine(None, close_previous=False)
+    board = dashboard()
+    try:
+        assert board.following_session and board.status == "no engine"
+        assert "%nbollama load" in board._header.value and board.slots.rows == []
+        set_engine(idle_engine, close_previous=False)
+        assert board.status == "live" and board.engine is idle_engine
+        assert len(board.slots.rows) == idle_engine.parallel and board.updates >= 1
+        set_engine(None, close_previous=False)
+        assert board.status == "no engine" and board.engine is None and not board.live
+    finally:
+        board.close()
+        set_engine(previous, close_previous=False)
+    assert not idle_engine.closed
+
+
+def test_engine_close_marks_the_dashboard(model_path: Path) -> None:
+    engine = Engine.load(model_path, parallel=1, ctx=64)
+    board = dashboard(engine)
+    try:
+        assert board.status == "live" and len(board.slots.rows) == 1
+        engine.close()
+        assert board.status == "engine closed" and board.slots.engine_closed and not board.live
+        assert board.chart is not None and board.chart.engine_closed
+        late = dashboard(engine, compact=True)  # made for an engine that is already closed
+        assert late.status == "engine closed" and not late.live
+        late.close()
+    finally:
+        board.close()
+        engine.close()
+
+
+NOTEBOOK_CELLS = [
+    "import threading, time\nimport nbollama\nfrom nbollama.widgets import dashboard\n"
+    "engine = nbollama.load(parallel=4, ctx=512)",
+    "board = dashboard()\nboard",
+    "threads = set()\n"
+    "board.slots.observe(lambda change: threads.add(threading.current_thread().name), 'snapshot_seq')\n"
+    "results = nbollama.generate(['Count from 1 to 20:', 'Name three colours:'], max_tokens=12, temperature=0)\n"
+    "deadline = time.time() + 30\n"
+    "while board.slots.completed < len(results) and time.time() < deadline:\n"
+    "    time.sleep(0.1)\n"
+    "time.sleep(0.6)\n"
+    "print('completed', board.slots.completed, 'status', board.status, 'threads', sorted(threads))",
+    "board.close()\nnbollama.unload()",
+]
+
+
+@pytest.mark.notebook
+def test_dashboard_notebook_executes_in_a_real_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbclient import NotebookClient
+
+    python = REPO / ".venv" / "bin" / "python"
+    kernel_dir = tmp_path / "jupyter" / "kernels" / "nbollama-venv"
+    kernel_dir.mkdir(parents=True)
+    (kernel_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [
+                    str(python if python.exists() else sys.executable),
+                    "-m",
+                    "ipykernel_launcher",
+                    "-f",
+                    "{connection_file}",
+                ],
+                "display_name": "nbollama (venv)",
+                "language": "python",
+            }
+        )
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in NOTEBOOK_CELLS]
+    path = tmp_path / "dashboard.ipynb"
+    NotebookClient(
+        nb,
+        kernel_name="nbollama-venv",
+        timeout=240,
+        resources={"metadata": {"path": str(tmp_path)}},
+    ).execute()
+    nbformat.write(nb, path)
+
+    saved = nbformat.read(path, as_version=4)
+    view = [o for o in saved.cells[1].outputs if WIDGET_VIEW in o.get("data", {})]
+    assert view, saved.cells[1].outputs
+    printed = "".join(
+        o.get("text", "") for o in saved.cells[2].outputs if o.get("output_type") == "stream"
+    )
+    assert "completed 2" in printed and "status live" in printed, printed
+    assert "nbollama-monitor" in printed, "updates should come from the engine's monitor thread"
+    # The widget state nbclient saved comes from the comm messages it saw. The
+    # progress bars were created at 0/1 in cell 2; only the monitor thread set
+    # them to 12 tokens, so seeing that means those messages crossed IOPub.
+    state = saved.metadata["widgets"][WIDGET_STATE]["state"]
+    bars = [m["state"] for m in state.values() if m["model_name"] == "IntProgressModel"]
+    assert len(bars) >= 4
+    assert any(bar.get("max") == 12 and bar.get("value", 0) > 0 for bar in bars), bars

@@ -1,0 +1,164 @@
+"""The inline dashboard in a real JupyterLab with Chromium: slot rows and the plotly chart render and move.
+
+Reuses the JupyterLab server fixture and cell helpers of
+``test_labextension.py``; this module only writes its own notebook into the
+server's root. The screenshot goes to ``test-artifacts/dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_labextension import (  # noqa: F401  (``lab`` is a fixture, used by name)
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    LabServer,
+    _run_cell,
+    _wait_cell_done,
+    lab,
+)
+
+PROMPTS = [
+    "Count from 1 to 40, separated by commas:",
+    "List the letters of the alphabet:",
+    "Name twenty animals:",
+    "Write the numbers from 100 down to 60:",
+]
+CELLS = [
+    "%load_ext nbollama",
+    "%nbollama load --parallel 4 --ctx 512",
+    "import nbollama, nbollama.widgets\n"
+    "dashboard = getattr(nbollama, 'dashboard', nbollama.widgets.dashboard)\n"
+    "board = dashboard()\n"
+    "board",
+    f"results = nbollama.generate({PROMPTS!r}, max_tokens=48, temperature=0)\n"
+    "print('DONE', [r.finish_reason for r in results])",
+]
+
+
+def _write_notebook(path: Path) -> None:
+    cells: list[dict[str, Any]] = [
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "id": f"cell{i}",
+            "metadata": {},
+            "outputs": [],
+            "source": src,
+        }
+        for i, src in enumerate(CELLS)
+    ]
+    notebook = {
+        "cells": cells,
+        "metadata": {
+            "kernelspec": {
+                "display_name": "Python 3 (ipykernel)",
+                "language": "python",
+                "name": "python3",
+            },
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    path.write_text(json.dumps(notebook, indent=1))
+
+
+def _run_first_cell(page: Any) -> None:
+    """Run cell 0 once the kernel is idle; again if a busy machine swallowed the keystroke.
+
+    On a loaded machine JupyterLab can take Shift+Enter before its kernel
+    connection is ready and drop the execution; ``%load_ext`` is safe to repeat.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').first.wait_for(
+        timeout=120_000
+    )
+    for _ in range(3):
+        _run_cell(page, 0)
+        try:
+            _wait_cell_done(page, 0, timeout_ms=30_000)
+            return
+        except PlaywrightTimeoutError:
+            continue
+    raise AssertionError("the first cell never ran (is the kernel starting?)")
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+def test_dashboard_renders_and_follows_a_generation(lab: LabServer) -> None:  # noqa: F811
+    from playwright.sync_api import expect, sync_playwright
+
+    _write_notebook(lab.root / "dashboard.ipynb")
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.set_default_timeout(60_000)
+            page.goto(f"{lab.url}/lab/tree/dashboard.ipynb?token={lab.token}")
+            page.locator(".jp-Notebook .jp-CodeCell").first.wait_for()
+            _run_first_cell(page)
+            for index in (1, 2):
+                _run_cell(page, index)
+                _wait_cell_done(page, index)
+
+            board = page.locator(".jp-OutputArea .nbollama-dashboard")
+            expect(board).to_be_visible(timeout=90_000)
+            rows = board.locator(".nbollama-slot-row")
+            expect(rows).to_have_count(4)
+            expect(board.locator(".nbollama-header")).to_contain_text("parallel 4")
+            expect(board.locator(".nbollama-header")).to_contain_text("ctx/slot 512")
+            expect(board.locator(".nbollama-memory")).to_contain_text("KV = parallel x ctx/slot")
+            chart = board.locator(".nbollama-throughput-chart .js-plotly-plot")
+            expect(chart).to_be_visible(timeout=90_000)
+
+            # the generation blocks the cell; the dashboard still moves (monitor thread -> IOPub)
+            _run_cell(page, 3)
+            page.wait_for_function(
+                """() => {
+                    const board = document.querySelector('.nbollama-dashboard');
+                    const generating = board.querySelectorAll('.nbollama-badge-generating').length;
+                    const decoded = [...board.querySelectorAll('.nbollama-slot-row')]
+                        .map(row => Number((row.textContent.match(/(\\d+)\\/48 tok/) || [0, 0])[1]));
+                    return generating >= 2 && Math.max(...decoded) >= 8;
+                }""",
+                timeout=240_000,
+            )
+            board.screenshot(path=str(ARTIFACTS / "dashboard-busy.png"))
+            _wait_cell_done(page, 3, timeout_ms=300_000)
+            assert (
+                "DONE"
+                in page.locator(".jp-Notebook .jp-CodeCell")
+                .nth(3)
+                .locator(".jp-OutputArea")
+                .inner_text()
+            )
+            # after the run: four requests as TTFT bars, throughput drawn, every slot idle again
+            page.wait_for_function(
+                "document.querySelectorAll('.nbollama-dashboard .nbollama-throughput-chart .barlayer .point').length >= 8",
+                timeout=60_000,
+            )
+            expect(board.locator(".nbollama-badge-idle")).to_have_count(4, timeout=30_000)
+            line = board.locator(
+                ".nbollama-throughput-chart .scatterlayer .trace path.js-line"
+            ).first
+            assert (line.get_attribute("d") or "").count("L") >= 2, (
+                "the throughput line has several points"
+            )
+            expect(board.locator(".nbollama-slot-monitor")).to_contain_text("4 done")
+            board.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+        except Exception:
+            for opened in browser.contexts[0].pages if browser.contexts else []:
+                opened.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"))
+            raise
+        finally:
+            browser.close()
+    ours = [e for e in errors if "nbollama" in e.lower() or "widget" in e.lower()]
+    assert not ours, ours
