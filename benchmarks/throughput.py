@@ -5,6 +5,9 @@ max_tokens 64 by default) and prints, for each setup measured in this one
 run, completion tokens/s, mean TTFT (from the moment the prompts were
 fired, so waiting behind other prompts counts) and the ratio to sequential
 ``Llama.create_completion``, which is what a notebook user would write today.
+Every setup runs once per round, the setups in turn, and the median over the
+rounds is reported: a shared machine's speed drifts, and drift then hits all
+setups alike.
 
     python benchmarks/throughput.py                 # parallel 1 2 4 8 16
     python benchmarks/throughput.py --parallel 1 8 --prompts 16 --max-tokens 64
@@ -18,7 +21,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,37 +33,43 @@ def load_prompts(path: Path, n: int) -> list[str]:
     return [json.loads(ln)["prompt"] for ln in lines[:n]]
 
 
-def sequential(model_path: Path, prompts: list[str], max_tokens: int, ctx: int, threads: int) -> dict[str, float]:
-    """One ``Llama``, one prompt after another, streamed so that TTFT can be seen.
+class Sequential:
+    """One ``Llama``, one prompt after another: what a notebook user would write today.
 
     Streamed chunks carry no token counts, so an untimed greedy pass first
     counts each answer's completion tokens (greedy output is deterministic);
     it also warms the model up.
     """
-    from llama_cpp import Llama
 
-    llm = Llama(str(model_path), n_ctx=ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-    tokens = sum(
-        llm.create_completion(p, max_tokens=max_tokens, temperature=0.0)["usage"]["completion_tokens"]
-        for p in prompts
-    )
-    ttfts = []
+    def __init__(self, model_path: Path, prompts: list[str], max_tokens: int, ctx: int, threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(str(model_path), n_ctx=ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.prompts, self.max_tokens = prompts, max_tokens
+        self.tokens = sum(
+            self.llm.create_completion(p, max_tokens=max_tokens, temperature=0.0)["usage"]["completion_tokens"]
+            for p in prompts
+        )
+
+    def run(self) -> dict[str, float]:
+        ttfts = []
+        start = time.perf_counter()
+        for prompt in self.prompts:
+            first = None
+            for _chunk in self.llm.create_completion(prompt, max_tokens=self.max_tokens, temperature=0.0, stream=True):
+                if first is None:
+                    first = time.perf_counter() - start
+            ttfts.append(first if first is not None else time.perf_counter() - start)
+        wall = time.perf_counter() - start
+        return {"tokens": self.tokens, "wall": wall, "ttft": statistics.mean(ttfts)}
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def engine_run(engine: Any, prompts: list[str], max_tokens: int) -> dict[str, float]:
     start = time.perf_counter()
-    for prompt in prompts:
-        first = None
-        for _chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
-            if first is None:
-                first = time.perf_counter() - start
-        ttfts.append(first if first is not None else time.perf_counter() - start)
-    wall = time.perf_counter() - start
-    llm.close()
-    return {"tokens": tokens, "wall": wall, "ttft": statistics.mean(ttfts)}
-
-
-def engine_run(engine: object, prompts: list[str], max_tokens: int) -> dict[str, float]:
-    engine.generate(["Warm up."], max_tokens=4, temperature=0.0)  # type: ignore[attr-defined]
-    start = time.perf_counter()
-    results = engine.generate(prompts, max_tokens=max_tokens, temperature=0.0)  # type: ignore[attr-defined]
+    results = engine.generate(prompts, max_tokens=max_tokens, temperature=0.0)
     wall = time.perf_counter() - start
     return {
         "tokens": sum(r.completion_tokens for r in results),
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-file", type=Path, default=REPO.parent / "shared" / "bench" / "prompts.jsonl")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=3, help="each setup runs once per round, in turn")
     parser.add_argument("--ctx", type=int, default=1024, help="context per slot (and of the sequential Llama)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
@@ -85,42 +97,49 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = resolve_model(args.model)
     prompts = load_prompts(args.prompt_file, args.prompts)
-    print(f"model={model_path.name} prompts={len(prompts)} max_tokens={args.max_tokens} "
-          f"greedy threads={args.threads} ctx={args.ctx} flash_attn={args.flash_attn} "
-          f"kv_unified={args.kv_unified}", flush=True)
-
-    rows: list[tuple[str, dict[str, float]]] = [
-        ("sequential Llama.create_completion", sequential(model_path, prompts, args.max_tokens, args.ctx, args.threads))
-    ]
-    print(f"  measured {rows[-1][0]}", flush=True)
-    flash_attn = {"auto": "auto", "on": True, "off": False}[args.flash_attn]
-    base = Engine.load(
-        model_path,
-        parallel=args.parallel[0],
-        ctx=args.ctx,
-        threads=args.threads,
-        flash_attn=flash_attn,
-        kv_unified=args.kv_unified,
+    print(
+        f"model={model_path.name} prompts={len(prompts)} max_tokens={args.max_tokens} greedy "
+        f"threads={args.threads} ctx={args.ctx} flash_attn={args.flash_attn} kv_unified={args.kv_unified} "
+        f"rounds={args.rounds}",
+        flush=True,
     )
+    flash_attn = {"auto": "auto", "on": True, "off": False}[args.flash_attn]
+    sequential = Sequential(model_path, prompts, args.max_tokens, args.ctx, args.threads)
+    base = Engine.load(
+        model_path, parallel=args.parallel[0], ctx=args.ctx, threads=args.threads,
+        flash_attn=flash_attn, kv_unified=args.kv_unified,
+    )
+    engines = {n: base if n == args.parallel[0] else base.spawn(parallel=n) for n in args.parallel}
+    for engine in engines.values():
+        engine.generate(["Warm up."], max_tokens=4, temperature=0.0)
+    setups: list[tuple[str, Callable[[], dict[str, float]]]] = [("sequential Llama.create_completion", sequential.run)]
+    setups += [
+        (f"nbollama engine parallel={n}", lambda e=e: engine_run(e, prompts, args.max_tokens))
+        for n, e in engines.items()
+    ]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in setups}
     try:
-        for n in args.parallel:
-            engine = base if n == args.parallel[0] else base.spawn(parallel=n)
-            try:
-                rows.append((f"nbollama engine parallel={n}", engine_run(engine, prompts, args.max_tokens)))
-            finally:
-                if engine is not base:
-                    engine.close()
-            print(f"  measured {rows[-1][0]}", flush=True)
+        for round_ in range(1, args.rounds + 1):
+            for name, run in setups:  # interleaved, so drift in machine speed hits every setup alike
+                runs[name].append(run())
+            print(f"  round {round_}/{args.rounds} done", flush=True)
     finally:
-        base.close()
+        for engine in engines.values():
+            engine.close()
+        sequential.close()
 
-    seq_tps = rows[0][1]["tokens"] / rows[0][1]["wall"]
+    def median_tps(name: str) -> float:
+        return statistics.median(r["tokens"] / r["wall"] for r in runs[name])
+
+    seq_tps = median_tps(setups[0][0])
     print()
-    print("| setup | completion tokens | wall s | tokens/s | mean TTFT s | vs sequential |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, r in rows:
-        tps = r["tokens"] / r["wall"]
-        print(f"| {name} | {r['tokens']:.0f} | {r['wall']:.2f} | {tps:.1f} | {r['ttft']:.2f} | {tps / seq_tps:.2f}x |")
+    print("| setup | completion tokens | tokens/s (median) | tokens/s per round | mean TTFT s (median) | vs sequential |")
+    print("|---|---:|---:|---|---:|---:|")
+    for name, _ in setups:
+        tps = median_tps(name)
+        each = ", ".join(f"{r['tokens'] / r['wall']:.1f}" for r in runs[name])
+        ttft = statistics.median(r["ttft"] for r in runs[name])
+        print(f"| {name} | {runs[name][0]['tokens']:.0f} | {tps:.1f} | {each} | {ttft:.2f} | {tps / seq_tps:.2f}x |")
     return 0
 
 
