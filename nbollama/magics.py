@@ -30,6 +30,7 @@ from IPython.display import DisplayHandle, display
 from IPython.utils.text import DollarFormatter
 
 from . import session
+from ._palette import BADGE_COLOURS
 from .bench import SweepResult, sweep
 from .engine import Engine, EngineSnapshot, Handle, Result
 from .exceptions import ModelError, NbollamaError
@@ -51,16 +52,6 @@ logger = logging.getLogger("nbollama")
 REFRESH_SECONDS = 0.25
 _PREVIEW_CHARS = 60
 _TITLE_CHARS = 2000
-#: Same colours as the slot monitor (nbollama.widgets), plus "queued".
-_BADGE_COLOURS: dict[str, str] = {
-    "queued": "#9e9e9e",
-    "idle": "#9e9e9e",
-    "prefill": "#f0a202",
-    "generating": "#1e88e5",
-    "done": "#2e7d32",
-    "cancelled": "#8d6e63",
-    "error": "#c62828",
-}
 _FINAL_STATUS = {"stop": "done", "length": "done", "cancelled": "cancelled", "error": "error"}
 # `{name}` with a plain identifier, not part of a doubled `{{name}}` (templates keep theirs).
 _FIELD = re.compile(r"(?<!\{)\{([^\W\d]\w*)\}(?!\})")
@@ -403,7 +394,7 @@ def _head_text(view: _View) -> str:
 
 
 def _card_html(view: _View) -> str:
-    colour = _BADGE_COLOURS.get(view.status, "#9e9e9e")
+    colour = BADGE_COLOURS.get(view.status, "#9e9e9e")
     slot = "–" if view.slot is None else str(view.slot)
     error = (
         f'<div class="nbollama-error" style="color:#c62828;font-size:12px;margin-top:2px">'
@@ -676,7 +667,7 @@ class StatusReport:
         head = "".join(f'<th style="text-align:left">{h}</th>' for h in self._HEADERS)
         body = []
         for row in self._slot_rows():
-            colour = _BADGE_COLOURS.get(row[1], "#9e9e9e")
+            colour = BADGE_COLOURS.get(row[1], "#9e9e9e")
             badge = (
                 f'<span style="background:{colour};color:#fff;border-radius:8px;padding:0 6px">'
                 f"{html.escape(row[1])}</span>"
@@ -969,7 +960,10 @@ class NbollamaMagics(Magics):
             )
         except ValueError as exc:
             raise UsageError(f"%nbollama bench: {exc}") from None
-        display(result.figure())
+        import plotly.io as pio
+
+        # plotly picks its renderer when first imported; imported outside a kernel it has none
+        pio.show(result.figure(), renderer=pio.renderers.default or "plotly_mimetype+notebook")
         if args.apply:
             with _summary_printed_here():
                 applied = engine.spawn(parallel=result.recommended, ctx=engine.ctx)

@@ -149,7 +149,8 @@ def _require_browser() -> None:
     pytest.skip(reason)
 
 
-def _write_notebook(path: Path) -> None:
+def _write_notebook(path: Path, cells: list[str] = CELLS) -> None:
+    """A notebook of code cells, no outputs, on the python3 kernel."""
     notebook = {
         "cells": [
             {
@@ -160,7 +161,7 @@ def _write_notebook(path: Path) -> None:
                 "outputs": [],
                 "source": src,
             }
-            for i, src in enumerate(CELLS)
+            for i, src in enumerate(cells)
         ],
         "metadata": {
             "kernelspec": {

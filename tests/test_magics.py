@@ -216,9 +216,8 @@ def test_help_lists_what_exists(
 ) -> None:
     shell.run_line_magic("nbollama", "help")
     text = capsys.readouterr().out
-    for command in ("load", "status", "unload", "help"):
+    for command in ("load", "status", "bench", "unload", "help"):
         assert f"%nbollama {command}" in text
-    assert "bench" not in text
     assert ("%nbollama dashboard" in text) == _widgets_available()
     shell.run_line_magic("generate", "--help")
     text = capsys.readouterr().out
@@ -380,7 +379,8 @@ def test_background_returns_at_once_and_fills_out(
         "generate", "-b --max-tokens 48 --out later", "Once upon a time\n---\nIn a galaxy"
     )
     assert isinstance(job, BackgroundGeneration) and not job.done()
-    assert "later" not in shell.user_ns and "running" in repr(job) and "out='later'" in repr(job)
+    assert shell.user_ns["later"] is job  # the handle until it is done
+    assert "running" in repr(job) and "out='later'" in repr(job)
     other = shell.run_line_magic("generate", "-b --max-tokens 8 --quiet Meanwhile")
     results = job.wait(timeout=120)
     assert job.done() and job.result() is results and shell.user_ns["later"] is results

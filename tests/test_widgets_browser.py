@@ -7,8 +7,6 @@ server's root. The screenshot goes to ``test-artifacts/dashboard.png``.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from test_labextension import (  # noqa: F401  (``lab`` is a fixture, used by na
     LabServer,
     _run_cell,
     _wait_cell_done,
+    _write_notebook,
     lab,
 )
 
@@ -38,34 +37,6 @@ CELLS = [
     f"results = nbollama.generate({PROMPTS!r}, max_tokens=48, temperature=0)\n"
     "print('DONE', [r.finish_reason for r in results])",
 ]
-
-
-def _write_notebook(path: Path) -> None:
-    cells: list[dict[str, Any]] = [
-        {
-            "cell_type": "code",
-            "execution_count": None,
-            "id": f"cell{i}",
-            "metadata": {},
-            "outputs": [],
-            "source": src,
-        }
-        for i, src in enumerate(CELLS)
-    ]
-    notebook = {
-        "cells": cells,
-        "metadata": {
-            "kernelspec": {
-                "display_name": "Python 3 (ipykernel)",
-                "language": "python",
-                "name": "python3",
-            },
-            "language_info": {"name": "python"},
-        },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
-    path.write_text(json.dumps(notebook, indent=1))
 
 
 def _run_first_cell(page: Any) -> None:
@@ -94,7 +65,7 @@ def _run_first_cell(page: Any) -> None:
 def test_dashboard_renders_and_follows_a_generation(lab: LabServer) -> None:  # noqa: F811
     from playwright.sync_api import expect, sync_playwright
 
-    _write_notebook(lab.root / "dashboard.ipynb")
+    _write_notebook(lab.root / "dashboard.ipynb", CELLS)
     errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

@@ -23,7 +23,7 @@ from traitlets import Bool, Float, Int, List, observe
 
 from .._core._engine import Engine
 from .._core._snapshot import CompletedRequest, EngineSnapshot
-from ._live import DEFAULT_INTERVAL, LiveLink, close_children
+from ._live import DEFAULT_INTERVAL, LiveView
 
 __all__ = ["ThroughputChart"]
 
@@ -72,7 +72,7 @@ class GuardedFigureWidget(go.FigureWidget):  # type: ignore[misc]
             super()._handler_js2py_pointsCallback(change)
 
 
-class ThroughputChart(widgets.VBox):
+class ThroughputChart(LiveView, widgets.VBox):
     """Throughput and busy slots (top, last ``window`` seconds); TTFT and queue wait per request (bottom).
 
     Time series points come from snapshots, so they are at most 4 a second
@@ -102,13 +102,10 @@ class ThroughputChart(widgets.VBox):
         self.figure = GuardedFigureWidget(self._base_figure(), self.figure_lock)
         self._seen: set[int] = set()
         self._requests_drawn = True
-        self._link: LiveLink | None = None
         kwargs.setdefault("layout", widgets.Layout(width="100%"))
         super().__init__([self.figure], **kwargs)
         self.add_class("nbollama-throughput-chart")
-        if engine is not None:
-            self._link = LiveLink(self.reset, self.update, interval=interval)
-            self._link.attach(engine)
+        self._follow(engine, interval)
 
     @staticmethod
     def _base_figure() -> go.Figure:
@@ -251,9 +248,3 @@ class ThroughputChart(widgets.VBox):
         drop = max(0, len(ids) - self.max_requests)
         self.request_ids, self.ttft, self.queue_wait = ids[drop:], ttft[drop:], wait[drop:]
 
-    def close(self) -> None:
-        link = getattr(self, "_link", None)
-        if link is not None:
-            link.close()
-        close_children(self)
-        super().close()

@@ -18,7 +18,13 @@ from .._core._engine import Engine, Subscription
 from .._core._snapshot import EngineSnapshot
 from ..session import current_engine, on_engine_change
 
-__all__ = ["LiveLink", "DEFAULT_INTERVAL", "close_tree", "close_children"]
+__all__ = [
+    "LiveView",
+    "LiveLink",
+    "DEFAULT_INTERVAL",
+    "close_tree",
+    "close_children",
+]
 
 #: Seconds between view updates at most (4 Hz): enough to watch tokens flow,
 #: cheap enough that the engine does not notice.
@@ -135,6 +141,27 @@ class LiveLink:
             self._on_snapshot(snapshot)
             if snapshot is None or snapshot["closed"]:
                 self._subscription = None
+
+
+class LiveView:
+    """Mixin for a widget that can follow an engine on its own (``reset``/``update`` from a LiveLink).
+
+    Put it before the ipywidgets base class; ``close()`` stops the updates,
+    then closes the children and the widget itself.
+    """
+
+    _link: LiveLink | None = None
+
+    def _follow(self, engine: Engine | None, interval: float) -> None:
+        if engine is not None:
+            self._link = LiveLink(self.reset, self.update, interval=interval)  # type: ignore[attr-defined]
+            self._link.attach(engine)
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
+        close_children(self)  # type: ignore[arg-type]
+        super().close()  # type: ignore[misc]
 
 
 def close_children(widget: widgets.Widget) -> None:

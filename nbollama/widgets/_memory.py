@@ -18,7 +18,7 @@ from traitlets import Bool, Dict, Int, List, Unicode
 from .._core._engine import Engine
 from .._core._snapshot import EngineSnapshot, MemoryFigures
 from ..memory import format_bytes
-from ._live import DEFAULT_INTERVAL, LiveLink, close_children
+from ._live import DEFAULT_INTERVAL, LiveView
 
 __all__ = ["MemoryPanel", "memory_html", "memory_summary"]
 
@@ -109,7 +109,7 @@ def memory_summary(figures: MemoryFigures) -> str:
     return f"{text} · KV {format_bytes(figures['kv_bytes'])}"
 
 
-class MemoryPanel(widgets.VBox):
+class MemoryPanel(LiveView, widgets.VBox):
     """Memory figures of the engine's process: VRAM per GPU, or RSS/PSS; always the KV cache.
 
     The figures are traitlets (bytes); ``show(figures)`` renders any
@@ -133,12 +133,9 @@ class MemoryPanel(widgets.VBox):
         self._title = widgets.HTML("<b>Memory</b>")
         self._body = widgets.HTML('<span style="color:#9e9e9e">no engine</span>')
 
-        self._link: LiveLink | None = None
         super().__init__([self._title, self._body], **kwargs)
         self.add_class("nbollama-memory-panel")
-        if engine is not None:
-            self._link = LiveLink(self.reset, self.update, interval=interval)
-            self._link.attach(engine)
+        self._follow(engine, interval)
 
     @property
     def html(self) -> str:
@@ -173,9 +170,3 @@ class MemoryPanel(widgets.VBox):
         )
         self._body.value = memory_html(figures)  # an unchanged string sends nothing
 
-    def close(self) -> None:
-        link = getattr(self, "_link", None)
-        if link is not None:
-            link.close()
-        close_children(self)
-        super().close()

@@ -16,20 +16,10 @@ from traitlets import Bool, Float, Int, List, Unicode
 
 from .._core._engine import Engine
 from .._core._snapshot import EngineSnapshot, SlotSnapshot
-from ._live import DEFAULT_INTERVAL, LiveLink, close_children, close_tree
+from .._palette import BADGE_COLOURS
+from ._live import DEFAULT_INTERVAL, LiveView, close_tree
 
 __all__ = ["BADGE_COLOURS", "SlotRow", "SlotMonitor", "badge_html"]
-
-#: Badge colours: grey when idle, amber while reading the prompt, blue while
-#: generating, then briefly how the request ended.
-BADGE_COLOURS: dict[str, str] = {
-    "idle": "#9e9e9e",
-    "prefill": "#f0a202",
-    "generating": "#1e88e5",
-    "done": "#2e7d32",
-    "cancelled": "#8d6e63",
-    "error": "#c62828",
-}
 
 BADGE_HISTORY = 200
 
@@ -143,7 +133,7 @@ class SlotRow(widgets.HBox):
             self._progress.description = self._stats_text()
 
 
-class SlotMonitor(widgets.VBox):
+class SlotMonitor(LiveView, widgets.VBox):
     """Every slot of the engine, the queue behind them, and the request counts so far.
 
     Give it an ``engine`` to watch on its own; the dashboard instead feeds it
@@ -176,13 +166,10 @@ class SlotMonitor(widgets.VBox):
         self._rows_box = widgets.VBox(layout=widgets.Layout(width="100%"))
         self.rows: list[SlotRow] = []
         parts = [self._summary, self._rows_box] if summary else [self._rows_box]
-        self._link: LiveLink | None = None
         kwargs.setdefault("layout", widgets.Layout(width="100%"))
         super().__init__(parts, **kwargs)
         self.add_class("nbollama-slot-monitor")
-        if engine is not None:
-            self._link = LiveLink(self.reset, self.update, interval=interval)
-            self._link.attach(engine)
+        self._follow(engine, interval)
 
     def reset(self, engine: Engine | None) -> None:
         """Forget the previous engine: one fresh row per slot of ``engine``."""
@@ -243,10 +230,3 @@ class SlotMonitor(widgets.VBox):
             f"{self.generated_tokens} tokens generated</div>"
         )
 
-    def close(self) -> None:
-        """Stop this monitor's own updates (if it has any) and close its widgets."""
-        link = getattr(self, "_link", None)
-        if link is not None:
-            link.close()
-        close_children(self)
-        super().close()

@@ -1,0 +1,17 @@
+"""One palette for every view of a slot or request: cells, the dashboard (the panel's CSS follows it)."""
+
+from __future__ import annotations
+
+__all__ = ["BADGE_COLOURS"]
+
+#: Grey while waiting or idle, amber while reading the prompt, blue while
+#: generating, then briefly how the request ended.
+BADGE_COLOURS: dict[str, str] = {
+    "queued": "#9e9e9e",
+    "idle": "#9e9e9e",
+    "prefill": "#f0a202",
+    "generating": "#1e88e5",
+    "done": "#2e7d32",
+    "cancelled": "#8d6e63",
+    "error": "#c62828",
+}
