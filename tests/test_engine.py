@@ -111,7 +111,10 @@ def test_queue_full_raises_and_leaves_the_engine_working(engine: Engine) -> None
         waiting = [small.submit("a", max_tokens=4), small.submit("b", max_tokens=4)]
         with pytest.raises(QueueFullError, match="queue limit 2"):
             small.submit("c", max_tokens=4)
-        # generate() that overflows cancels what it had already queued
+        # a batch that does not fit is refused whole: nothing of it is queued
+        with pytest.raises(QueueFullError, match="2 more do not fit"):
+            small.generate(["c", "d"], max_tokens=4)
+        assert small.snapshot()["queue"]["length"] == 2
         running.cancel()
         assert all(h.result(timeout=30).finish_reason in ("stop", "length") for h in waiting)
         assert small.generate(["d"], max_tokens=4)[0].ok
@@ -178,6 +181,13 @@ def test_same_seed_same_text(idle_engine: Engine) -> None:
     assert len(other | {first}) > 1, "different seeds should be able to differ"
 
 
+def test_a_batch_of_prompts_is_reproducible_at_the_same_parallel(idle_engine: Engine) -> None:
+    """The prompts are queued together, so the batches, and llama.cpp's numerics, repeat."""
+    first = [r.text for r in idle_engine.generate(PROMPTS[:10], max_tokens=24, temperature=0.0)]
+    second = [r.text for r in idle_engine.generate(PROMPTS[:10], max_tokens=24, temperature=0.0)]
+    assert first == second
+
+
 def test_chat_template(idle_engine: Engine) -> None:
     raw = idle_engine.submit("Say hi.", max_tokens=4, temperature=0.0)
     chat = idle_engine.submit("Say hi.", max_tokens=4, temperature=0.0, chat=True, system="Be brief.")
@@ -203,6 +213,11 @@ def test_chat_template(idle_engine: Engine) -> None:
 def test_bad_parameters_raise_clear_errors(idle_engine: Engine, bad: dict) -> None:
     with pytest.raises(InvalidParamsError, match=next(iter(bad))):
         idle_engine.submit("hello", **bad)
+
+
+def test_a_misspelt_parameter_is_named(idle_engine: Engine) -> None:
+    with pytest.raises(InvalidParamsError, match="unknown parameter.*temprature"):
+        idle_engine.generate(["hello"], temprature=0.5)
 
 
 def test_snapshot_is_plain_data_and_tracks_work(idle_engine: Engine) -> None:

@@ -81,6 +81,7 @@ _BADGE_SECONDS = 2.0  # how long a slot shows how its last request ended
 _RECENT = 64
 
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_SAMPLING_FIELDS = {f for f in SamplingParams.__dataclass_fields__ if f != "stop"}
 
 
 @atexit.register
@@ -514,19 +515,46 @@ class Engine:
         handle finishes at once with ``finish_reason="error"``, so a batch of
         prompts still runs the others.
         """
+        return self._enqueue(
+            [
+                self._prepare(
+                    prompt,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    min_p=min_p,
+                    repeat_penalty=repeat_penalty,
+                    seed=seed,
+                    stop=stop,
+                    priority=priority,
+                    chat=chat,
+                    system=system,
+                )
+            ]
+        )[0]
+
+    def _prepare(
+        self,
+        prompt: str,
+        *,
+        priority: int = 0,
+        chat: bool = False,
+        system: str | None = None,
+        stop: str | Iterable[str] = (),
+        **sampling: Any,
+    ) -> _Request:
+        """Validate and tokenize in the caller's thread; a prompt that cannot run is finished here."""
         self._check_open()
         if not isinstance(prompt, str):
             raise InvalidParamsError(f"prompt must be a str, got {type(prompt).__name__}")
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            seed=seed,
-            stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        )
+        unknown = set(sampling) - _SAMPLING_FIELDS
+        if unknown:
+            raise InvalidParamsError(
+                f"unknown parameter(s) {sorted(unknown)}; known: "
+                f"{sorted(_SAMPLING_FIELDS | {'priority', 'chat', 'system', 'stop'})}"
+            )
+        params = SamplingParams(stop=(stop,) if isinstance(stop, str) else tuple(stop), **sampling)
         if not isinstance(priority, int):
             raise InvalidParamsError(f"priority={priority!r}: must be a whole number")
         text = prompt
@@ -539,7 +567,7 @@ class Engine:
         elif system:
             raise InvalidParamsError("system= needs chat=True (the system message goes through the chat template)")
         tokens = self._model.tokenize(text)
-        handle = Handle(next(self._request_ids), prompt, len(tokens), max_tokens, self._cancel)
+        handle = Handle(next(self._request_ids), prompt, len(tokens), params.max_tokens, self._cancel)
         request = _Request(
             handle=handle,
             tokens=tokens,
@@ -550,39 +578,33 @@ class Engine:
         )
         if not tokens:
             handle._finish("error", error="the prompt is empty (no tokens)", exception=InvalidParamsError("empty prompt"))
-            return handle
-        if len(tokens) >= self.ctx:
+        elif len(tokens) >= self.ctx:
             message = (
-                f"the prompt is {len(tokens)} tokens but one slot holds {self.ctx} "
-                f"(ctx per slot); shorten it or load with a larger ctx (e.g. ctx={_next_pow2(len(tokens) + max_tokens)})"
+                f"the prompt is {len(tokens)} tokens but one slot holds {self.ctx} (ctx per slot); "
+                f"shorten it or load with a larger ctx (e.g. ctx={_next_pow2(len(tokens) + params.max_tokens)})"
             )
             handle._finish("error", error=message, exception=PromptTooLongError(message))
-            with self._lock:
-                self._totals.submitted += 1
-                self._totals.errors += 1
-                self._seq += 1
-            return handle
+        return request
+
+    def _enqueue(self, requests: list[_Request]) -> list[Handle]:
+        """Queue requests in one step, so the loop's next admission sees all of them together
+        (which makes a batch of prompts reproducible at a given parallel); all or none."""
+        runnable = [r for r in requests if not r.handle.done()]
         with self._lock:
             self._check_open()
-            self._queue.push(request, priority)
-            self._requests[handle.id] = request
-            self._totals.submitted += 1
+            self._queue.push_all([(r, r.priority) for r in runnable])
+            for request in runnable:
+                self._requests[request.handle.id] = request
+            self._totals.submitted += len(requests)
+            self._totals.errors += len(requests) - len(runnable)
             self._seq += 1
             self._wakeup.notify()
-        return handle
+        return [r.handle for r in requests]
 
     def _submit_all(self, prompts: str | Iterable[str], params: dict[str, Any]) -> list[Handle]:
         if isinstance(prompts, str):
             prompts = [prompts]
-        handles: list[Handle] = []
-        try:
-            for prompt in prompts:
-                handles.append(self.submit(prompt, **params))
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
-        return handles
+        return self._enqueue([self._prepare(prompt, **params) for prompt in prompts])
 
     def generate(self, prompts: str | Iterable[str], **params: Any) -> list[Result]:
         """Submit every prompt at once and wait; results come in input order.

@@ -34,15 +34,17 @@ class WaitingQueue(Generic[T]):
     def __contains__(self, item: T) -> bool:
         return id(item) in self._live
 
-    def push(self, item: T, priority: int) -> None:
-        if len(self._live) >= self.max_size:
+    def push_all(self, items: list[tuple[T, int]]) -> None:
+        """Queue (item, priority) pairs all together, or none of them if they do not all fit."""
+        if len(self._live) + len(items) > self.max_size:
             raise QueueFullError(
-                f"the engine is busy: {len(self._live)} requests are already waiting "
-                f"(queue limit {self.max_size}, set NBOLLAMA_MAX_QUEUE to change it); "
-                "wait for some to finish or cancel them"
+                f"the engine is busy: {len(self._live)} requests are already waiting and "
+                f"{len(items)} more do not fit (queue limit {self.max_size}, set "
+                "NBOLLAMA_MAX_QUEUE to change it); wait for some to finish or cancel them"
             )
-        heapq.heappush(self._heap, (-priority, next(self._order), item))
-        self._live.add(id(item))
+        for item, priority in items:
+            heapq.heappush(self._heap, (-priority, next(self._order), item))
+            self._live.add(id(item))
 
     def pop(self) -> T | None:
         while self._heap:
