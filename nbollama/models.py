@@ -135,8 +135,9 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
     path = Path(path)
     file_size = path.stat().st_size
     try:
-        with path.open("rb") as fh:
-            magic = fh.read(4)
+        with path.open("rb") as raw:
+            fh = _Reader(raw, file_size)
+            magic = raw.read(4)
             if magic != _GGUF_MAGIC:
                 raise ModelLoadError(
                     str(path),
@@ -144,8 +145,10 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
                     "nbollama loads llama.cpp GGUF models only",
                 )
             version, n_tensors, n_kv = struct.unpack("<IQQ", _read(fh, 20))
-            if version not in (1, 2, 3):
-                raise ModelLoadError(str(path), f"unsupported GGUF version {version}")
+            if version not in (2, 3):
+                raise ModelLoadError(
+                    str(path), f"unsupported GGUF version {version} (llama.cpp reads versions 2 and 3)"
+                )
             metadata = {}
             for _ in range(n_kv):
                 key = _read_string(fh)
@@ -166,13 +169,15 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
                 for d in dims:
                     n_elements *= d
                 data_end = max(data_end, offset + n_elements // block[0] * block[1])
-            alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT) or _DEFAULT_ALIGNMENT)  # type: ignore[call-overload]
+            alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+            if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
+                raise struct.error(f"general.alignment is {alignment!r}, not a whole number >= 1")
             header_end = fh.tell()
     except _Truncated:
         raise ModelLoadError(
             str(path), f"truncated GGUF file: the header ends early ({file_size} bytes in all)"
         ) from None
-    except (struct.error, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+    except (struct.error, UnicodeDecodeError, OverflowError, MemoryError, RecursionError) as exc:
         raise ModelLoadError(str(path), f"corrupt GGUF header ({exc})") from None
     data_start = -(-header_end // alignment) * alignment
     data_size = data_end if known else -1
@@ -193,21 +198,34 @@ class _Truncated(Exception):
 _MAX_FIELD = 1 << 31
 
 
-def _read(fh: BinaryIO, n: int) -> bytes:
-    if n > _MAX_FIELD:
-        raise struct.error(f"field of {n} bytes")
-    data = fh.read(n)
-    if len(data) != n:
-        raise _Truncated
-    return data
+class _Reader:
+    """Reads exactly n bytes or raises: a header field may not claim more than the file holds."""
+
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        self._fh = fh
+        self._size = size
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def read(self, n: int) -> bytes:
+        if n > _MAX_FIELD:
+            raise struct.error(f"field of {n} bytes")
+        if n > self._size - self._fh.tell():
+            raise _Truncated  # never allocate what the file cannot hold
+        return self._fh.read(n)
 
 
-def _read_string(fh: BinaryIO) -> str:
+def _read(fh: _Reader, n: int) -> bytes:
+    return fh.read(n)
+
+
+def _read_string(fh: _Reader) -> str:
     (length,) = struct.unpack("<Q", _read(fh, 8))
     return _read(fh, length).decode("utf-8")
 
 
-def _read_value(fh: BinaryIO, value_type: int) -> object:
+def _read_value(fh: _Reader, value_type: int) -> object:
     if value_type in _SCALARS:
         fmt = "<" + _SCALARS[value_type]
         return struct.unpack(fmt, _read(fh, struct.calcsize(fmt)))[0]

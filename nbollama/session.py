@@ -41,10 +41,12 @@ def set_engine(engine: Engine | None, *, close_previous: bool = True) -> None:
     """Make ``engine`` the kernel's engine and tell the views."""
     global _engine
     with _lock:
-        previous, _engine = _engine, engine
+        previous = _engine
+        # closed first: if closing fails (say, from an engine's own thread) nothing changes
+        if close_previous and previous is not None and previous is not engine:
+            previous.close()
+        _engine = engine
         listeners = list(_listeners)
-    if close_previous and previous is not None and previous is not engine:
-        previous.close()
     for listener in listeners:
         try:
             listener(engine)

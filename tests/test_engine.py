@@ -309,3 +309,40 @@ def test_five_load_close_cycles_do_not_grow_memory(model_path: Path) -> None:
         rss.append(process.memory_info().rss)
     growth = rss[-1] - rss[1]
     assert growth < 40 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB over cycles 2..5: {rss}"
+
+
+def test_close_from_a_snapshot_subscriber_frees_the_engine(engine: Engine) -> None:
+    small = engine.spawn(parallel=1, ctx=128)
+    closed = threading.Event()
+
+    def close_once(snapshot: object) -> None:
+        if not closed.is_set():
+            closed.set()
+            small.close()
+
+    small.subscribe(close_once, interval=0.05)
+    small.generate(["hi"], max_tokens=2)
+    wait_until(lambda: small.closed, timeout=10)
+    with pytest.raises(EngineClosedError):
+        small.tokenize("after close")
+    assert engine.generate(["the shared weights still work"], max_tokens=2)[0].ok
+
+
+def test_close_from_two_threads_at_once_releases_the_weights_once(engine: Engine) -> None:
+    small = engine.spawn(parallel=2, ctx=128)
+    small.submit("A long tale:", max_tokens=300)
+    threads = [threading.Thread(target=small.close) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert small.closed and not any(t.is_alive() for t in threads)
+    assert engine.generate(["still loaded?"], max_tokens=2)[0].ok  # a double release would free them
+
+
+def test_a_batch_larger_than_the_queue_is_refused_with_the_reason(engine: Engine) -> None:
+    with engine.spawn(parallel=1, ctx=128, max_queue=3) as small:
+        with pytest.raises(QueueFullError, match="4 prompts at once are more than the queue holds"):
+            small.generate(["a"] * 4, max_tokens=2)
+    with pytest.raises(InvalidParamsError, match="max_queue=0"):
+        engine.spawn(parallel=1, max_queue=0)

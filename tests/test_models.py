@@ -86,3 +86,30 @@ def test_llama_cpp_rejection_is_reported_with_its_reason(tmp_path: Path, model_p
     assert str(broken) in str(info.value)
     assert "llama.cpp could not load it" in str(info.value)
     assert "zzzzz3" in str(info.value)
+
+
+def _header(version: int, kvs: bytes, n_kv: int) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", version, 0, n_kv) + kvs
+
+
+def _key(name: str) -> bytes:
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_header(1, b"", 0), "unsupported GGUF version 1"),
+        # general.alignment = 0.5 (float32)
+        (_header(3, _key("general.alignment") + struct.pack("<If", 6, 0.5), 1), "general.alignment"),
+        # arrays nested a thousand deep, each claiming one element
+        (_header(3, _key("deep") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 1000, 1), "corrupt GGUF header"),
+        # a string that claims a gigabyte in a tiny file
+        (_header(3, _key("s") + struct.pack("<IQ", 8, 2**30), 1), "the header ends early"),
+    ],
+)
+def test_hostile_headers_give_model_load_errors(tmp_path: Path, data: bytes, message: str) -> None:
+    bad = tmp_path / "hostile.gguf"
+    bad.write_bytes(data)
+    with pytest.raises(ModelLoadError, match=message):
+        read_gguf_header(bad)

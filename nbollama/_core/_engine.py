@@ -25,7 +25,8 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,7 @@ from ._llama import (
     LlamaContext,
     LlamaModel,
     SamplerChain,
+    silence_llama_log,
     supports_gpu_offload,
 )
 from ._requests import FinishReason, Handle, Result, SamplingParams
@@ -92,6 +94,7 @@ def _close_all_engines() -> None:
             engine.close()
         except Exception:
             pass
+    silence_llama_log()  # C++ teardown may log after Python is gone
 
 
 class _Weights:
@@ -104,8 +107,19 @@ class _Weights:
 
     def acquire(self) -> _Weights:
         with self._lock:
+            if self._refs == 0 and self.model._closed:
+                raise EngineClosedError("the model was closed with the last engine that used it; load it again")
             self._refs += 1
         return self
+
+    @contextmanager
+    def borrowed(self) -> Iterator[LlamaModel]:
+        """Keep the model alive while a caller's thread uses it (tokenizing), even if close() runs meanwhile."""
+        self.acquire()
+        try:
+            yield self.model
+        finally:
+            self.release()
 
     def release(self) -> None:
         with self._lock:
@@ -211,6 +225,8 @@ def _validate_load_args(parallel: int | str, ctx: int, n_batch: int, threads: in
 
 def _max_queue(value: int | None) -> int:
     if value is not None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidParamsError(f"max_queue={value!r}: must be a whole number >= 1")
         return value
     env = os.environ.get(MAX_QUEUE_ENV)
     if not env:
@@ -354,26 +370,35 @@ class Engine:
         except BaseException:
             self._weights.release()
             raise
-        config.ctx_per_slot = self._context.ctx_per_slot
-        self._config = config
-        self._batch = Batch(config.n_batch)
-        self._slots = [_Slot(i) for i in range(config.parallel)]
-        self._queue: WaitingQueue[_Request] = WaitingQueue(config.max_queue)
-        self._requests: dict[int, _Request] = {}
-        self._lock = threading.RLock()
-        self._wakeup = threading.Condition(self._lock)
-        self._closing = False
-        self._closed = False
-        self._seq = 0
-        self._request_ids = itertools.count(1)
-        self._admit_order = itertools.count()
-        self._meter = ThroughputMeter()
-        self._totals = _Totals()
-        self._recent: deque[CompletedRequest] = deque(maxlen=_RECENT)
-        self._subscriptions: list[Subscription] = []
-        self._monitor: threading.Thread | None = None
-        self._monitor_wakeup = threading.Event()
-        self._fatal: str | None = None
+        try:
+            config.ctx_per_slot = self._context.ctx_per_slot
+            self._config = config
+            self._batch = Batch(config.n_batch)
+            self._slots = [_Slot(i) for i in range(config.parallel)]
+            self._queue: WaitingQueue[_Request] = WaitingQueue(config.max_queue)
+            self._requests: dict[int, _Request] = {}
+            self._lock = threading.RLock()
+            self._wakeup = threading.Condition(self._lock)
+            self._closing = False
+            self._closed = False
+            self._close_started = False
+            self._close_done = threading.Event()
+            self._seq = 0
+            self._request_ids = itertools.count(1)
+            self._admit_order = itertools.count()
+            self._meter = ThroughputMeter()
+            self._totals = _Totals()
+            self._recent: deque[CompletedRequest] = deque(maxlen=_RECENT)
+            self._subscriptions: list[Subscription] = []
+            self._monitor: threading.Thread | None = None
+            self._monitor_wakeup = threading.Event()
+            self._fatal: str | None = None
+        except BaseException:
+            if getattr(self, "_batch", None) is not None:
+                self._batch.free()
+            self._context.close()
+            self._weights.release()
+            raise
         self._thread = threading.Thread(target=self._run, name=f"nbollama-engine-{self.id}", daemon=True)
         self._thread.start()
         _live_engines.add(self)
@@ -488,7 +513,9 @@ class Engine:
         self.close()
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        return self._model.tokenize(text, add_special=add_special)
+        self._check_open()
+        with self._weights.borrowed() as model:
+            return model.tokenize(text, add_special=add_special)
 
     # -- submitting -----------------------------------------------------------------
 
@@ -557,16 +584,17 @@ class Engine:
         params = SamplingParams(stop=(stop,) if isinstance(stop, str) else tuple(stop), **sampling)
         if not isinstance(priority, int):
             raise InvalidParamsError(f"priority={priority!r}: must be a whole number")
-        text = prompt
-        if chat:
-            messages = ([("system", system)] if system else []) + [("user", prompt)]
-            try:
-                text = self._model.apply_chat_template(messages)
-            except ValueError as exc:
-                raise InvalidParamsError(str(exc)) from None
-        elif system:
+        if system and not chat:
             raise InvalidParamsError("system= needs chat=True (the system message goes through the chat template)")
-        tokens = self._model.tokenize(text)
+        with self._weights.borrowed() as model:
+            text = prompt
+            if chat:
+                messages = ([("system", system)] if system else []) + [("user", prompt)]
+                try:
+                    text = model.apply_chat_template(messages)
+                except ValueError as exc:
+                    raise InvalidParamsError(str(exc)) from None
+            tokens = model.tokenize(text)
         handle = Handle(next(self._request_ids), prompt, len(tokens), params.max_tokens, self._cancel)
         request = _Request(
             handle=handle,
@@ -611,6 +639,8 @@ class Engine:
 
         Ctrl-C (KeyboardInterrupt) cancels this call's requests and frees their slots.
         """
+        if threading.current_thread() is self._thread:
+            raise EngineError("generate() cannot wait from the engine's own thread (a done-callback); use submit()")
         handles = self._submit_all(prompts, params)
         try:
             return [h.result() for h in handles]
@@ -685,15 +715,24 @@ class Engine:
             self._fatal = f"{type(exc).__name__}: {exc}"
             logger.exception("nbollama: the engine loop stopped")
         finally:
-            for slot in self._slots:
-                if slot.request is not None:
-                    reason: FinishReason = "error" if self._fatal else "cancelled"
-                    self._finish(slot, reason, error=self._fatal or "the engine was closed")
             with self._lock:
-                leftovers = self._queue.drain()
-                self._closing = True
-            for request in leftovers:
-                request.handle._finish("cancelled", error="the engine was closed")
+                self._closing = True  # from here on submit() refuses: nothing new can strand
+            reason: FinishReason = "error" if self._fatal else "cancelled"
+            message = self._fatal or "the engine was closed"
+            for slot in self._slots:
+                try:
+                    self._finish(slot, reason, error=message)
+                except BaseException:
+                    logger.exception("nbollama: finishing slot %s at shutdown failed", slot.id)
+            with self._lock:
+                self._queue.drain()
+                leftovers = list(self._requests.values())
+                self._requests.clear()
+            for request in leftovers:  # queued, or taken from the queue when the loop stopped
+                if request.sampler is not None:
+                    request.sampler.free()
+                    request.sampler = None
+                request.handle._finish(reason, error=message)
 
     def _has_work(self) -> bool:
         return bool(self._queue) or any(s.state != "idle" for s in self._slots)
@@ -709,28 +748,42 @@ class Engine:
             request = self._queue.pop()
             if request is None:
                 return
-            p = request.params
-            request.sampler = SamplerChain(
-                n_vocab=self._model.n_vocab,
-                temperature=p.temperature,
-                top_k=p.top_k,
-                top_p=p.top_p,
-                min_p=p.min_p,
-                repeat_penalty=p.repeat_penalty,
-                repeat_last_n=p.repeat_last_n,
-                seed=p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little"),
-            )
-            if p.repeat_penalty != 1.0:
-                request.sampler.accept_prompt(request.tokens)
-            request.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            request.admitted_order = next(self._admit_order)
-            self._context.clear_sequence(slot.id)
-            slot.request = request
-            slot.state = "prefill"
-            slot.n_past = 0
-            request.handle.timing.started = time.perf_counter()
-            request.handle._set_running(slot.id, "prefill")
-            self._seq += 1
+            try:
+                self._start(slot, request)
+            except Exception as exc:  # e.g. a sampler llama.cpp refused: fail this request, not the loop
+                if request.sampler is not None:
+                    request.sampler.free()
+                    request.sampler = None
+                slot.request = None
+                slot.state = "idle"
+                self._requests.pop(request.handle.id, None)
+                self._totals.errors += 1
+                request.handle._finish("error", error=f"could not start the request: {exc}")
+
+    def _start(self, slot: _Slot, request: _Request) -> None:
+        """Put a request in a slot: its own sampler chain and a clean KV sequence."""
+        p = request.params
+        request.sampler = SamplerChain(
+            n_vocab=self._model.n_vocab,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            repeat_penalty=p.repeat_penalty,
+            repeat_last_n=p.repeat_last_n,
+            seed=p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little"),
+        )
+        if p.repeat_penalty != 1.0:
+            request.sampler.accept_prompt(request.tokens)
+        request.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        request.admitted_order = next(self._admit_order)
+        self._context.clear_sequence(slot.id)
+        slot.request = request
+        slot.state = "prefill"
+        slot.n_past = 0
+        request.handle.timing.started = time.perf_counter()
+        request.handle._set_running(slot.id, "prefill")
+        self._seq += 1
 
     def _step(self) -> None:
         """One ``llama_decode``: a token for every generating slot plus prompt chunks."""
@@ -1006,16 +1059,17 @@ class Engine:
                 for sub in due:
                     if sub.closed or (sub.last_seq, sub.last_throughput, sub.last_badges) == (seq, throughput, badges):
                         continue
-                    if snap is None:
-                        snap = self.snapshot()
                     sub.last_sent, sub.last_seq, sub.last_throughput, sub.last_badges = now, seq, throughput, badges
                     try:
+                        if snap is None:
+                            snap = self.snapshot()
                         sub.callback(snap)
                     except Exception:
                         logger.exception("nbollama: a snapshot subscriber failed; it stays subscribed")
             wait = min((s.interval for s in subs), default=1.0)
-            self._monitor_wakeup.wait(wait)
             self._monitor_wakeup.clear()
+            if not self._closing:
+                self._monitor_wakeup.wait(wait)
         # one last snapshot so views can show "closed"
         final = self.snapshot() if self._subscriptions else None
         for sub in list(self._subscriptions):
@@ -1034,26 +1088,36 @@ class Engine:
             )
 
     def close(self) -> None:
-        """Cancel what is queued or running, stop the loop, free the context and the weights."""
-        if self._closed:
-            return
+        """Cancel what is queued or running, stop the loop, free the context and the weights.
+
+        Safe to call twice, from several threads at once (the second caller
+        waits for the first) and from a snapshot subscriber; not from a
+        done-callback, which runs on the engine's own thread.
+        """
         if threading.current_thread() is self._thread:
             raise EngineError("close() cannot be called from the engine's own thread (a done-callback)")
         with self._lock:
+            first = not self._close_started
+            self._close_started = True
             self._closing = True
             self._wakeup.notify_all()
-        self._thread.join()
-        self._closed = True
-        with self._lock:
-            self._seq += 1
-        self._monitor_wakeup.set()
-        if self._monitor is not None:
-            self._monitor.join(timeout=5)
-        self._batch.free()
-        self._context.close()
-        self._weights.release()
-        _live_engines.discard(self)
-
+        if not first:
+            self._close_done.wait()
+            return
+        try:
+            self._thread.join()
+            with self._lock:
+                self._seq += 1
+            self._monitor_wakeup.set()
+            if self._monitor is not None and self._monitor is not threading.current_thread():
+                self._monitor.join(timeout=5)
+        finally:
+            self._closed = True
+            self._batch.free()
+            self._context.close()
+            self._weights.release()
+            _live_engines.discard(self)
+            self._close_done.set()
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
     hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]

@@ -26,6 +26,7 @@ __all__ = [
     "LlamaContext",
     "Batch",
     "SamplerChain",
+    "silence_llama_log",
     "supports_gpu_offload",
     "DECODE_OK",
     "DECODE_NO_KV_SLOT",
@@ -89,6 +90,13 @@ def _ensure_backend() -> _LlamaLog:
             ll.llama_backend_init()
             _log = _LlamaLog()
         return _log
+
+
+def silence_llama_log() -> None:
+    """Detach the Python log callback (at exit: llama.cpp may log during C++ teardown)."""
+    with _backend_lock:
+        if _log is not None:
+            ll.llama_log_set(ll.llama_log_callback(0), ctypes.c_void_p(0))
 
 
 def supports_gpu_offload() -> bool:

@@ -36,6 +36,11 @@ class WaitingQueue(Generic[T]):
 
     def push_all(self, items: list[tuple[T, int]]) -> None:
         """Queue (item, priority) pairs all together, or none of them if they do not all fit."""
+        if len(items) > self.max_size:
+            raise QueueFullError(
+                f"{len(items)} prompts at once are more than the queue holds ({self.max_size}); "
+                "send them in smaller groups or raise NBOLLAMA_MAX_QUEUE"
+            )
         if len(self._live) + len(items) > self.max_size:
             raise QueueFullError(
                 f"the engine is busy: {len(self._live)} requests are already waiting and "
