@@ -7,8 +7,6 @@ server's root. The screenshot goes to ``test-artifacts/dashboard.png``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from test_labextension import (  # noqa: F401  (``lab`` is a fixture, used by name)
     ARTIFACTS,
@@ -16,6 +14,7 @@ from test_labextension import (  # noqa: F401  (``lab`` is a fixture, used by na
     CHROMIUM_ARGS,
     LabServer,
     _run_cell,
+    _run_first_cell,
     _wait_cell_done,
     _write_notebook,
     lab,
@@ -37,27 +36,6 @@ CELLS = [
     f"results = nbollama.generate({PROMPTS!r}, max_tokens=48, temperature=0)\n"
     "print('DONE', [r.finish_reason for r in results])",
 ]
-
-
-def _run_first_cell(page: Any) -> None:
-    """Run cell 0 once the kernel is idle; again if a busy machine swallowed the keystroke.
-
-    On a loaded machine JupyterLab can take Shift+Enter before its kernel
-    connection is ready and drop the execution; ``%load_ext`` is safe to repeat.
-    """
-    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-
-    page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').first.wait_for(
-        timeout=120_000
-    )
-    for _ in range(3):
-        _run_cell(page, 0)
-        try:
-            _wait_cell_done(page, 0, timeout_ms=30_000)
-            return
-        except PlaywrightTimeoutError:
-            continue
-    raise AssertionError("the first cell never ran (is the kernel starting?)")
 
 
 @pytest.mark.browser
