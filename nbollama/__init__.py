@@ -33,7 +33,6 @@ from .exceptions import (
     NbollamaError,
     PromptTooLongError,
     QueueFullError,
-    RequestCancelledError,
     RequestError,
     RequestFailedError,
 )
@@ -68,7 +67,6 @@ __all__ = [
     "QueueFullError",
     "PromptTooLongError",
     "InvalidParamsError",
-    "RequestCancelledError",
     "RequestFailedError",
     "__version__",
 ]

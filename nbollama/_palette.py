@@ -1,4 +1,7 @@
-"""One palette for every view of a slot or request: cells, the dashboard (the panel's CSS follows it)."""
+"""One palette for the kernel-side views of a slot or request: %%generate cells and the dashboard.
+
+The JupyterLab panel colours its badges with the theme's own variables instead.
+"""
 
 from __future__ import annotations
 

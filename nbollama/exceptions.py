@@ -13,14 +13,15 @@
     │   ├── QueueFullError          the queue holds NBOLLAMA_MAX_QUEUE requests ("server busy")
     │   ├── PromptTooLongError      the prompt does not fit in one slot's context
     │   ├── InvalidParamsError      a sampling parameter is out of range  (also a ValueError)
-    │   ├── RequestCancelledError   awaiting/streaming a request that was cancelled
     │   └── RequestFailedError      the request ended with finish_reason="error"
     └── (TimeoutError)              Handle.result(timeout=...) ran out; the builtin one
 
 Requests that fail inside the batch loop never raise there: they end with
 ``finish_reason="error"`` and a message in ``Result.error`` so the other
-slots go on. ``Handle.result()`` returns such results; only the streaming and
-awaiting helpers turn them into exceptions when asked to (``raise_on_error``).
+slots go on. ``Handle.result()`` and ``await handle`` return such results;
+``Handle.exception()`` gives the matching exception (``PromptTooLongError``,
+``RequestFailedError``, ...) for code that wants to raise it. A cancelled
+request is not an error either: its result has ``finish_reason="cancelled"``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ __all__ = [
     "QueueFullError",
     "PromptTooLongError",
     "InvalidParamsError",
-    "RequestCancelledError",
     "RequestFailedError",
 ]
 
@@ -90,9 +90,6 @@ class PromptTooLongError(RequestError):
 class InvalidParamsError(RequestError, ValueError):
     """A sampling parameter is out of its range."""
 
-
-class RequestCancelledError(RequestError):
-    """The request was cancelled before it completed."""
 
 
 class RequestFailedError(RequestError):

@@ -28,7 +28,6 @@ class ThroughputMeter:
         self._events: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
         self._started = time.monotonic()
-        self.total = 0
 
     def add(self, tokens: int, now: float | None = None) -> None:
         if tokens <= 0:
@@ -36,7 +35,6 @@ class ThroughputMeter:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._events.append((now, tokens))
-            self.total += tokens
             self._trim(now)
 
     def rate(self, now: float | None = None) -> float:

@@ -27,7 +27,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -209,7 +209,6 @@ class _Config:
     flash_attn: bool | None = None
     kv_unified: bool = False
     load_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _validate_load_args(parallel: int | str, ctx: int, n_batch: int, threads: int | None) -> None:
@@ -763,16 +762,7 @@ class Engine:
     def _start(self, slot: _Slot, request: _Request) -> None:
         """Put a request in a slot: its own sampler chain and a clean KV sequence."""
         p = request.params
-        request.sampler = SamplerChain(
-            n_vocab=self._model.n_vocab,
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            min_p=p.min_p,
-            repeat_penalty=p.repeat_penalty,
-            repeat_last_n=p.repeat_last_n,
-            seed=p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little"),
-        )
+        request.sampler = SamplerChain(p, n_vocab=self._model.n_vocab)
         if p.repeat_penalty != 1.0:
             request.sampler.accept_prompt(request.tokens)
         request.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -20,6 +20,7 @@ from pathlib import Path
 import llama_cpp as ll
 
 from ..exceptions import ContextError, ModelLoadError
+from ._requests import SamplingParams
 
 __all__ = [
     "LlamaModel",
@@ -363,32 +364,24 @@ class Batch:
 class SamplerChain:
     """One request's sampler chain, C side: penalties, top-k, top-p, min-p, temperature, dist."""
 
-    def __init__(
-        self,
-        *,
-        n_vocab: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        repeat_penalty: float,
-        repeat_last_n: int,
-        seed: int,
-    ) -> None:
+    def __init__(self, params: SamplingParams, *, n_vocab: int) -> None:
+        """``params.seed=None`` draws a fresh seed, so unseeded requests differ."""
+        p = params
+        seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little")
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = ll.llama_sampler_chain_add
-        if repeat_penalty != 1.0:
-            add(chain, ll.llama_sampler_init_penalties(n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0))
-        if temperature <= 0.0:
+        if p.repeat_penalty != 1.0:
+            add(chain, ll.llama_sampler_init_penalties(n_vocab, p.repeat_last_n, p.repeat_penalty, 0.0, 0.0))
+        if p.temperature <= 0.0:
             add(chain, ll.llama_sampler_init_greedy())
         else:
-            if top_k > 0:
-                add(chain, ll.llama_sampler_init_top_k(top_k))
-            if top_p < 1.0:
-                add(chain, ll.llama_sampler_init_top_p(top_p, 1))
-            if min_p > 0.0:
-                add(chain, ll.llama_sampler_init_min_p(min_p, 1))
-            add(chain, ll.llama_sampler_init_temp(temperature))
+            if p.top_k > 0:
+                add(chain, ll.llama_sampler_init_top_k(p.top_k))
+            if p.top_p < 1.0:
+                add(chain, ll.llama_sampler_init_top_p(p.top_p, 1))
+            if p.min_p > 0.0:
+                add(chain, ll.llama_sampler_init_min_p(p.min_p, 1))
+            add(chain, ll.llama_sampler_init_temp(p.temperature))
             add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         self.ptr = chain
 

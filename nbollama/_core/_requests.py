@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -364,6 +364,3 @@ def _call_quietly(callback: Callable[[Handle], object], handle: Handle) -> None:
 
         logging.getLogger("nbollama").exception("done-callback of request %s failed", handle.id)
 
-
-def join_results(handles: Sequence[Handle]) -> list[Result]:
-    return [h.result() for h in handles]

@@ -3,6 +3,7 @@ import { Signal } from '@lumino/signaling';
 
 import { COMM_TARGET, KernelLink } from '../connection';
 import { IEngineSnapshot } from '../model';
+import { snapshot } from './fixtures';
 
 /** A comm that records what the link does with it. */
 class FakeComm {
@@ -83,44 +84,7 @@ class FakeSession {
 }
 
 function engine(seq: number, time: number, throughput = 10): IEngineSnapshot {
-  return {
-    v: 1,
-    time,
-    seq,
-    closed: false,
-    model: { name: 'm', path: '/m.gguf', arch: 'a', size_bytes: 1, n_params: 1 },
-    parallel: 2,
-    ctx_per_slot: 256,
-    n_batch: 512,
-    gpu_layers: 0,
-    parallel_reason: '',
-    slots: [],
-    queue: { length: 0, max: 0 },
-    throughput,
-    throughput_window: 3,
-    busy_slots: 0,
-    kv: { used: 0, total: 512, bytes: 1024 },
-    memory: {
-      source: 'host',
-      process_rss: 1,
-      process_pss: null,
-      host_total: 2,
-      host_available: 1,
-      gpus: [],
-      kv_bytes: 1024,
-      kv_estimate: '',
-      note: ''
-    },
-    totals: {
-      submitted: 0,
-      completed: 0,
-      cancelled: 0,
-      errors: 0,
-      prompt_tokens: 0,
-      generated_tokens: 0
-    },
-    recent: []
-  };
+  return snapshot({ seq, time, throughput });
 }
 
 function snapshotMsg(snap: IEngineSnapshot | null): unknown {
