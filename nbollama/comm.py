@@ -50,8 +50,10 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ._core._monitor import EngineLink
+
 if TYPE_CHECKING:
-    from .engine import Engine, EngineSnapshot, Subscription
+    from .engine import EngineLike, EngineSnapshot
 
 __all__ = [
     "TARGET_NAME",
@@ -70,7 +72,7 @@ PROTOCOL_VERSION = 1
 #: Seconds between two streamed snapshots at most (4 Hz).
 SNAPSHOT_INTERVAL = 0.25
 
-logger = logging.getLogger("nbollama.comm")
+logger = logging.getLogger("nbollama.comm")  # a child of "nbollama": nothing printed from background threads
 
 _lock = threading.RLock()
 _manager: Any = None  # the comm manager our target is registered on
@@ -107,51 +109,30 @@ class PanelConnection:
 
     def __init__(self, comm: CommLike) -> None:
         self.comm = comm
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # keeps messages from different threads in order
         self._closed = False
-        self._engine: Engine | None = None
-        self._subscription: Subscription | None = None
+        self._engine_key: int | None = None
         self._last_key: tuple[int, int, float] | None | str = "nothing sent"
         comm.on_msg(self._on_msg)
         comm.on_close(self._on_close)
-        self._unsubscribe_change = _session().on_engine_change(self._follow)
-        self._follow(_session().current_engine())
+        self._link = EngineLink(self._on_engine, self._on_snapshot, interval=SNAPSHOT_INTERVAL)
+        self._link.follow_session()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    # -- engine following ------------------------------------------------------------
+    # -- engine following (called by the link, with its lock held) ----------------------
 
-    def _follow(self, engine: Engine | None) -> None:
-        """Watch ``engine`` (the kernel's new engine, or None) and tell the panel."""
-        with self._lock:
-            if self._closed:
-                return
-            if engine is not None and engine.closed:
-                engine = None
-            if engine is not self._engine:
-                if self._subscription is not None:
-                    self._subscription.close()
-                    self._subscription = None
-                self._engine = engine
-                if engine is not None:
-                    self._subscription = engine.subscribe(
-                        lambda snap, source=engine: self._on_snapshot(source, snap),
-                        interval=SNAPSHOT_INTERVAL,
-                    )
-            self._publish(engine, engine.snapshot() if engine is not None else None, force=False)
+    def _on_engine(self, engine: EngineLike | None) -> None:
+        self._engine_key = None if engine is None else id(engine)
+        if engine is None:
+            self._publish(None, force=False)
 
-    def _on_snapshot(self, source: Engine, snapshot: EngineSnapshot | None) -> None:
-        """Called from the engine's monitor thread, at most every SNAPSHOT_INTERVAL."""
-        with self._lock:
-            if source is not self._engine:
-                return  # a late call from an engine the kernel no longer uses
-            self._publish(source, snapshot, force=False)
+    def _on_snapshot(self, snapshot: EngineSnapshot | None) -> None:
+        self._publish(snapshot, force=False)
 
-    def _publish(
-        self, engine: Engine | None, snapshot: EngineSnapshot | None, *, force: bool
-    ) -> None:
+    def _publish(self, snapshot: EngineSnapshot | None, *, force: bool) -> None:
         """Send a snapshot unless it says nothing new (same engine, seq and throughput)."""
         with self._lock:
             if self._closed:
@@ -160,8 +141,8 @@ class PanelConnection:
                 snapshot = None
             key = (
                 None
-                if snapshot is None or engine is None
-                else (id(engine), snapshot["seq"], snapshot["throughput"])
+                if snapshot is None or self._engine_key is None
+                else (self._engine_key, snapshot["seq"], snapshot["throughput"])
             )
             if not force and key == self._last_key:
                 return
@@ -171,10 +152,8 @@ class PanelConnection:
     def refresh(self) -> None:
         """Send a snapshot of the current engine now, changed or not."""
         with self._lock:
-            engine = self._engine
-            if engine is not None and engine.closed:
-                engine = None
-            self._publish(engine, engine.snapshot() if engine is not None else None, force=True)
+            self._last_key = "refresh"  # whatever comes next differs from it
+        self._link.refresh()
 
     # -- incoming messages -----------------------------------------------------------
 
@@ -243,11 +222,7 @@ class PanelConnection:
             if self._closed:
                 return
             self._closed = True
-            subscription, self._subscription = self._subscription, None
-            self._engine = None
-        if subscription is not None:
-            subscription.close()
-        self._unsubscribe_change()
+        self._link.close()
         with _lock:
             _connections.discard(self)
         if notify_frontend:

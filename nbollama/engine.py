@@ -6,16 +6,23 @@ from ``nbollama``), never from ``_core``.
 
 from __future__ import annotations
 
-from ._core._engine import DEFAULT_MAX_QUEUE, MAX_QUEUE_ENV, NUM_PARALLEL_ENV, Engine, Subscription
+from ._core._config import DEFAULT_MAX_QUEUE, MAX_QUEUE_ENV, NUM_PARALLEL_ENV, LoadOptions
+from ._core._engine import Engine, check_request_params
+from ._core._monitor import EngineLink, Subscription
+from ._core._protocol import EngineLike
 from ._core._requests import FinishReason, Handle, RequestStatus, Result, SamplingParams
 from ._core._snapshot import SNAPSHOT_VERSION, EngineSnapshot, SlotSnapshot
 
 __all__ = [
     "Engine",
+    "EngineLike",
+    "EngineLink",
     "Handle",
     "Result",
     "SamplingParams",
     "Subscription",
+    "LoadOptions",
+    "check_request_params",
     "FinishReason",
     "RequestStatus",
     "EngineSnapshot",

@@ -12,8 +12,11 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from ._core._engine import Engine, _validate_load_args
+from ._core._config import LoadOptions
+from ._core._engine import Engine
+from ._core._protocol import EngineLike
 from ._core._requests import Result
+from ._logging import logger
 from .models import resolve_model
 
 __all__ = [
@@ -27,17 +30,17 @@ __all__ = [
 ]
 
 _lock = threading.RLock()
-_engine: Engine | None = None
-_listeners: list[Callable[[Engine | None], object]] = []
+_engine: EngineLike | None = None
+_listeners: list[Callable[[EngineLike | None], object]] = []
 
 
-def current_engine() -> Engine | None:
+def current_engine() -> EngineLike | None:
     """The kernel's engine, or None when none is loaded (or it was closed)."""
     engine = _engine
     return engine if engine is not None and not engine.closed else None
 
 
-def set_engine(engine: Engine | None, *, close_previous: bool = True) -> None:
+def set_engine(engine: EngineLike | None, *, close_previous: bool = True) -> None:
     """Make ``engine`` the kernel's engine and tell the views."""
     global _engine
     with _lock:
@@ -51,9 +54,7 @@ def set_engine(engine: Engine | None, *, close_previous: bool = True) -> None:
         try:
             listener(engine)
         except Exception:
-            import logging
-
-            logging.getLogger("nbollama").exception("an engine-change listener failed")
+            logger.warning("nbollama: an engine-change listener failed", exc_info=True)
 
 
 def load(
@@ -67,7 +68,7 @@ def load(
     Arguments and the model file are checked before the old engine is closed,
     so a typo leaves a working engine in place.
     """
-    _validate_load_args(parallel, options.get("ctx", 2048), options.get("n_batch", 512), options.get("threads"))
+    LoadOptions.check(parallel=parallel, **options)
     model = resolve_model(model)
     set_engine(None)
     engine = Engine.load(model, parallel=parallel, **options)
@@ -82,7 +83,7 @@ def unload() -> bool:
     return had
 
 
-def on_engine_change(listener: Callable[[Engine | None], object]) -> Callable[[], None]:
+def on_engine_change(listener: Callable[[EngineLike | None], object]) -> Callable[[], None]:
     """Call ``listener(engine_or_None)`` whenever the kernel's engine changes; returns the unsubscriber."""
     with _lock:
         _listeners.append(listener)
@@ -95,7 +96,7 @@ def on_engine_change(listener: Callable[[Engine | None], object]) -> Callable[[]
     return unsubscribe
 
 
-def _engine_or_default() -> Engine:
+def _engine_or_default() -> EngineLike:
     with _lock:
         engine = current_engine()
         if engine is None:

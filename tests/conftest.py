@@ -40,3 +40,20 @@ def idle_engine(engine: Engine) -> Engine:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("NBOLLAMA_CACHE", str(Path.home() / ".cache" / "nbollama"))
+
+
+def noisy_outputs(nb: object) -> list[str]:
+    """Every traceback or stderr text in a notebook's outputs, as 'cell N: ...' lines.
+
+    A notebook a user runs must show neither: a background thread's message
+    lands in whichever cell is running, so tests look at every cell.
+    """
+    found: list[str] = []
+    for number, cell in enumerate(getattr(nb, "cells", [])):
+        for output in cell.get("outputs", []):
+            kind = output.get("output_type")
+            if kind == "error":
+                found.append(f"cell {number}: {output.get('ename')}: {output.get('evalue')}")
+            elif kind == "stream" and output.get("name") == "stderr":
+                found.append(f"cell {number}: stderr: {output.get('text', '')[:500]}")
+    return found

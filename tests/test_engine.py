@@ -6,11 +6,13 @@ import _thread
 import ctypes
 import gc
 import json
+import os
 import threading
 import time
 from pathlib import Path
 
 import anyio
+import numpy as np
 import psutil
 import pytest
 
@@ -354,3 +356,126 @@ def test_a_batch_larger_than_the_queue_is_refused_with_the_reason(engine: Engine
             small.generate(["a"] * 4, max_tokens=2)
     with pytest.raises(InvalidParamsError, match="max_queue=0"):
         engine.spawn(parallel=1, max_queue=0)
+
+
+def test_submit_many_queues_in_one_step_and_repeats_exactly(idle_engine: Engine) -> None:
+    prompts = PROMPTS[:6]
+    first = [h.result() for h in idle_engine.submit_many(prompts, max_tokens=20, temperature=0.0)]
+    second = [h.result() for h in idle_engine.submit_many(prompts, max_tokens=20, temperature=0.0)]
+    assert [r.text for r in first] == [r.text for r in second]
+    assert [r.text for r in first] == [r.text for r in idle_engine.generate(prompts, max_tokens=20, temperature=0.0)]
+    with pytest.raises(InvalidParamsError, match="list of prompts"):
+        idle_engine.submit_many("one prompt", max_tokens=4)
+
+
+def test_a_failure_in_one_slots_token_handling_ends_that_request_alone(
+    idle_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inject a fault into the text handling of one request: it fails, the loop and the others go on."""
+    from nbollama._core import _engine as engine_module
+    from nbollama._core._text import TextStream
+
+    class Faulty(TextStream):
+        def feed(self, piece: bytes) -> str:
+            if "<<inject>>" in self.stops and len(self.text) > 8:
+                raise RuntimeError("injected fault")
+            return super().feed(piece)
+
+    monkeypatch.setattr(engine_module, "TextStream", Faulty)
+    handles = idle_engine.submit_many(PROMPTS[:3], max_tokens=24, temperature=0.0)
+    victim = idle_engine.submit("Write a long story about a lighthouse.", max_tokens=40, temperature=0.0, stop=["<<inject>>"])
+    results = [h.result(timeout=60) for h in handles]
+    failed = victim.result(timeout=60)
+    assert failed.finish_reason == "error" and "injected fault" in (failed.error or "")
+    assert failed.text  # what was streamed before the fault is kept
+    assert all(r.finish_reason in ("stop", "length") for r in results)
+    after = idle_engine.generate(PROMPTS[3:5], max_tokens=8, temperature=0.0)  # the engine still works
+    assert all(r.ok for r in after)
+    assert idle_engine.snapshot()["busy_slots"] == 0
+
+
+def test_a_failing_sampler_ends_that_request_alone(idle_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbollama._core import _runner
+    from nbollama._core._llama import make_sampler
+
+    class Breaks:
+        def __init__(self, inner: object) -> None:
+            self.inner, self.calls = inner, 0
+
+        def sample(self, context: object, index: int) -> int:
+            self.calls += 1
+            if self.calls > 3:
+                raise RuntimeError("sampler broke")
+            return self.inner.sample(context, index)  # type: ignore[attr-defined]
+
+        def free(self) -> None:
+            self.inner.free()  # type: ignore[attr-defined]
+
+    def maybe_breaking(params, *, n_vocab, prompt):  # type: ignore[no-untyped-def]
+        inner = make_sampler(params, n_vocab=n_vocab, prompt=prompt)
+        return Breaks(inner) if params.seed == 666 else inner
+
+    monkeypatch.setattr(_runner, "make_sampler", maybe_breaking)
+    ok = idle_engine.submit_many(PROMPTS[:2], max_tokens=12, temperature=0.0)
+    bad = idle_engine.submit("Count to ten:", max_tokens=12, temperature=0.5, seed=666)
+    assert bad.result(timeout=60).finish_reason == "error"
+    assert "sampler broke" in (bad.result().error or "")
+    assert bad.result().completion_tokens == 3
+    assert all(h.result(timeout=60).ok for h in ok)
+
+
+def test_the_greedy_fast_path_picks_what_llama_cpp_greedy_picks(model_path: Path) -> None:
+    """The numpy argmax replaces llama.cpp's greedy chain only because they agree, ties included."""
+    from nbollama._core._llama import Batch, GreedySampler, LlamaContext, LlamaModel, SamplerChain
+    from nbollama._core._requests import SamplingParams
+
+    model = LlamaModel(model_path, gpu_layers=0)
+    context = LlamaContext(model, n_seq=2, ctx_per_slot=128, n_batch=128, threads=2)
+    batch = Batch(128)
+    fast, chain = GreedySampler(), SamplerChain(SamplingParams(temperature=0.0), n_vocab=model.n_vocab)
+    try:
+        for seq, text in enumerate(["The capital of France is", "def fibonacci(n):"]):
+            tokens = model.tokenize(text)
+            batch.clear()
+            last = batch.add_span(np.asarray(tokens, dtype=np.int32), 0, seq, True)
+            pos = len(tokens)
+            for _ in range(12):
+                assert context.decode(batch) == 0
+                picked = fast.sample(context, last)
+                assert picked == chain.sample(context, last)
+                batch.clear()
+                last = batch.add(picked, pos, seq, True)
+                pos += 1
+    finally:
+        chain.free()
+        context.close()
+        model.close()
+
+
+def test_releasing_the_callers_openmp_team_frees_its_worker_threads(model_path: Path) -> None:
+    """A decode on this thread leaves an idle OpenMP team; releasing it lets libgomp count right."""
+    from nbollama._core._llama import (
+        Batch,
+        LlamaContext,
+        LlamaModel,
+        _openmp_library,
+        release_openmp_threads,
+    )
+
+    model = LlamaModel(model_path, gpu_layers=0)
+    if _openmp_library() is None:
+        model.close()
+        pytest.skip("llama.cpp was built without OpenMP")
+    context = LlamaContext(model, n_seq=1, ctx_per_slot=64, n_batch=64, threads=2)
+    try:
+        release_openmp_threads()
+        before = len(os.listdir("/proc/self/task"))
+        batch = Batch(64)
+        batch.add_span(np.asarray(model.tokenize("Hello there"), dtype=np.int32), 0, 0, True)
+        assert context.decode(batch) == 0  # on this thread: an OpenMP team of 2 appears
+        assert len(os.listdir("/proc/self/task")) == before + 1
+        release_openmp_threads()
+        assert len(os.listdir("/proc/self/task")) == before
+    finally:
+        context.close()
+        model.close()

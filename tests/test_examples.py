@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import noisy_outputs
 from nbclient import NotebookClient
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -73,5 +74,4 @@ def test_example_runs(name: str, tmp_path: Path) -> None:
     os.environ["NBOLLAMA_QUICK"] = "1"  # inherited by the kernel
     client = NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors
+    assert not noisy_outputs(nb), "\n".join(noisy_outputs(nb))

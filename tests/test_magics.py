@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,21 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbollama import Engine, Result, session
-from nbollama.magics import (
-    NbollamaMagics,
-    StatusReport,
+from nbollama.engine import SamplingParams
+from nbollama.magics import NbollamaMagics, StatusReport, interpolate, split_prompts
+from nbollama.magics._parse import (
+    BenchCall,
+    GenerateCall,
+    GenerateHelpCall,
+    HelpCall,
+    LoadCall,
+    StatusCall,
+    UnloadCall,
     _generate_parser,
     _split_line_form,
     _widgets_available,
-    interpolate,
-    split_prompts,
+    parse_generate,
+    parse_nbollama,
 )
 from nbollama.results import BackgroundGeneration, Results
 
@@ -143,6 +151,115 @@ def test_line_form_splits_options_from_a_verbatim_prompt() -> None:
     assert _split_line_form("   ", spec) == ([], "")
 
 
+# -- the parse layer, without a model ---------------------------------------------------------
+
+
+def test_parse_generate_fills_names_and_fans_out_each() -> None:
+    namespace = {"cities": ["Paris", "Rome"], "style": "briefly", "tone": "dry"}
+    call = parse_generate(
+        "--each cities --max-tokens 8 --temperature 0 --stop . --system 'Be {tone}.' "
+        "--out caps -b --quiet",
+        "Describe {item} {style}.\n---\nThe capital {item} has {missing}\n",
+        namespace,
+    )
+    assert isinstance(call, GenerateCall) and call.prog == "%%generate"
+    assert call.prompts == (
+        "Describe Paris briefly.",
+        "The capital Paris has {missing}",
+        "Describe Rome briefly.",
+        "The capital Rome has {missing}",
+    )
+    assert dict(call.params) == {
+        "priority": 0,
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "stop": (".",),
+        "system": "Be dry.",
+        "chat": True,
+    }
+    defaults = SamplingParams()
+    assert call.sampling == SamplingParams(max_tokens=8, temperature=0.0, stop=(".",))
+    assert call.sampling.top_p == defaults.top_p, "what was not given keeps the engine's default"
+    assert (call.chat, call.system, call.priority) == (True, "Be dry.", 0)
+    assert (call.out, call.background, call.quiet, call.markdown, call.watch) == (
+        "caps",
+        True,
+        True,
+        False,
+        False,
+    )
+    assert (call.each, call.lines, call.no_format) == ("cities", False, False)
+    with pytest.raises(FrozenInstanceError):
+        call.out = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        call.params["seed"] = 1  # type: ignore[index]
+
+
+def test_parse_generate_line_form_no_format_and_option_expansion() -> None:
+    namespace = {"x": 1, "items": ("a", "b")}
+    expanded: list[str] = []
+
+    def expand(line: str) -> str:
+        expanded.append(line)
+        return line.replace("$n", "5")
+
+    line = parse_generate("--max-tokens 3 What's {x}?", None, namespace, expand_options=expand)
+    assert isinstance(line, GenerateCall) and line.prog == "%generate"
+    assert line.prompts == ("What's 1?",) and expanded == [], "the line form's prompt stays verbatim"
+    kept = parse_generate(
+        "--lines --no-format --each items --max-tokens $n",
+        "{item} {x}\n\n{x}",
+        namespace,
+        expand_options=expand,
+    )
+    assert isinstance(kept, GenerateCall) and kept.sampling.max_tokens == 5
+    assert kept.prompts == ("a {x}", "{x}", "b {x}", "{x}")
+    assert isinstance(parse_generate("--help", "", {}), GenerateHelpCall)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("--top-p 2", r"%%generate: top_p=2.0: must be in \(0, 1\]"),
+        ("--temperature -1", r"%%generate: temperature=-1.0: must be >= 0"),
+        ("--min-p 1.5", r"%%generate: min_p=1.5"),
+        ("--repeat-penalty 0", r"%%generate: repeat_penalty=0.0"),
+        ("--top-k -1", r"%%generate: top_k=-1"),
+        ("--max-tokens 0", r"%%generate: argument --max-tokens: 0 must be >= 1"),
+    ],
+)
+def test_parse_generate_checks_sampling_values(line: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_generate(line, "hi", {})
+
+
+def test_parse_nbollama_calls() -> None:
+    load = parse_nbollama("load ~/m.gguf --parallel 2 --ctx 64 --batch 32")
+    assert load == LoadCall(model="~/m.gguf", parallel=2, ctx=64, n_batch=32)
+    assert load.options() == {"parallel": 2, "ctx": 64, "n_batch": 32}
+    assert parse_nbollama("load").options() == {"parallel": "auto"}  # type: ignore[union-attr]
+    assert parse_nbollama("bench --parallel 4,1 --apply") == BenchCall(
+        parallel=(4, 1), prompts=16, max_tokens=64, ctx=None, apply=True
+    )
+    assert parse_nbollama("status") == StatusCall() and parse_nbollama("unload") == UnloadCall()
+    help_call = parse_nbollama("")
+    assert isinstance(help_call, HelpCall) and help_call == parse_nbollama("help")
+    assert [usage.split()[1] for usage, _ in help_call.commands][:2] == ["load", "status"]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("load --ctx 8", r"%nbollama load: ctx=8: the context of one slot must be .* >= 32"),
+        ("load --gpu-layers -4", r"%nbollama load: gpu_layers=-4"),
+        ("bench --ctx 8", r"%nbollama bench: ctx=8"),
+    ],
+)
+def test_parse_nbollama_checks_load_values(line: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_nbollama(line)
+
+
 # -- usage errors ----------------------------------------------------------------------------
 
 
@@ -183,6 +300,39 @@ def test_sampling_errors_are_usage_errors_and_queue_nothing(
     with pytest.raises(UsageError, match=r"%generate: top_p=2.0"):
         shell.run_line_magic("generate", "--top-p 2 hello")
     assert kernel_engine.snapshot()["totals"]["submitted"] == before
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [
+        ("--top-p 2", "top_p"),
+        ("--temperature -1", "temperature"),
+        ("--min-p 1.5", "min_p"),
+        ("--repeat-penalty 0", "repeat_penalty"),
+        ("--max-tokens 0", "--max-tokens"),
+    ],
+)
+def test_bad_sampling_values_with_no_engine_load_nothing(
+    shell: InteractiveShell, no_engine: None, line: str, name: str
+) -> None:
+    assert session.current_engine() is None
+    with pytest.raises(UsageError, match=re.escape(name)):
+        shell.run_cell_magic("generate", line, "a\n---\nb")
+    with pytest.raises(UsageError, match=re.escape(name)):
+        shell.run_line_magic("generate", f"{line} hello")
+    assert session.current_engine() is None, "a bad value must not load the bundled model"
+
+
+def test_bad_load_values_keep_the_engine_and_load_nothing(
+    shell: InteractiveShell, no_engine: None, kernel_engine: Engine
+) -> None:
+    with pytest.raises(UsageError, match=r"%nbollama load: ctx=8: .* >= 32"):
+        shell.run_line_magic("nbollama", "load --ctx 8")
+    assert session.current_engine() is kernel_engine and not kernel_engine.closed
+    session.set_engine(None, close_previous=False)
+    with pytest.raises(UsageError, match=r"ctx=8"):
+        shell.run_line_magic("nbollama", "load --ctx 8")
+    assert session.current_engine() is None
 
 
 def test_usage_error_shows_one_line_without_traceback(
@@ -259,6 +409,25 @@ def test_generate_streams_and_returns_results(
         and "tok/s" in final["text/html"]
     )
     assert "#2 [done · slot" in final["text/plain"]
+
+
+def test_a_cell_run_twice_gives_the_same_texts(
+    shell: InteractiveShell, kernel_engine: Engine
+) -> None:
+    assert kernel_engine.parallel == 4
+    prompts = [
+        "The capital of France is",
+        "Name three colours:",
+        "Once upon a time, in a small village,",
+        "A good name for a cat is",
+    ]
+    line = "--temperature 0 --max-tokens 24 --quiet"
+    first = shell.run_cell_magic("generate", line, "\n---\n".join(prompts))
+    second = shell.run_cell_magic("generate", line, "\n---\n".join(prompts))
+    assert [r.prompt for r in first] == prompts and first.ok
+    assert first.texts == second.texts
+    direct = kernel_engine.generate(prompts, temperature=0, max_tokens=24)
+    assert [r.text for r in direct] == first.texts, "a cell is engine.generate() on its prompts"
 
 
 def test_results_views(

@@ -376,3 +376,65 @@ def test_dashboard_notebook_executes_in_a_real_kernel(
     bars = [m["state"] for m in state.values() if m["model_name"] == "IntProgressModel"]
     assert len(bars) >= 4
     assert any(bar.get("max") == 12 and bar.get("value", 0) > 0 for bar in bars), bars
+
+
+SLOW_IMPORT_CELLS = [
+    "import logging, pathlib, sys, tempfile\n"
+    "import nbollama\n"
+    "class Keep(logging.Handler):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.records = []\n"
+    "    def emit(self, record):\n"
+    "        self.records.append(record)\n"
+    "kept = Keep()\n"
+    "logging.getLogger('nbollama').addHandler(kept)\n"
+    "engine = nbollama.load(parallel=4, ctx=512)",
+    "board = nbollama.dashboard()\nboard",
+    # pandas as plotly finds it mid-import: in sys.modules, without its classes yet, for 2.5 s
+    "slow = pathlib.Path(tempfile.mkdtemp())\n"
+    "(slow / 'pandas').mkdir()\n"
+    "(slow / 'pandas' / '__init__.py').write_text(\n"
+    "    'import time\\ntime.sleep(2.5)\\nclass Series: pass\\nclass Index: pass\\nclass DataFrame: pass\\n')\n"
+    "sys.path.insert(0, str(slow))\n"
+    "job = engine.submit_many(['Count from 1 to 60:', 'List twenty animals:', 'Write a poem about rain:',\n"
+    "                          'Explain photosynthesis:'], max_tokens=64, temperature=0)\n"
+    "import pandas  # the dashboard keeps redrawing meanwhile",
+    "results = [h.result() for h in job]\n"
+    "import time\n"
+    "time.sleep(1.5)  # a deferred redraw has happened by now\n"
+    "assert all(r.ok for r in results)\n"
+    "assert not [r.getMessage() for r in kept.records], [r.getMessage() for r in kept.records]\n"
+    "assert len(board.chart.times) > 2 and list(board.chart.figure.data[0].y) == list(board.chart.throughput)\n"
+    "print('chart points', len(board.chart.times))",
+    "board.close()\nnbollama.unload()",
+]
+
+
+@pytest.mark.notebook
+def test_a_dashboard_redraw_never_races_the_users_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quickstart's traceback: the chart redrew while the cell imported pandas."""
+    from conftest import noisy_outputs
+    from nbclient import NotebookClient
+
+    python = REPO / ".venv" / "bin" / "python"
+    kernel_dir = tmp_path / "jupyter" / "kernels" / "nbollama-venv"
+    kernel_dir.mkdir(parents=True)
+    (kernel_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [str(python if python.exists() else sys.executable), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "nbollama (venv)",
+                "language": "python",
+            }
+        )
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in SLOW_IMPORT_CELLS]
+    NotebookClient(nb, kernel_name="nbollama-venv", timeout=240, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert not noisy_outputs(nb), noisy_outputs(nb)
+    printed = "".join(o.get("text", "") for o in nb.cells[3].outputs if o.get("output_type") == "stream")
+    assert "chart points" in printed

@@ -2,36 +2,35 @@
 
 Threads and who owns what:
 
-* the caller's thread tokenizes and queues (``submit``), or cancels;
-* the engine's own thread (``_run``) owns the slots, the batch, the samplers
-  and the context: it admits queued requests, decodes, samples and finishes;
-* one monitor thread per engine, started by the first ``subscribe``, turns
-  state changes into snapshots for views at a bounded rate.
+* the caller's thread checks parameters, tokenizes and queues (``submit_many``),
+  or cancels;
+* the engine's own thread owns the slots' progress, the runner and the
+  samplers. Each step is nano-vllm's: schedule (admit, plan), run (decode and
+  sample, in ``ModelRunner``), postprocess (text, stops, finishing);
+* a monitor thread, started by the first ``subscribe``, turns changes into
+  snapshots for views at a bounded rate.
 
-``_lock`` guards the queue and every slot's request/state assignment; the
-engine's thread takes it briefly between decodes, never around one.
+``_lock`` guards the queue and every slot's request and state; the engine's
+thread takes it briefly between decodes, never around one.
 """
 
 from __future__ import annotations
 
 import atexit
-import codecs
 import itertools
-import logging
 import os
-import sys
 import threading
 import time
-import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from .. import memory as _memory
+from .._logging import logger
 from ..exceptions import (
     EngineClosedError,
     EngineError,
@@ -42,48 +41,33 @@ from ..exceptions import (
 from ..memory import format_bytes
 from ..metrics import ThroughputMeter
 from ..models import resolve_model
+from ._config import EngineConfig, LoadOptions, Weights
 from ._llama import (
     DECODE_NO_KV_SLOT,
     DECODE_OK,
-    Batch,
     LlamaContext,
     LlamaModel,
-    SamplerChain,
+    release_openmp_threads,
     silence_llama_log,
     supports_gpu_offload,
 )
+from ._monitor import Monitor, Subscription
 from ._requests import FinishReason, Handle, Result, SamplingParams
-from ._scheduler import WaitingQueue
-from ._snapshot import (
-    SNAPSHOT_VERSION,
-    CompletedRequest,
-    EngineSnapshot,
-    SlotBadge,
-    SlotSnapshot,
-    SlotState,
-)
+from ._runner import ModelRunner, StepOutcome
+from ._scheduler import Scheduler, plan_step
+from ._slots import Request, Slot
+from ._snapshot import SNAPSHOT_VERSION, CompletedRequest, EngineSnapshot, SlotSnapshot
+from ._text import TextStream
 
-__all__ = ["Engine", "Subscription"]
+__all__ = ["Engine"]
 
-logger = logging.getLogger("nbollama")
-if not logger.handlers:
-    # The effective parallel value must never be a mystery: say it even when
-    # the application configured no logging (Jupyter does not).
-    _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(_handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-MAX_QUEUE_ENV = "NBOLLAMA_MAX_QUEUE"
-NUM_PARALLEL_ENV = "NBOLLAMA_NUM_PARALLEL"
-DEFAULT_MAX_QUEUE = 512
 _PREVIEW_CHARS = 80
 _BADGE_SECONDS = 2.0  # how long a slot shows how its last request ended
 _RECENT = 64
+_SAMPLING_FIELDS = frozenset(f for f in SamplingParams.__dataclass_fields__ if f != "stop")
+_REQUEST_FIELDS = frozenset({"priority", "chat", "system", "stop"})
 
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_SAMPLING_FIELDS = {f for f in SamplingParams.__dataclass_fields__ if f != "stop"}
 
 
 @atexit.register
@@ -97,146 +81,44 @@ def _close_all_engines() -> None:
     silence_llama_log()  # C++ teardown may log after Python is gone
 
 
-class _Weights:
-    """A loaded model shared by several engines (the sweep makes one context per parallel value)."""
+def check_request_params(params: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
+    """Split and check ``submit`` keywords before anything runs: (sampling, request options).
 
-    def __init__(self, model: LlamaModel) -> None:
-        self.model = model
-        self._refs = 0
-        self._lock = threading.Lock()
-
-    def acquire(self) -> _Weights:
-        with self._lock:
-            if self._refs == 0 and self.model._closed:
-                raise EngineClosedError("the model was closed with the last engine that used it; load it again")
-            self._refs += 1
-        return self
-
-    @contextmanager
-    def borrowed(self) -> Iterator[LlamaModel]:
-        """Keep the model alive while a caller's thread uses it (tokenizing), even if close() runs meanwhile."""
-        self.acquire()
-        try:
-            yield self.model
-        finally:
-            self.release()
-
-    def release(self) -> None:
-        with self._lock:
-            self._refs -= 1
-            last = self._refs == 0
-        if last:
-            self.model.close()
+    Raises ``InvalidParamsError`` naming a misspelt or out-of-range parameter.
+    """
+    unknown = set(params) - _SAMPLING_FIELDS - _REQUEST_FIELDS
+    if unknown:
+        raise InvalidParamsError(
+            f"unknown parameter(s) {sorted(unknown)}; known: {sorted(_SAMPLING_FIELDS | _REQUEST_FIELDS)}"
+        )
+    stop = params.get("stop", ())
+    sampling = SamplingParams(
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        **{k: v for k, v in params.items() if k in _SAMPLING_FIELDS},
+    )
+    options = {
+        "priority": params.get("priority", 0),
+        "chat": params.get("chat", False),
+        "system": params.get("system"),
+    }
+    if not isinstance(options["priority"], int) or isinstance(options["priority"], bool):
+        raise InvalidParamsError(f"priority={options['priority']!r}: must be a whole number")
+    if options["system"] is not None and not isinstance(options["system"], str):
+        raise InvalidParamsError(f"system={options['system']!r}: must be a string")
+    if options["system"] and not options["chat"]:
+        raise InvalidParamsError("system= needs chat=True (the system message goes through the chat template)")
+    return sampling, options
 
 
-@dataclass(eq=False)
-class _Request:
-    handle: Handle
-    tokens: list[int]
-    params: SamplingParams
-    priority: int
-    preview: str
-    cancel_requested: bool = False
-    # set when a slot takes it
-    sampler: SamplerChain | None = None
-    decoder: Any = None
-    n_prefilled: int = 0
-    admitted_order: int = 0
-    generated: str = ""
-    emitted: int = 0
-    completion_tokens: int = 0
-    max_stop: int = 0
-
-
-@dataclass(eq=False)
-class _Slot:
-    id: int
-    state: SlotState = "idle"
-    request: _Request | None = None
-    n_past: int = 0  # tokens of this sequence in the KV cache
-    last_token: int = 0  # sampled, not yet decoded
-    last_request_id: int | None = None
-    last_preview: str = ""
-    last_badge: SlotBadge = "idle"
-    last_finished: float = 0.0
-    last_counts: tuple[int, int, int] = (0, 0, 0)  # prompt, decoded, max of the last request
-
-
-class Subscription:
-    """A live subscription to an engine's snapshots; ``close()`` stops the calls."""
-
-    def __init__(self, engine: Engine, callback: Callable[[EngineSnapshot], object], interval: float):
-        self.engine = engine
-        self.callback = callback
-        self.interval = interval
-        self.last_sent = 0.0
-        self.last_seq = -1
-        self.last_throughput = -1.0
-        self.last_badges = -1
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-        self.engine._unsubscribe(self)
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-@dataclass
 class _Totals:
-    submitted: int = 0
-    completed: int = 0
-    cancelled: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
+    __slots__ = ("submitted", "completed", "cancelled", "errors", "prompt_tokens", "generated_tokens")
 
+    def __init__(self) -> None:
+        self.submitted = self.completed = self.cancelled = self.errors = 0
+        self.prompt_tokens = self.generated_tokens = 0
 
-@dataclass
-class _Config:
-    model_path: Path
-    parallel: int
-    ctx_per_slot: int
-    n_batch: int
-    threads: int
-    gpu_layers: int
-    max_queue: int
-    parallel_reason: str
-    flash_attn: bool | None = None
-    kv_unified: bool = False
-    load_seconds: float = 0.0
-
-
-def _validate_load_args(parallel: int | str, ctx: int, n_batch: int, threads: int | None) -> None:
-    if parallel != "auto" and (not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1):
-        raise InvalidParamsError(f"parallel={parallel!r}: must be 'auto' or a whole number >= 1")
-    if not isinstance(ctx, int) or ctx < 32:
-        raise InvalidParamsError(f"ctx={ctx!r}: the context of one slot must be >= 32 tokens")
-    if not isinstance(n_batch, int) or n_batch < 1:
-        raise InvalidParamsError(f"n_batch={n_batch!r}: must be a whole number >= 1")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise InvalidParamsError(f"threads={threads!r}: must be a whole number >= 1")
-
-
-def _max_queue(value: int | None) -> int:
-    if value is not None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InvalidParamsError(f"max_queue={value!r}: must be a whole number >= 1")
-        return value
-    env = os.environ.get(MAX_QUEUE_ENV)
-    if not env:
-        return DEFAULT_MAX_QUEUE
-    try:
-        size = int(env)
-    except ValueError:
-        raise InvalidParamsError(f"{MAX_QUEUE_ENV}={env!r} is not a whole number") from None
-    if size < 1:
-        raise InvalidParamsError(f"{MAX_QUEUE_ENV}={size} must be >= 1")
-    return size
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Engine:
@@ -272,92 +154,36 @@ class Engine:
         ``kv_unified`` pass through to llama.cpp (``kv_unified=True`` lets all
         slots share one KV buffer instead of one stream each).
         """
-        _validate_load_args(parallel, ctx, n_batch, threads)
+        options = LoadOptions.check(
+            parallel=parallel, ctx=ctx, n_batch=n_batch, gpu_layers=gpu_layers, threads=threads,
+            max_queue=max_queue, flash_attn=flash_attn, kv_unified=kv_unified,
+        )
         started = time.perf_counter()
         path = resolve_model(model)
-        if gpu_layers == "auto":
-            layers = -1 if supports_gpu_offload() else 0
-        elif isinstance(gpu_layers, int) and not isinstance(gpu_layers, bool):
-            layers = gpu_layers
-        else:
-            raise InvalidParamsError(f"gpu_layers={gpu_layers!r}: must be 'auto' or a whole number")
-        weights = _Weights(LlamaModel(path, gpu_layers=layers)).acquire()
+        release_openmp_threads()  # see its docstring: an idle team on this thread slows every engine
+        weights = Weights(LlamaModel(path, gpu_layers=options.layers(supports_gpu_offload()))).acquire()
         try:
-            return cls._on_weights(
-                weights,
-                parallel=parallel,
-                ctx=ctx,
-                n_batch=n_batch,
-                threads=threads,
-                max_queue=max_queue,
-                started=started,
-                flash_attn=None if flash_attn == "auto" else bool(flash_attn),
-                kv_unified=kv_unified,
-            )
+            return cls._on_weights(weights, options, started)
         finally:
             weights.release()
 
     @classmethod
     def _on_weights(
-        cls,
-        weights: _Weights,
-        *,
-        parallel: int | Literal["auto"],
-        ctx: int,
-        n_batch: int,
-        threads: int | None,
-        max_queue: int | None,
-        started: float,
-        flash_attn: bool | None = None,
-        kv_unified: bool = False,
+        cls, weights: Weights, options: LoadOptions, started: float, *, threads: int | None = None
     ) -> Engine:
-        model = weights.model
-        per_slot = model.kv_geometry.bytes_per_token * ctx
-        if model.is_recurrent or model.is_hybrid:
-            kind = "recurrent" if model.is_recurrent else "hybrid"
-            reason = (
-                f"parallel=1: {model.arch} is a {kind} architecture, whose per-sequence state "
-                "llama.cpp cannot batch like a KV cache"
-            )
-            if parallel != 1:
-                warnings.warn(f"nbollama: {reason}", RuntimeWarning, stacklevel=3)
-            n_parallel = 1
-        elif parallel == "auto":
-            # compute + output buffers: logits rows for every slot and the batch's activations
-            shared = model.n_vocab * 4 * _memory.AUTO_PARALLEL + n_batch * model.n_embd * 4 * 16
-            choice = _memory.choose_parallel(
-                per_slot,
-                shared,
-                on_gpu=model.gpu_layers != 0,
-                env_value=os.environ.get(NUM_PARALLEL_ENV),
-            )
-            n_parallel, reason = choice.parallel, choice.reason
-        else:
-            n_parallel, reason = int(parallel), f"parallel={parallel} as asked"
-        config = _Config(
-            model_path=model.path,
-            parallel=n_parallel,
-            ctx_per_slot=ctx,
-            n_batch=n_batch,
-            threads=threads or max(1, os.cpu_count() or 1),
-            gpu_layers=model.gpu_layers,
-            max_queue=_max_queue(max_queue),
-            parallel_reason=reason,
-            flash_attn=flash_attn,
-            kv_unified=kv_unified,
-        )
+        config = EngineConfig.resolve(weights.model, options, threads=threads)
         engine = cls(weights, config)
-        engine._config.load_seconds = time.perf_counter() - started
+        config.load_seconds = time.perf_counter() - started
         logger.info(engine.summary)
         return engine
 
-    def __init__(self, weights: _Weights, config: _Config) -> None:
+    def __init__(self, weights: Weights, config: EngineConfig) -> None:
         """Use ``Engine.load`` (or ``engine.spawn``); this takes already-loaded weights."""
         self.id = next(self._ids)
         self._weights = weights.acquire()
         self._model = weights.model
         try:
-            self._context = LlamaContext(
+            context = LlamaContext(
                 self._model,
                 n_seq=config.parallel,
                 ctx_per_slot=config.ctx_per_slot,
@@ -369,35 +195,25 @@ class Engine:
         except BaseException:
             self._weights.release()
             raise
-        try:
-            config.ctx_per_slot = self._context.ctx_per_slot
-            self._config = config
-            self._batch = Batch(config.n_batch)
-            self._slots = [_Slot(i) for i in range(config.parallel)]
-            self._queue: WaitingQueue[_Request] = WaitingQueue(config.max_queue)
-            self._requests: dict[int, _Request] = {}
-            self._lock = threading.RLock()
-            self._wakeup = threading.Condition(self._lock)
-            self._closing = False
-            self._closed = False
-            self._close_started = False
-            self._close_done = threading.Event()
-            self._seq = 0
-            self._request_ids = itertools.count(1)
-            self._admit_order = itertools.count()
-            self._meter = ThroughputMeter()
-            self._totals = _Totals()
-            self._recent: deque[CompletedRequest] = deque(maxlen=_RECENT)
-            self._subscriptions: list[Subscription] = []
-            self._monitor: threading.Thread | None = None
-            self._monitor_wakeup = threading.Event()
-            self._fatal: str | None = None
-        except BaseException:
-            if getattr(self, "_batch", None) is not None:
-                self._batch.free()
-            self._context.close()
-            self._weights.release()
-            raise
+        config.ctx_per_slot = context.ctx_per_slot
+        self._config = config
+        self._runner = ModelRunner(self._model, context, config.n_batch)
+        self._slots = [Slot(i) for i in range(config.parallel)]
+        self._scheduler = Scheduler(config.max_queue)
+        self._requests: dict[int, Request] = {}
+        self._lock = threading.RLock()
+        self._wakeup = threading.Condition(self._lock)
+        self._closing = False
+        self._closed = False
+        self._close_started = False
+        self._close_done = threading.Event()
+        self._fatal: str | None = None
+        self._seq = 0  # increases whenever something a view shows changed
+        self._request_ids = itertools.count(1)
+        self._meter = ThroughputMeter()
+        self._totals = _Totals()
+        self._recent: deque[CompletedRequest] = deque(maxlen=_RECENT)
+        self._monitor = Monitor(str(self.id), self.snapshot, self._change_key, lambda: self._closed)
         self._thread = threading.Thread(target=self._run, name=f"nbollama-engine-{self.id}", daemon=True)
         self._thread.start()
         _live_engines.add(self)
@@ -416,20 +232,15 @@ class Engine:
         the parallelism sweep, which tries several ``parallel`` values in turn.
         """
         self._check_open()
-        ctx = self._config.ctx_per_slot if ctx is None else ctx
-        n_batch = self._config.n_batch if n_batch is None else n_batch
-        _validate_load_args(parallel, ctx, n_batch, None)
-        return self._on_weights(
-            self._weights,
+        options = LoadOptions.check(
             parallel=parallel,
-            ctx=ctx,
-            n_batch=n_batch,
-            threads=self._config.threads,
+            ctx=self._config.ctx_per_slot if ctx is None else ctx,
+            n_batch=self._config.n_batch if n_batch is None else n_batch,
             max_queue=self._config.max_queue if max_queue is None else max_queue,
-            started=time.perf_counter(),
-            flash_attn=self._config.flash_attn,
+            flash_attn="auto" if self._config.flash_attn is None else self._config.flash_attn,
             kv_unified=self._config.kv_unified,
         )
+        return self._on_weights(self._weights, options, time.perf_counter(), threads=self._config.threads)
 
     # -- what it is ------------------------------------------------------------------
 
@@ -470,7 +281,7 @@ class Engine:
     @property
     def kv_bytes(self) -> int:
         """Size of the KV cache buffers llama.cpp allocated (from its own report)."""
-        return self._context.kv_bytes or self.kv_estimate_bytes
+        return self._runner.context.kv_bytes or self.kv_estimate_bytes
 
     @property
     def kv_estimate_bytes(self) -> int:
@@ -518,108 +329,35 @@ class Engine:
 
     # -- submitting -----------------------------------------------------------------
 
-    def submit(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: str | Iterable[str] = (),
-        priority: int = 0,
-        chat: bool = False,
-        system: str | None = None,
-    ) -> Handle:
+    def submit(self, prompt: str, **params: Any) -> Handle:
         """Queue one prompt; returns at once with a ``Handle``.
 
-        Raises ``QueueFullError`` when the queue is full and ``InvalidParamsError``
-        for bad parameters. A prompt too long for a slot does not raise: its
-        handle finishes at once with ``finish_reason="error"``, so a batch of
-        prompts still runs the others.
+        Parameters (all optional): ``max_tokens=256, temperature=0.8, top_k=40,
+        top_p=0.95, min_p=0.05, repeat_penalty=1.0, repeat_last_n=64, seed=None,
+        stop=(), priority=0, chat=False, system=None``. Raises
+        ``QueueFullError`` when the queue is full and ``InvalidParamsError`` for
+        bad parameters. A prompt too long for a slot does not raise: its
+        handle finishes at once with ``finish_reason="error"``.
         """
-        return self._enqueue(
-            [
-                self._prepare(
-                    prompt,
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    min_p=min_p,
-                    repeat_penalty=repeat_penalty,
-                    seed=seed,
-                    stop=stop,
-                    priority=priority,
-                    chat=chat,
-                    system=system,
-                )
-            ]
-        )[0]
+        return self.submit_many([prompt], **params)[0]
 
-    def _prepare(
-        self,
-        prompt: str,
-        *,
-        priority: int = 0,
-        chat: bool = False,
-        system: str | None = None,
-        stop: str | Iterable[str] = (),
-        **sampling: Any,
-    ) -> _Request:
-        """Validate and tokenize in the caller's thread; a prompt that cannot run is finished here."""
+    def submit_many(self, prompts: Iterable[str], **params: Any) -> list[Handle]:
+        """Queue several prompts in ONE step, all or none; handles in input order.
+
+        The engine's next admission sees them together, so the same prompts at
+        the same ``parallel`` form the same batches every time: a cell run
+        twice gives the same greedy texts. Parameters as for ``submit``.
+        """
+        if isinstance(prompts, str):
+            raise InvalidParamsError("submit_many() takes a list of prompts; for one prompt use submit()")
         self._check_open()
-        if not isinstance(prompt, str):
-            raise InvalidParamsError(f"prompt must be a str, got {type(prompt).__name__}")
-        unknown = set(sampling) - _SAMPLING_FIELDS
-        if unknown:
-            raise InvalidParamsError(
-                f"unknown parameter(s) {sorted(unknown)}; known: "
-                f"{sorted(_SAMPLING_FIELDS | {'priority', 'chat', 'system', 'stop'})}"
-            )
-        params = SamplingParams(stop=(stop,) if isinstance(stop, str) else tuple(stop), **sampling)
-        if not isinstance(priority, int):
-            raise InvalidParamsError(f"priority={priority!r}: must be a whole number")
-        if system and not chat:
-            raise InvalidParamsError("system= needs chat=True (the system message goes through the chat template)")
-        with self._weights.borrowed() as model:
-            text = prompt
-            if chat:
-                messages = ([("system", system)] if system else []) + [("user", prompt)]
-                try:
-                    text = model.apply_chat_template(messages)
-                except ValueError as exc:
-                    raise InvalidParamsError(str(exc)) from None
-            tokens = model.tokenize(text)
-        handle = Handle(next(self._request_ids), prompt, len(tokens), params.max_tokens, self._cancel)
-        request = _Request(
-            handle=handle,
-            tokens=tokens,
-            params=params,
-            priority=priority,
-            preview=" ".join(prompt.split())[:_PREVIEW_CHARS],
-            max_stop=max((len(s) for s in params.stop), default=0),
-        )
-        if not tokens:
-            handle._finish("error", error="the prompt is empty (no tokens)", exception=InvalidParamsError("empty prompt"))
-        elif len(tokens) >= self.ctx:
-            message = (
-                f"the prompt is {len(tokens)} tokens but one slot holds {self.ctx} (ctx per slot); "
-                f"shorten it or load with a larger ctx (e.g. ctx={_next_pow2(len(tokens) + params.max_tokens)})"
-            )
-            handle._finish("error", error=message, exception=PromptTooLongError(message))
-        return request
-
-    def _enqueue(self, requests: list[_Request]) -> list[Handle]:
-        """Queue requests in one step, so the loop's next admission sees all of them together
-        (which makes a batch of prompts reproducible at a given parallel); all or none."""
+        sampling, options = check_request_params(params)
+        requests = [self._prepare(prompt, sampling, options) for prompt in prompts]
+        release_openmp_threads()  # this thread's idle OpenMP team would slow the engine's decodes
         runnable = [r for r in requests if not r.handle.done()]
         with self._lock:
             self._check_open()
-            self._queue.push_all([(r, r.priority) for r in runnable])
+            self._scheduler.push_all(runnable)
             for request in runnable:
                 self._requests[request.handle.id] = request
             self._totals.submitted += len(requests)
@@ -628,10 +366,36 @@ class Engine:
             self._wakeup.notify()
         return [r.handle for r in requests]
 
-    def _submit_all(self, prompts: str | Iterable[str], params: dict[str, Any]) -> list[Handle]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        return self._enqueue([self._prepare(prompt, **params) for prompt in prompts])
+    def _prepare(self, prompt: str, sampling: SamplingParams, options: dict[str, Any]) -> Request:
+        """Tokenize in the caller's thread; a prompt that cannot run is finished here."""
+        if not isinstance(prompt, str):
+            raise InvalidParamsError(f"prompt must be a str, got {type(prompt).__name__}")
+        with self._weights.borrowed() as model:
+            text = prompt
+            if options["chat"]:
+                messages = ([("system", options["system"])] if options["system"] else []) + [("user", prompt)]
+                try:
+                    text = model.apply_chat_template(messages)
+                except ValueError as exc:
+                    raise InvalidParamsError(str(exc)) from None
+            tokens = np.asarray(model.tokenize(text), dtype=np.int32)
+        handle = Handle(next(self._request_ids), prompt, len(tokens), sampling.max_tokens, self._cancel)
+        request = Request(
+            handle=handle,
+            tokens=tokens,
+            params=sampling,
+            priority=options["priority"],
+            preview=" ".join(prompt.split())[:_PREVIEW_CHARS],
+        )
+        if len(tokens) == 0:
+            handle._finish("error", error="the prompt is empty (no tokens)", exception=InvalidParamsError("empty prompt"))
+        elif len(tokens) >= self.ctx:
+            message = (
+                f"the prompt is {len(tokens)} tokens but one slot holds {self.ctx} (ctx per slot); "
+                f"shorten it or load with a larger ctx (e.g. ctx={_next_pow2(len(tokens) + sampling.max_tokens)})"
+            )
+            handle._finish("error", error=message, exception=PromptTooLongError(message))
+        return request
 
     def generate(self, prompts: str | Iterable[str], **params: Any) -> list[Result]:
         """Submit every prompt at once and wait; results come in input order.
@@ -640,7 +404,7 @@ class Engine:
         """
         if threading.current_thread() is self._thread:
             raise EngineError("generate() cannot wait from the engine's own thread (a done-callback); use submit()")
-        handles = self._submit_all(prompts, params)
+        handles = self.submit_many([prompts] if isinstance(prompts, str) else prompts, **params)
         try:
             return [h.result() for h in handles]
         except BaseException:
@@ -650,7 +414,7 @@ class Engine:
 
     async def agenerate(self, prompts: str | Iterable[str], **params: Any) -> list[Result]:
         """``generate`` for event loops (asyncio, trio, anyio); cancelling the task cancels the requests."""
-        handles = self._submit_all(prompts, params)
+        handles = self.submit_many([prompts] if isinstance(prompts, str) else prompts, **params)
         try:
             return [await h.wait() for h in handles]
         except BaseException:
@@ -665,14 +429,13 @@ class Engine:
             request = self._requests.get(handle.id)
             if request is None:
                 return
-            if self._queue.remove(request):
+            queued = self._scheduler.queue.remove(request)
+            if queued:
                 self._requests.pop(handle.id, None)
                 self._totals.cancelled += 1
                 self._seq += 1
-                queued = True
             else:
                 request.cancel_requested = True
-                queued = False
                 self._wakeup.notify()
         if queued:
             handle._finish("cancelled")
@@ -694,158 +457,101 @@ class Engine:
             requests = list(self._requests.values())
         return sum(1 for r in requests if r.handle.cancel())
 
-    # -- the batch loop (engine thread) -----------------------------------------------
+    # -- the loop (engine thread): schedule, run, postprocess --------------------------
 
     def _run(self) -> None:
         try:
             while True:
                 with self._lock:
+                    if not self._has_work():
+                        release_openmp_threads()  # an idle engine must not slow a busy one
                     while not self._closing and not self._has_work():
                         self._wakeup.wait()
                     if self._closing:
                         break
-                    finished = self._take_cancellations()
-                    self._admit()
-                for slot in finished:
+                    cancelled = [s for s in self._slots if s.request is not None and s.request.cancel_requested]
+                    admitted = self._scheduler.admit(self._slots)
+                    if admitted:
+                        self._seq += 1
+                for slot in cancelled:
                     self._finish(slot, "cancelled")
-                if any(s.state != "idle" for s in self._slots):
+                for slot, request in admitted:
+                    self._start(slot, request)
+                if any(s.busy for s in self._slots):
                     self._step()
         except BaseException as exc:  # a bug or a fatal llama.cpp error: fail loudly, not silently
             self._fatal = f"{type(exc).__name__}: {exc}"
             logger.exception("nbollama: the engine loop stopped")
         finally:
-            with self._lock:
-                self._closing = True  # from here on submit() refuses: nothing new can strand
-            reason: FinishReason = "error" if self._fatal else "cancelled"
-            message = self._fatal or "the engine was closed"
-            for slot in self._slots:
-                try:
-                    self._finish(slot, reason, error=message)
-                except BaseException:
-                    logger.exception("nbollama: finishing slot %s at shutdown failed", slot.id)
-            with self._lock:
-                self._queue.drain()
-                leftovers = list(self._requests.values())
-                self._requests.clear()
-            for request in leftovers:  # queued, or taken from the queue when the loop stopped
-                if request.sampler is not None:
-                    request.sampler.free()
-                    request.sampler = None
-                request.handle._finish(reason, error=message)
+            self._shut_down()
 
     def _has_work(self) -> bool:
-        return bool(self._queue) or any(s.state != "idle" for s in self._slots)
+        return bool(self._scheduler.queue) or any(s.busy for s in self._slots)
 
-    def _take_cancellations(self) -> list[_Slot]:
-        return [s for s in self._slots if s.request is not None and s.request.cancel_requested]
-
-    def _admit(self) -> None:
-        """Give idle slots the next queued requests (highest priority first)."""
-        for slot in self._slots:
-            if slot.state != "idle" or slot.request is not None:
-                continue
-            request = self._queue.pop()
-            if request is None:
-                return
-            try:
-                self._start(slot, request)
-            except Exception as exc:  # e.g. a sampler llama.cpp refused: fail this request, not the loop
-                if request.sampler is not None:
-                    request.sampler.free()
-                    request.sampler = None
-                slot.request = None
-                slot.state = "idle"
-                self._requests.pop(request.handle.id, None)
-                self._totals.errors += 1
-                request.handle._finish("error", error=f"could not start the request: {exc}")
-
-    def _start(self, slot: _Slot, request: _Request) -> None:
-        """Put a request in a slot: its own sampler chain and a clean KV sequence."""
-        p = request.params
-        request.sampler = SamplerChain(p, n_vocab=self._model.n_vocab)
-        if p.repeat_penalty != 1.0:
-            request.sampler.accept_prompt(request.tokens)
-        request.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        request.admitted_order = next(self._admit_order)
-        self._context.clear_sequence(slot.id)
-        slot.request = request
-        slot.state = "prefill"
-        slot.n_past = 0
+    def _start(self, slot: Slot, request: Request) -> None:
+        """Give an admitted request its sampler, text stream and a clean sequence (outside the lock)."""
+        try:
+            request.sampler = self._runner.sampler_for(request.params, request.tokens)
+            request.text = TextStream(request.params.stop)
+            self._runner.reset_sequence(slot.id)
+        except Exception as exc:  # e.g. a sampler llama.cpp refused: fail this request, not the loop
+            self._finish(slot, "error", error=f"could not start the request: {exc}")
+            return
         request.handle.timing.started = time.perf_counter()
         request.handle._set_running(slot.id, "prefill")
-        self._seq += 1
 
     def _step(self) -> None:
-        """One ``llama_decode``: a token for every generating slot plus prompt chunks."""
-        generating = [s for s in self._slots if s.state == "generating"]
-        prefilling = sorted(
-            (s for s in self._slots if s.state == "prefill"),
-            key=lambda s: s.request.admitted_order,  # type: ignore[union-attr]
-        )
-        prefill_budget = self._config.n_batch - len(generating)
-        batch = self._batch
+        """One ``llama_decode`` for every busy slot: plan, run, then take the tokens."""
         while True:
-            batch.clear()
-            outputs: list[tuple[_Slot, int]] = []
-            chunks: list[tuple[_Slot, int]] = []
-            for slot in generating:
-                outputs.append((slot, batch.add(slot.last_token, slot.n_past, slot.id, True)))
-            budget = prefill_budget
-            for slot in prefilling:
-                if budget <= 0:
-                    break
-                request = slot.request
-                assert request is not None
-                start = request.n_prefilled
-                n = min(budget, len(request.tokens) - start)
-                last = len(request.tokens) - 1
-                for pos in range(start, start + n):
-                    index = batch.add(request.tokens[pos], pos, slot.id, pos == last)
-                    if pos == last:
-                        outputs.append((slot, index))
-                chunks.append((slot, n))
-                budget -= n
-            if batch.n_tokens == 0:
+            plan = plan_step(self._slots, self._config.n_batch)
+            if plan.empty:
                 return
-            status = self._context.decode(batch)
-            if status == DECODE_OK:
+            requests = {i: self._slots[i].request for i in plan.slots}
+            outcome = self._runner.run(plan, requests)  # type: ignore[arg-type]
+            if outcome.status == DECODE_OK:
                 break
-            if status == DECODE_NO_KV_SLOT:
-                if chunks and prefill_budget > 1:
-                    prefill_budget //= 2  # retry with smaller prompt chunks
-                    continue
-                # Not even one token per slot fits: fail the longest sequence, keep the rest.
-                victim = max(generating + prefilling, key=lambda s: s.n_past)
+            if outcome.status == DECODE_NO_KV_SLOT:
+                victim = self._scheduler.victim(self._slots)
+                if victim is None:
+                    return
                 self._finish(victim, "error", error="the KV cache has no room left for this sequence (llama_decode returned 1)")
-                generating = [s for s in generating if s is not victim]
-                prefilling = [s for s in prefilling if s is not victim]
-                continue
-            for slot in {s for s, _ in outputs} | {s for s, _ in chunks}:
-                self._finish(slot, "error", error=f"llama_decode failed with status {status}; this request was dropped, the others go on")
+                continue  # the others go on without it
+            for slot in outcome.plan.slots:
+                self._finish(self._slots[slot], "error", error=f"llama_decode failed with status {outcome.status}; this request was dropped, the others go on")
             return
+        self._postprocess(outcome)
+
+    def _postprocess(self, outcome: StepOutcome) -> None:
         now = time.perf_counter()
-        for slot in generating:
-            slot.n_past += 1
+        plan = outcome.plan
+        for d in plan.decodes:
+            self._slots[d.slot].n_past += 1
         prompt_tokens = 0
-        for slot, n in chunks:
-            request = slot.request
-            assert request is not None
-            request.n_prefilled += n
-            slot.n_past += n
-            prompt_tokens += n
+        for c in plan.chunks:
+            slot = self._slots[c.slot]
+            slot.request.n_prefilled += c.count  # type: ignore[union-attr]
+            slot.n_past += c.count
+            prompt_tokens += c.count
         produced = 0
-        for slot, index in outputs:
-            request = slot.request
-            assert request is not None and request.sampler is not None
-            produced += self._accept(slot, request, request.sampler.sample(self._context, index), now)
+        for slot_id, token in outcome.tokens.items():
+            slot = self._slots[slot_id]
+            try:
+                produced += self._accept(slot, token, now)
+            except Exception as exc:  # this slot's token handling failed: end this request alone
+                logger.warning("nbollama: request in slot %s failed while handling its token", slot_id, exc_info=True)
+                self._finish(slot, "error", error=f"handling its token failed: {type(exc).__name__}: {exc}")
+        for slot_id, why in outcome.failures.items():
+            self._finish(self._slots[slot_id], "error", error=why)
         self._meter.add(produced)
         with self._lock:
             self._totals.prompt_tokens += prompt_tokens
             self._totals.generated_tokens += produced
             self._seq += 1
 
-    def _accept(self, slot: _Slot, request: _Request, token: int, now: float) -> int:
+    def _accept(self, slot: Slot, token: int, now: float) -> int:
         """Take a sampled token: stream its text or finish the request. Returns tokens produced."""
+        request = slot.request
+        assert request is not None and request.text is not None
         handle = request.handle
         if handle.timing.first_token is None:
             handle.timing.first_token = now
@@ -853,56 +559,35 @@ class Engine:
             self._finish(slot, "stop")
             return 0
         request.completion_tokens += 1
-        before = len(request.generated)
-        request.generated += request.decoder.decode(self._model.piece(token))
-        safe = len(request.generated)
-        if request.max_stop:
-            hit = _find_stop(request.generated, request.params.stop, max(0, before - request.max_stop))
-            if hit >= 0:
-                request.generated = request.generated[:hit]
-                self._finish(slot, "stop", flush=False)
-                return 1
-            safe -= _held_back(request.generated, request.params.stop)
-        if safe > request.emitted:
-            delta = request.generated[request.emitted : safe]
-            request.emitted = safe
-        else:
-            delta = ""
-        handle._publish(delta, request.completion_tokens)
-        if request.completion_tokens >= request.params.max_tokens:
-            self._finish(slot, "length")
-        elif slot.n_past >= self.ctx:
-            self._finish(slot, "length")  # the slot's context is full
+        handle._publish(request.text.feed(self._model.piece(token)), request.completion_tokens)
+        if request.text.stopped:
+            self._finish(slot, "stop")
+        elif request.completion_tokens >= request.params.max_tokens or slot.n_past >= self.ctx:
+            self._finish(slot, "length")  # its budget, or the slot's context, is used up
         else:
             slot.last_token = token
             if slot.state != "generating":
                 with self._lock:
                     slot.state = "generating"
-                    self._seq += 1
         return 1
 
-    def _finish(self, slot: _Slot, reason: FinishReason, *, error: str | None = None, flush: bool = True) -> None:
+    def _finish(self, slot: Slot, reason: FinishReason, *, error: str | None = None) -> None:
+        """End the slot's request: its result, its slot freed, the books kept."""
         request = slot.request
         if request is None:
             return
-        if flush and request.decoder is not None:
-            request.decoder.errors = "ignore"  # drop a multi-byte character cut off at the end
-            request.generated += request.decoder.decode(b"", final=True)
-        tail = request.generated[request.emitted :]
-        request.emitted = len(request.generated)
+        tail = ""
+        if request.text is not None:
+            try:
+                tail = request.text.finish()
+            except Exception:  # a broken stream must not keep the slot
+                logger.debug("nbollama: flushing the text of request %s failed", request.handle.id, exc_info=True)
         if request.sampler is not None:
             request.sampler.free()
             request.sampler = None
-        self._context.clear_sequence(slot.id)
+        self._runner.reset_sequence(slot.id)
         with self._lock:
-            slot.request = None
-            slot.state = "idle"
-            slot.n_past = 0
-            slot.last_request_id = request.handle.id
-            slot.last_preview = request.preview
-            slot.last_badge = {"stop": "done", "length": "done", "cancelled": "cancelled", "error": "error"}[reason]  # type: ignore[assignment]
-            slot.last_finished = time.monotonic()
-            slot.last_counts = (len(request.tokens), request.completion_tokens, request.params.max_tokens)
+            slot.release(reason)
             self._requests.pop(request.handle.id, None)
             if reason in ("stop", "length"):
                 self._totals.completed += 1
@@ -928,6 +613,27 @@ class Engine:
             )
         )
 
+    def _shut_down(self) -> None:
+        """The loop's last act: fail or cancel whatever is still queued or running."""
+        with self._lock:
+            self._closing = True  # from here on submit() refuses: nothing new can strand
+        reason: FinishReason = "error" if self._fatal else "cancelled"
+        message = self._fatal or "the engine was closed"
+        for slot in self._slots:
+            try:
+                self._finish(slot, reason, error=message)
+            except BaseException:
+                logger.exception("nbollama: finishing slot %s at shutdown failed", slot.id)
+        with self._lock:
+            self._scheduler.queue.drain()
+            leftovers = list(self._requests.values())
+            self._requests.clear()
+        for request in leftovers:  # queued, or taken from the queue when the loop stopped
+            if request.sampler is not None:
+                request.sampler.free()
+                request.sampler = None
+            request.handle._finish(reason, error=message)
+
     # -- looking at it ---------------------------------------------------------------
 
     def snapshot(self) -> EngineSnapshot:
@@ -935,50 +641,11 @@ class Engine:
         now_mono = time.monotonic()
         now_perf = time.perf_counter()
         with self._lock:
-            slots: list[SlotSnapshot] = []
-            for s in self._slots:
-                r = s.request
-                if r is not None:
-                    first = r.handle.timing.first_token
-                    elapsed = now_perf - first if first is not None else 0.0
-                    slots.append(
-                        SlotSnapshot(
-                            id=s.id,
-                            state=s.state,
-                            badge=s.state,
-                            request_id=r.handle.id,
-                            prompt_preview=r.preview,
-                            prompt_tokens=len(r.tokens),
-                            prefilled_tokens=r.n_prefilled,
-                            decoded_tokens=r.completion_tokens,
-                            max_tokens=r.params.max_tokens,
-                            tps=round(r.completion_tokens / elapsed, 2) if elapsed > 0.05 else 0.0,
-                            kv_used=s.n_past,
-                        )
-                    )
-                else:
-                    recent = now_mono - s.last_finished < _BADGE_SECONDS and s.last_request_id is not None
-                    prompt, decoded, max_tokens = s.last_counts
-                    slots.append(
-                        SlotSnapshot(
-                            id=s.id,
-                            state="idle",
-                            badge=s.last_badge if recent else "idle",
-                            request_id=s.last_request_id,
-                            prompt_preview=s.last_preview,
-                            prompt_tokens=prompt,
-                            prefilled_tokens=prompt,
-                            decoded_tokens=decoded,
-                            max_tokens=max_tokens,
-                            tps=0.0,
-                            kv_used=0,
-                        )
-                    )
-            queue_length = len(self._queue)
-            totals = dict(vars(self._totals))
+            slots = [self._slot_snapshot(s, now_mono, now_perf) for s in self._slots]
+            queue_length = len(self._scheduler.queue)
+            totals = self._totals.as_dict()
             seq = self._seq
             recent_done = list(self._recent)[-16:]
-        kv_used = sum(s["kv_used"] for s in slots)
         return EngineSnapshot(
             v=SNAPSHOT_VERSION,
             time=time.time(),
@@ -997,14 +664,49 @@ class Engine:
             gpu_layers=self.gpu_layers,
             parallel_reason=self.parallel_reason,
             slots=slots,
-            queue={"length": queue_length, "max": self._queue.max_size},
+            queue={"length": queue_length, "max": self._scheduler.queue.max_size},
             throughput=round(self._meter.rate(), 2),
             throughput_window=self._meter.window,
             busy_slots=sum(1 for s in slots if s["state"] != "idle"),
-            kv={"used": kv_used, "total": self.parallel * self.ctx, "bytes": self.kv_bytes},
+            kv={"used": sum(s["kv_used"] for s in slots), "total": self.parallel * self.ctx, "bytes": self.kv_bytes},
             memory=_memory.memory_figures(self.kv_bytes, self.kv_estimate),
             totals=totals,  # type: ignore[typeddict-item]
             recent=recent_done,
+        )
+
+    @staticmethod
+    def _slot_snapshot(s: Slot, now_mono: float, now_perf: float) -> SlotSnapshot:
+        r = s.request
+        if r is not None:
+            first = r.handle.timing.first_token
+            elapsed = now_perf - first if first is not None else 0.0
+            return SlotSnapshot(
+                id=s.id,
+                state=s.state,
+                badge=s.state,
+                request_id=r.handle.id,
+                prompt_preview=r.preview,
+                prompt_tokens=r.prompt_len,
+                prefilled_tokens=r.n_prefilled,
+                decoded_tokens=r.completion_tokens,
+                max_tokens=r.params.max_tokens,
+                tps=round(r.completion_tokens / elapsed, 2) if elapsed > 0.05 else 0.0,
+                kv_used=s.n_past,
+            )
+        recent = now_mono - s.last_finished < _BADGE_SECONDS and s.last_request_id is not None
+        prompt, decoded, max_tokens = s.last_counts
+        return SlotSnapshot(
+            id=s.id,
+            state="idle",
+            badge=s.last_badge if recent else "idle",
+            request_id=s.last_request_id,
+            prompt_preview=s.last_preview,
+            prompt_tokens=prompt,
+            prefilled_tokens=prompt,
+            decoded_tokens=decoded,
+            max_tokens=max_tokens,
+            tps=0.0,
+            kv_used=0,
         )
 
     def subscribe(
@@ -1012,61 +714,17 @@ class Engine:
     ) -> Subscription:
         """Call ``callback(snapshot)`` from a background thread when something changed,
         at most once per ``interval`` seconds (4 Hz by default)."""
-        if interval <= 0:
-            raise InvalidParamsError(f"interval={interval!r}: must be > 0 seconds")
-        subscription = Subscription(self, callback, interval)
-        with self._lock:
-            self._subscriptions.append(subscription)
-            if self._monitor is None:
-                self._monitor = threading.Thread(target=self._monitor_loop, name=f"nbollama-monitor-{self.id}", daemon=True)
-                self._monitor.start()
-        self._monitor_wakeup.set()
-        return subscription
+        return self._monitor.subscribe(callback, interval)
 
-    def _badges_showing(self, now: float) -> int:
-        return sum(
+    def _change_key(self) -> Hashable:
+        """Cheap: what makes a new snapshot worth sending (state, throughput, an expiring badge)."""
+        now = time.monotonic()
+        badges = sum(
             1
             for s in self._slots
             if s.request is None and s.last_request_id is not None and now - s.last_finished < _BADGE_SECONDS
         )
-
-    def _unsubscribe(self, subscription: Subscription) -> None:
-        with self._lock:
-            if subscription in self._subscriptions:
-                self._subscriptions.remove(subscription)
-
-    def _monitor_loop(self) -> None:
-        while not self._closed:
-            with self._lock:
-                subs = list(self._subscriptions)
-            now = time.monotonic()
-            due = [s for s in subs if now - s.last_sent >= s.interval]
-            snap: EngineSnapshot | None = None
-            if due:
-                seq = self._seq
-                throughput = round(self._meter.rate(), 1)
-                badges = self._badges_showing(now)  # an expiring "done" badge is a change too
-                for sub in due:
-                    if sub.closed or (sub.last_seq, sub.last_throughput, sub.last_badges) == (seq, throughput, badges):
-                        continue
-                    sub.last_sent, sub.last_seq, sub.last_throughput, sub.last_badges = now, seq, throughput, badges
-                    try:
-                        if snap is None:
-                            snap = self.snapshot()
-                        sub.callback(snap)
-                    except Exception:
-                        logger.exception("nbollama: a snapshot subscriber failed; it stays subscribed")
-            wait = min((s.interval for s in subs), default=1.0)
-            self._monitor_wakeup.clear()
-            if not self._closing:
-                self._monitor_wakeup.wait(wait)
-        # one last snapshot so views can show "closed"
-        final = self.snapshot() if self._subscriptions else None
-        for sub in list(self._subscriptions):
-            try:
-                sub.callback(final)  # type: ignore[arg-type]
-            except Exception:
-                pass
+        return (self._seq, round(self._meter.rate(), 1), badges, self._closed)
 
     # -- closing --------------------------------------------------------------------
 
@@ -1097,32 +755,15 @@ class Engine:
         try:
             self._thread.join()
             with self._lock:
+                self._closed = True
                 self._seq += 1
-            self._monitor_wakeup.set()
-            if self._monitor is not None and self._monitor is not threading.current_thread():
-                self._monitor.join(timeout=5)
+            self._monitor.stop()  # one last snapshot, with closed=True
         finally:
             self._closed = True
-            self._batch.free()
-            self._context.close()
+            self._runner.close()
             self._weights.release()
             _live_engines.discard(self)
             self._close_done.set()
-
-def _find_stop(text: str, stops: Sequence[str], start: int) -> int:
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Characters at the end of ``text`` that might be the start of a stop string."""
-    held = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:k]):
-                held = k
-                break
-    return held
 
 
 def _next_pow2(n: int) -> int:

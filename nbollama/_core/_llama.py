@@ -16,8 +16,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import llama_cpp as ll
+import numpy as np
+import numpy.typing as npt
 
 from ..exceptions import ContextError, ModelLoadError
 from ._requests import SamplingParams
@@ -26,7 +29,11 @@ __all__ = [
     "LlamaModel",
     "LlamaContext",
     "Batch",
+    "Sampler",
+    "GreedySampler",
     "SamplerChain",
+    "make_sampler",
+    "release_openmp_threads",
     "silence_llama_log",
     "supports_gpu_offload",
     "DECODE_OK",
@@ -305,6 +312,7 @@ class LlamaContext:
         self.memory = ll.llama_get_memory(ptr)
         self.n_seq = n_seq
         self.n_batch = n_batch
+        self.n_vocab = model.n_vocab
         self.ctx_per_slot = min(ctx_per_slot, int(ll.llama_n_ctx_seq(ptr)))
         self.kv_bytes = int(_buffer_mib(lines, "KV") * _MIB)
         self.compute_bytes = int((_buffer_mib(lines, "compute") + _buffer_mib(lines, "output")) * _MIB)
@@ -312,6 +320,13 @@ class LlamaContext:
 
     def decode(self, batch: Batch) -> int:
         return int(ll.llama_decode(self.ptr, batch.raw))
+
+    def logits_row(self, index: int) -> npt.NDArray[np.float32]:
+        """The logits at batch index ``index`` of the last decode, read in place (no copy)."""
+        ptr = ll.llama_get_logits_ith(self.ptr, index)
+        if not ptr:
+            raise ContextError(f"llama.cpp has no logits for batch index {index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def clear_sequence(self, seq: int) -> None:
         ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
@@ -327,16 +342,32 @@ class LlamaContext:
 
 
 class Batch:
-    """A reusable ``llama_batch`` of up to ``capacity`` tokens, one sequence id each."""
+    """A reusable ``llama_batch`` of up to ``capacity`` tokens, over numpy arrays we own.
 
-    def __init__(self, capacity: int) -> None:
+    Owning the arrays (instead of ``llama_batch_init``) lets a prompt chunk go
+    in with a few slice assignments rather than a Python loop per token.
+    """
+
+    def __init__(self, capacity: int, seqs_per_token: int = 1) -> None:
         self.capacity = capacity
-        self.raw = ll.llama_batch_init(capacity, 0, 1)
-        self._token = self.raw.token
-        self._pos = self.raw.pos
-        self._n_seq_id = self.raw.n_seq_id
-        self._seq_id = self.raw.seq_id
-        self._logits = self.raw.logits
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq_id = np.zeros((capacity, seqs_per_token), dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        row_bytes = self.seq_id.strides[0]
+        base = self.seq_id.ctypes.data
+        seq_ptr = ctypes.POINTER(ll.llama_seq_id)
+        self._seq_rows = (seq_ptr * capacity)(*(ctypes.cast(base + i * row_bytes, seq_ptr) for i in range(capacity)))
+        raw = ll.llama_batch()
+        raw.n_tokens = 0
+        raw.token = self.token.ctypes.data_as(ctypes.POINTER(ll.llama_token))
+        raw.embd = ctypes.POINTER(ctypes.c_float)()
+        raw.pos = self.pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos))
+        raw.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        raw.seq_id = ctypes.cast(self._seq_rows, ctypes.POINTER(seq_ptr))
+        raw.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.raw = raw
         self.n_tokens = 0
 
     def clear(self) -> None:
@@ -344,21 +375,52 @@ class Batch:
         self.raw.n_tokens = 0
 
     def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
-        """Append a token; returns its index (where its logits land when asked for)."""
+        """Append one token; returns its index (where its logits land when asked for)."""
         i = self.n_tokens
-        self._token[i] = token
-        self._pos[i] = pos
-        self._n_seq_id[i] = 1
-        self._seq_id[i][0] = seq
-        self._logits[i] = logits
-        self.n_tokens = i + 1
-        self.raw.n_tokens = i + 1
+        self.token[i] = token
+        self.pos[i] = pos
+        self.n_seq_id[i] = 1
+        self.seq_id[i, 0] = seq
+        self.logits[i] = logits
+        self.n_tokens = self.raw.n_tokens = i + 1
         return i
 
+    def add_span(self, tokens: npt.NDArray[np.int32], start_pos: int, seq: int, logits_last: bool) -> int:
+        """Append consecutive tokens of one sequence from position ``start_pos``; the last one's index."""
+        i, n = self.n_tokens, len(tokens)
+        end = i + n
+        self.token[i:end] = tokens
+        self.pos[i:end] = np.arange(start_pos, start_pos + n, dtype=np.int32)
+        self.n_seq_id[i:end] = 1
+        self.seq_id[i:end, 0] = seq
+        self.logits[i:end] = 0
+        if logits_last:
+            self.logits[end - 1] = 1
+        self.n_tokens = self.raw.n_tokens = end
+        return end - 1
+
+
+class Sampler(Protocol):
+    """Picks a request's next token from the logits at one batch index."""
+
+    def sample(self, context: LlamaContext, index: int) -> int: ...
+
+    def free(self) -> None: ...
+
+
+class GreedySampler:
+    """Greedy without llama.cpp's sampler: argmax over the logits row.
+
+    llama.cpp's chain copies the whole vocabulary (262k entries for Gemma)
+    into a candidates array for every token, about 0.25 ms each; the argmax
+    reads the row in place. Ties go to the lowest token id, as in llama.cpp.
+    """
+
+    def sample(self, context: LlamaContext, index: int) -> int:
+        return int(context.logits_row(index).argmax())
+
     def free(self) -> None:
-        if self.raw is not None:
-            ll.llama_batch_free(self.raw)
-            self.raw = None
+        pass
 
 
 class SamplerChain:
@@ -388,7 +450,7 @@ class SamplerChain:
     def accept_prompt(self, tokens: Sequence[int]) -> None:
         """Let the penalty sampler see the prompt, as llama.cpp's server does."""
         for token in tokens:
-            ll.llama_sampler_accept(self.ptr, token)
+            ll.llama_sampler_accept(self.ptr, int(token))
 
     def sample(self, context: LlamaContext, index: int) -> int:
         return int(ll.llama_sampler_sample(self.ptr, context.ptr, index))
@@ -397,3 +459,56 @@ class SamplerChain:
         if self.ptr is not None:
             ll.llama_sampler_free(self.ptr)
             self.ptr = None
+
+
+def make_sampler(params: SamplingParams, *, n_vocab: int, prompt: Sequence[int]) -> Sampler:
+    """The cheapest sampler that gives ``params``' tokens: plain greedy skips llama.cpp's chain."""
+    if params.temperature <= 0.0 and params.repeat_penalty == 1.0:
+        return GreedySampler()
+    chain = SamplerChain(params, n_vocab=n_vocab)
+    if params.repeat_penalty != 1.0:
+        # the penalty looks back repeat_last_n tokens: older prompt tokens would fall out anyway
+        chain.accept_prompt(prompt[-params.repeat_last_n :] if params.repeat_last_n > 0 else prompt)
+    return chain
+
+
+_openmp_lock = threading.Lock()
+_openmp_state: dict[str, object] = {}
+
+
+def _openmp_library() -> ctypes.CDLL | None:
+    """libgomp as loaded by ggml's CPU backend (None when llama.cpp was built without OpenMP)."""
+    with _openmp_lock:
+        if "lib" not in _openmp_state:
+            lib = None
+            try:
+                with open("/proc/self/maps") as maps:
+                    path = next((ln.split()[-1] for ln in maps if "libgomp" in ln and "/" in ln), None)
+                if path is not None:
+                    candidate = ctypes.CDLL(path)
+                    if hasattr(candidate, "omp_pause_resource_all"):
+                        candidate.omp_pause_resource_all.argtypes = [ctypes.c_int]
+                        candidate.omp_pause_resource_all.restype = ctypes.c_int
+                        lib = candidate
+            except OSError:
+                lib = None
+            _openmp_state["lib"] = lib
+        return _openmp_state["lib"]  # type: ignore[return-value]
+
+
+def release_openmp_threads() -> None:
+    """Let go of the calling thread's idle OpenMP worker threads.
+
+    ggml's CPU backend runs each graph in an OpenMP team owned by the thread
+    that called ``llama_decode``. An idle team stays alive, and libgomp counts
+    its threads: once it counts more threads than cores, it cuts the spinning
+    in every barrier (ggml waits at one after each op) to about 100 turns and
+    sleeps instead. A ``Llama`` that ran on the notebook's main thread, or an
+    idle engine beside a busy one, slowed decoding by 15-25% this way. The
+    team is rebuilt (one ``pthread_create`` per worker) the next time that
+    thread decodes. Harmless without OpenMP.
+    """
+    _ensure_backend()
+    lib = _openmp_library()
+    if lib is not None:
+        lib.omp_pause_resource_all(1)  # omp_pause_soft

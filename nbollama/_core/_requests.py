@@ -158,7 +158,8 @@ class Handle:
         self.max_tokens = max_tokens
         self.timing = _Timing()
         self._canceller = canceller
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # new text, for streams
+        self._finished = threading.Event()  # the result, for result(): not woken per token
         self._chunks: list[str] = []
         self._status: RequestStatus = "queued"
         self._slot: int | None = None
@@ -177,12 +178,17 @@ class Handle:
         self._notify()
 
     def _publish(self, delta: str, completion_tokens: int) -> None:
+        """A sampled token: one lock, and waiters woken only when there is text for them."""
         with self._cond:
-            if delta:
-                self._chunks.append(delta)
             self._completion_tokens = completion_tokens
             self._status = "generating"
-        self._notify()
+            if not delta:
+                return
+            self._chunks.append(delta)
+            self._cond.notify_all()
+            wakers = list(self._wakers) if self._wakers else ()
+        for waker in wakers:
+            waker.wake()
 
     def _finish(
         self,
@@ -220,6 +226,7 @@ class Handle:
             if finish_reason == "error":
                 self._exception = exception or RequestFailedError(error or "request failed")
             callbacks, self._done_callbacks = self._done_callbacks, []
+        self._finished.set()
         self._notify()
         for callback in callbacks:
             _call_quietly(callback, self)
@@ -285,13 +292,12 @@ class Handle:
     def result(self, timeout: float | None = None) -> Result:
         """Wait for the result; ``TimeoutError`` if ``timeout`` seconds pass first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._result is None:
-                remaining = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
-                if remaining <= 0:
-                    raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
-                self._cond.wait(remaining)  # short waits keep Ctrl-C responsive
-            return self._result
+        while self._result is None:
+            remaining = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+            if remaining <= 0:
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+            self._finished.wait(remaining)  # short waits keep Ctrl-C responsive
+        return self._result
 
     def __iter__(self) -> Iterator[str]:
         index = 0

@@ -21,13 +21,15 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from traitlets import Bool, Float, Int, List, observe
 
-from .._core._engine import Engine
+from .._core._protocol import EngineLike
 from .._core._snapshot import CompletedRequest, EngineSnapshot
-from ._live import DEFAULT_INTERVAL, LiveView
+from .._logging import logger
+from ._live import DEFAULT_INTERVAL, LiveView, imports_in_progress
 
 __all__ = ["ThroughputChart"]
 
 _THROUGHPUT, _BUSY, _TTFT, _QUEUE_WAIT = range(4)
+_RETRY_SECONDS = 0.2
 
 
 class GuardedFigureWidget(go.FigureWidget):  # type: ignore[misc]
@@ -95,13 +97,14 @@ class ThroughputChart(LiveView, widgets.VBox):
     engine_closed = Bool(False)
 
     def __init__(
-        self, engine: Engine | None = None, *, interval: float = DEFAULT_INTERVAL, **kwargs: Any
+        self, engine: EngineLike | None = None, *, interval: float = DEFAULT_INTERVAL, **kwargs: Any
     ) -> None:
         #: held while the figure is edited, by our redraws and by the browser's messages
         self.figure_lock = threading.RLock()
         self.figure = GuardedFigureWidget(self._base_figure(), self.figure_lock)
         self._seen: set[int] = set()
         self._requests_drawn = True
+        self._retry: threading.Timer | None = None
         kwargs.setdefault("layout", widgets.Layout(width="100%"))
         super().__init__([self.figure], **kwargs)
         self.add_class("nbollama-throughput-chart")
@@ -174,7 +177,7 @@ class ThroughputChart(LiveView, widgets.VBox):
     def ttft_by_id(self) -> dict[int, float | None]:
         return dict(zip(self.request_ids, self.ttft))
 
-    def reset(self, engine: Engine | None) -> None:
+    def reset(self, engine: EngineLike | None) -> None:
         """Empty the chart for a new engine (its request ids start again at 1)."""
         self._seen = set()
         self._requests_drawn = True
@@ -218,8 +221,20 @@ class ThroughputChart(LiveView, widgets.VBox):
             self.draw()
 
     def draw(self) -> None:
-        """Send the recorded data to the figure: one ``batch_update``, one message."""
+        """Send the recorded data to the figure: one ``batch_update``, one message.
+
+        While another thread is importing a module, the redraw is put off
+        (``imports_in_progress``) and retried shortly on a timer.
+        """
         if not self.times:
+            return
+        if imports_in_progress():
+            with self.figure_lock:
+                if self._retry is None or not self._retry.is_alive():
+                    self._retry = threading.Timer(_RETRY_SECONDS, self._draw_quietly)
+                    self._retry.name = "nbollama-chart-redraw"
+                    self._retry.daemon = True
+                    self._retry.start()
             return
         now = self.times[-1]
         stamps = [datetime.fromtimestamp(t) for t in self.times]
@@ -238,6 +253,13 @@ class ThroughputChart(LiveView, widgets.VBox):
                 datetime.fromtimestamp(now),
             ]
             layout.yaxis2.range = [0, max(1, self.parallel)]
+
+    def _draw_quietly(self) -> None:
+        """``draw`` from a timer thread: a chart closed meanwhile must not print a traceback."""
+        try:
+            self.draw()
+        except Exception:
+            logger.debug("nbollama: a delayed chart redraw failed", exc_info=True)
 
     def _add_requests(self, fresh: list[CompletedRequest]) -> None:
         ids, ttft, wait = list(self.request_ids), list(self.ttft), list(self.queue_wait)

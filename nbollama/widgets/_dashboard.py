@@ -14,10 +14,10 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import Bool, Int, Unicode
 
-from .._core._engine import Engine
+from .._core._protocol import EngineLike
 from .._core._snapshot import EngineSnapshot
 from ._chart import ThroughputChart
-from ._live import DEFAULT_INTERVAL, LiveLink, close_children
+from ._live import DEFAULT_INTERVAL, EngineLink, close_children
 from ._memory import MemoryPanel, memory_summary
 from ._slots import SlotMonitor
 
@@ -67,7 +67,7 @@ class Dashboard(widgets.VBox):
 
     def __init__(
         self,
-        engine: Engine | None = None,
+        engine: EngineLike | None = None,
         *,
         compact: bool = False,
         follow_session: bool | None = None,
@@ -92,7 +92,7 @@ class Dashboard(widgets.VBox):
                 widgets.HBox([self.chart, self.memory], layout=widgets.Layout(width="100%"))
             )
         self._last_slow = 0.0
-        self._link = LiveLink(self._on_engine, self._on_snapshot, interval=interval)
+        self._link = EngineLink(self._on_engine, self._on_snapshot, interval=interval)
         kwargs.setdefault("layout", widgets.Layout(width="100%"))
         super().__init__(parts, **kwargs)
         self.compact = compact
@@ -105,7 +105,7 @@ class Dashboard(widgets.VBox):
             self._link.attach(engine)
 
     @property
-    def engine(self) -> Engine | None:
+    def engine(self) -> EngineLike | None:
         """The engine shown now (None with no engine)."""
         return self._link.engine
 
@@ -116,7 +116,7 @@ class Dashboard(widgets.VBox):
 
     # -- called with the link's lock held ------------------------------------------------
 
-    def _on_engine(self, engine: Engine | None) -> None:
+    def _on_engine(self, engine: EngineLike | None) -> None:
         self.slots.reset(engine)
         if self.chart is not None:
             self.chart.reset(engine)
@@ -132,12 +132,7 @@ class Dashboard(widgets.VBox):
                 self._summary.value = ""
             return
         self.status = "live"
-        self.model_name = engine.model_name
         self.parallel = engine.parallel
-        self.ctx_per_slot = engine.ctx
-        self.n_batch = engine.n_batch
-        self.gpu_layers = engine.gpu_layers
-        self.parallel_reason = engine.parallel_reason
         self._header.value = self._header_html()
 
     def _on_snapshot(self, snapshot: EngineSnapshot | None) -> None:
@@ -158,11 +153,21 @@ class Dashboard(widgets.VBox):
         if self.memory is not None and slow:
             self.memory.update(snapshot)
         if snapshot is not None:
+            self._read_header(snapshot)
             self.snapshot_seq = snapshot["seq"]
             if self._summary is not None:
                 self._summary.value = self._summary_html(snapshot)
         self.updates += 1
         self._header.value = self._header_html()
+
+    def _read_header(self, snapshot: EngineSnapshot) -> None:
+        """What the header shows comes from the snapshot, whatever kind of engine sent it."""
+        self.model_name = snapshot["model"]["name"]
+        self.parallel = snapshot["parallel"]
+        self.ctx_per_slot = snapshot["ctx_per_slot"]
+        self.n_batch = snapshot["n_batch"]
+        self.gpu_layers = snapshot["gpu_layers"]
+        self.parallel_reason = snapshot["parallel_reason"]
 
     # -- rendering ----------------------------------------------------------------------
 
@@ -222,7 +227,7 @@ class Dashboard(widgets.VBox):
         )
 
 
-def dashboard(engine: Engine | None = None, *, compact: bool = False) -> Dashboard:
+def dashboard(engine: EngineLike | None = None, *, compact: bool = False) -> Dashboard:
     """A live dashboard of ``engine``, or of the kernel's engine (followed across ``%nbollama load``).
 
     ``compact=True`` gives slot rows and a one-line summary, without the chart.

@@ -1,146 +1,34 @@
-"""The wire between an engine and a view: one subscription, one lock, the session followed.
+"""The wire between an engine and a widget: ``EngineLink`` (one subscription, one lock, the
+session followed; shared with the side panel's comm) and the helpers every widget uses.
 
 Snapshots arrive on the engine's monitor thread. ipywidgets sends a trait
 change through the kernel's IOPub thread from whichever thread makes it, so
-views update in place from there; the lock only keeps one view's updates from
-interleaving (a snapshot on the monitor thread against an engine swap or a
-``close()`` on the kernel's thread).
+views update in place from there; the link's lock only keeps one view's
+updates from interleaving (a snapshot on the monitor thread against an
+engine swap or a ``close()`` on the kernel's thread).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
+import sys
 
 import ipywidgets as widgets
 
-from .._core._engine import Engine, Subscription
-from .._core._snapshot import EngineSnapshot
-from ..session import current_engine, on_engine_change
+from .._core._monitor import EngineLink
+from .._core._protocol import EngineLike
 
 __all__ = [
     "LiveView",
-    "LiveLink",
+    "EngineLink",
     "DEFAULT_INTERVAL",
     "close_tree",
     "close_children",
+    "imports_in_progress",
 ]
 
 #: Seconds between view updates at most (4 Hz): enough to watch tokens flow,
 #: cheap enough that the engine does not notice.
 DEFAULT_INTERVAL = 0.25
-
-
-class LiveLink:
-    """Feeds ``on_snapshot`` from one engine at a time; ``close()`` stops it for good.
-
-    ``on_engine(engine_or_None)`` runs on every switch (a view rebuilds its
-    rows or resets its history there); ``on_snapshot(snapshot_or_None)``
-    runs for every snapshot, ``None`` meaning the engine closed without a
-    final one. Both run with ``lock`` held, never after ``close()``.
-    """
-
-    def __init__(
-        self,
-        on_engine: Callable[[Engine | None], None],
-        on_snapshot: Callable[[EngineSnapshot | None], None],
-        *,
-        interval: float = DEFAULT_INTERVAL,
-    ) -> None:
-        self.lock = threading.RLock()
-        self.interval = interval
-        self._on_engine = on_engine
-        self._on_snapshot = on_snapshot
-        self._engine: Engine | None = None
-        self._subscription: Subscription | None = None
-        self._generation = 0
-        self._last_time = 0.0
-        self._unfollow: Callable[[], None] | None = None
-        self._closed = False
-
-    @property
-    def engine(self) -> Engine | None:
-        return self._engine
-
-    @property
-    def following_session(self) -> bool:
-        return self._unfollow is not None
-
-    @property
-    def live(self) -> bool:
-        """True while a subscription can still deliver snapshots."""
-        return self._subscription is not None and not self._closed
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def follow_session(self) -> None:
-        """Track ``nbollama.session``'s engine: attach now, and again after every ``%nbollama load``."""
-        with self.lock:
-            if self._closed or self._unfollow is not None:
-                return
-            self._unfollow = on_engine_change(self.attach)
-        self.attach(current_engine())
-
-    def attach(self, engine: Engine | None) -> None:
-        """Show ``engine`` from now on (None: nothing, the view shows its hint)."""
-        with self.lock:
-            if self._closed:
-                return
-            if engine is self._engine and self._subscription is not None:
-                return
-            self._drop_subscription()
-            self._generation += 1
-            self._engine = engine
-            self._last_time = 0.0
-            self._on_engine(engine)
-            if engine is None:
-                return
-            if engine.closed:
-                self._on_snapshot(None)
-                return
-            generation = self._generation
-            try:
-                # Render at once, in this thread, so the view is right when it is displayed.
-                self._deliver(generation, engine.snapshot())
-                self._subscription = engine.subscribe(
-                    lambda snap: self._deliver(generation, snap), interval=self.interval
-                )
-            except Exception:
-                if not engine.closed:
-                    raise
-            if engine.closed:  # closed before (or while) we subscribed: no final snapshot will come
-                self._drop_subscription()
-                self._on_snapshot(None)
-
-    def close(self) -> None:
-        """Stop the updates and stop following the session; idempotent."""
-        with self.lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._drop_subscription()
-            unfollow, self._unfollow = self._unfollow, None
-        if unfollow is not None:
-            unfollow()
-
-    def _drop_subscription(self) -> None:
-        subscription, self._subscription = self._subscription, None
-        if subscription is not None:
-            subscription.close()
-
-    def _deliver(self, generation: int, snapshot: EngineSnapshot | None) -> None:
-        with self.lock:
-            if self._closed or generation != self._generation:
-                return  # a late snapshot from an engine this view no longer shows
-            if snapshot is not None:
-                if snapshot["time"] < self._last_time:
-                    return  # older than what is shown (the first render raced the monitor)
-                self._last_time = snapshot["time"]
-            self._on_snapshot(snapshot)
-            if snapshot is None or snapshot["closed"]:
-                self._subscription = None
 
 
 class LiveView:
@@ -150,11 +38,11 @@ class LiveView:
     then closes the children and the widget itself.
     """
 
-    _link: LiveLink | None = None
+    _link: EngineLink | None = None
 
-    def _follow(self, engine: Engine | None, interval: float) -> None:
+    def _follow(self, engine: EngineLike | None, interval: float) -> None:
         if engine is not None:
-            self._link = LiveLink(self.reset, self.update, interval=interval)  # type: ignore[attr-defined]
+            self._link = EngineLink(self.reset, self.update, interval=interval)  # type: ignore[attr-defined]
             self._link.attach(engine)
 
     def close(self) -> None:
@@ -178,3 +66,19 @@ def close_tree(widget: widgets.Widget) -> None:
     """Close a widget and everything under it: each child, layout and style is a comm of its own."""
     close_children(widget)
     widget.close()
+
+
+def imports_in_progress() -> bool:
+    """True while any thread is half-way through importing a module.
+
+    plotly looks ``pandas`` and ``numpy`` up in ``sys.modules`` and uses what
+    it finds; a redraw from the monitor thread while the user's cell is
+    importing pandas met a half-initialised module (``AttributeError: partially
+    initialized module 'pandas' has no attribute 'Series'``). Redraws wait for
+    the import to finish instead.
+    """
+    for module in list(sys.modules.values()):
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and getattr(spec, "_initializing", False):
+            return True
+    return False

@@ -15,7 +15,7 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import Bool, Dict, Int, List, Unicode
 
-from .._core._engine import Engine
+from .._core._protocol import EngineLike
 from .._core._snapshot import EngineSnapshot, MemoryFigures
 from ..memory import format_bytes
 from ._live import DEFAULT_INTERVAL, LiveView
@@ -128,7 +128,7 @@ class MemoryPanel(LiveView, widgets.VBox):
     engine_closed = Bool(False)
 
     def __init__(
-        self, engine: Engine | None = None, *, interval: float = DEFAULT_INTERVAL, **kwargs: Any
+        self, engine: EngineLike | None = None, *, interval: float = DEFAULT_INTERVAL, **kwargs: Any
     ) -> None:
         self._title = widgets.HTML("<b>Memory</b>")
         self._body = widgets.HTML('<span style="color:#9e9e9e">no engine</span>')
@@ -142,7 +142,7 @@ class MemoryPanel(LiveView, widgets.VBox):
         """What the panel shows, as HTML."""
         return str(self._body.value)
 
-    def reset(self, engine: Engine | None) -> None:
+    def reset(self, engine: EngineLike | None) -> None:
         self.engine_closed = False
         if engine is None:
             self._body.value = '<span style="color:#9e9e9e">no engine</span>'

@@ -14,7 +14,7 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import Bool, Float, Int, List, Unicode
 
-from .._core._engine import Engine
+from .._core._protocol import EngineLike
 from .._core._snapshot import EngineSnapshot, SlotSnapshot
 from .._palette import BADGE_COLOURS
 from ._live import DEFAULT_INTERVAL, LiveView, close_tree
@@ -156,7 +156,7 @@ class SlotMonitor(LiveView, widgets.VBox):
 
     def __init__(
         self,
-        engine: Engine | None = None,
+        engine: EngineLike | None = None,
         *,
         summary: bool = True,
         interval: float = DEFAULT_INTERVAL,
@@ -171,7 +171,7 @@ class SlotMonitor(LiveView, widgets.VBox):
         self.add_class("nbollama-slot-monitor")
         self._follow(engine, interval)
 
-    def reset(self, engine: Engine | None) -> None:
+    def reset(self, engine: EngineLike | None) -> None:
         """Forget the previous engine: one fresh row per slot of ``engine``."""
         self.set_rows(engine.parallel if engine is not None else 0)
         self.snapshot_seq = -1

@@ -1,0 +1,106 @@
+"""A benchmark worker: one system, loaded once in this process, run on request.
+
+    python benchmarks/_worker.py engine '{"parallel": 8, "ctx": 1024, "threads": 2}'
+    python benchmarks/_worker.py sequential '{"ctx": 1024, "threads": 2}'
+
+It prints ``{"ready": true, ...}`` once loaded, then reads one JSON job per
+line (``{"prompts": [...], "max_tokens": 64, ...}``) and answers each with one
+JSON line: ``tokens`` (completion tokens), ``wall`` (s), ``tps``, ``ttft`` (mean
+seconds from the moment the prompts were fired).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+
+def engine_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    from nbollama import Engine
+
+    options = {k: v for k, v in config.items() if k != "model"}
+    engine = Engine.load(config.get("model"), **options)
+    engine.generate(["Warm up."], max_tokens=4, temperature=0.0)
+
+    def run(job: dict[str, Any]) -> dict[str, Any]:
+        params = {k: v for k, v in job.items() if k != "prompts"}
+        start = time.perf_counter()
+        results = engine.generate(job["prompts"], **params)
+        wall = time.perf_counter() - start
+        tokens = sum(r.completion_tokens for r in results)
+        extra: dict[str, Any] = {}
+        cached = [getattr(r, "cached_tokens", None) for r in results]
+        if all(c is not None for c in cached):
+            extra["cached_tokens"] = sum(cached)  # type: ignore[arg-type]
+        return {
+            "tokens": tokens,
+            "wall": wall,
+            "tps": tokens / wall,
+            "ttft": statistics.mean(r.ttft for r in results if r.ttft is not None),
+            "texts": [r.text for r in results],
+            **extra,
+        }
+
+    return {"ready": True, "summary": engine.summary}, run
+
+
+def sequential_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """One ``Llama``, one prompt after another: what a notebook user would write without nbollama."""
+    from llama_cpp import Llama
+
+    from nbollama.models import resolve_model
+
+    threads = config.get("threads", 2)
+    llm = Llama(str(resolve_model(config.get("model"))), n_ctx=config.get("ctx", 1024), n_batch=512,
+                n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.create_completion("Warm up.", max_tokens=4, temperature=0.0)
+
+    counted: dict[tuple[tuple[str, ...], int], int] = {}
+
+    def run(job: dict[str, Any]) -> dict[str, Any]:
+        prompts, max_tokens = job["prompts"], job["max_tokens"]
+        key = (tuple(prompts), max_tokens)
+        if key not in counted:  # streamed chunks carry no counts: count once, untimed (greedy repeats)
+            counted[key] = sum(
+                llm.create_completion(p, max_tokens=max_tokens, temperature=0.0)["usage"]["completion_tokens"]
+                for p in prompts
+            )
+        ttfts: list[float] = []
+        start = time.perf_counter()
+        for prompt in prompts:
+            first = None
+            for _chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
+                if first is None:
+                    first = time.perf_counter() - start
+            ttfts.append(first if first is not None else time.perf_counter() - start)
+        wall = time.perf_counter() - start
+        return {"tokens": counted[key], "wall": wall, "tps": counted[key] / wall, "ttft": statistics.mean(ttfts)}
+
+    return {"ready": True}, run
+
+
+WORKERS = {"engine": engine_worker, "sequential": sequential_worker}
+
+
+def main() -> int:
+    kind, config = sys.argv[1], json.loads(sys.argv[2])
+    out = sys.stdout
+    sys.stdout = sys.stderr  # nothing but answers on the pipe
+    ready, run = WORKERS[kind](config)
+    print(json.dumps(ready), file=out, flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            answer = run(json.loads(line))
+        except Exception as exc:
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(answer), file=out, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""What an engine is loaded with: checked arguments, the parallel rule, and shared weights.
+
+Everything here runs before any model is read, so a bad argument costs
+nothing; ``LoadOptions.check`` is what ``Engine.load``, ``nbollama.load`` and
+``%nbollama load`` all call first.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .. import memory as _memory
+from ..exceptions import EngineClosedError, InvalidParamsError
+from ._llama import LlamaModel
+
+__all__ = [
+    "DEFAULT_MAX_QUEUE",
+    "MAX_QUEUE_ENV",
+    "NUM_PARALLEL_ENV",
+    "LoadOptions",
+    "EngineConfig",
+    "Weights",
+    "choose_parallel",
+]
+
+MAX_QUEUE_ENV = "NBOLLAMA_MAX_QUEUE"
+NUM_PARALLEL_ENV = "NBOLLAMA_NUM_PARALLEL"
+DEFAULT_MAX_QUEUE = 512
+
+
+def _whole(name: str, value: object, minimum: int, rule: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidParamsError(f"{name}={value!r}: {rule}")
+    return value
+
+
+def _max_queue(value: int | None) -> int:
+    if value is not None:
+        return _whole("max_queue", value, 1, "must be a whole number >= 1")
+    env = os.environ.get(MAX_QUEUE_ENV)
+    if not env:
+        return DEFAULT_MAX_QUEUE
+    try:
+        size = int(env)
+    except ValueError:
+        raise InvalidParamsError(f"{MAX_QUEUE_ENV}={env!r} is not a whole number") from None
+    if size < 1:
+        raise InvalidParamsError(f"{MAX_QUEUE_ENV}={size} must be >= 1")
+    return size
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Load arguments, checked; ``check`` raises ``InvalidParamsError`` naming the bad one."""
+
+    parallel: int | Literal["auto"] = "auto"
+    ctx: int = 2048
+    n_batch: int = 512
+    gpu_layers: int | Literal["auto"] = "auto"
+    threads: int | None = None
+    max_queue: int | None = None
+    flash_attn: bool | Literal["auto"] = "auto"
+    kv_unified: bool = False
+
+    @classmethod
+    def check(cls, **options: object) -> LoadOptions:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(options) - known
+        if unknown:
+            raise InvalidParamsError(f"unknown load option(s) {sorted(unknown)}; known: {sorted(known)}")
+        loaded = cls(**options)  # type: ignore[arg-type]
+        if loaded.parallel != "auto":
+            _whole("parallel", loaded.parallel, 1, "must be 'auto' or a whole number >= 1")
+        _whole("ctx", loaded.ctx, 32, "the context of one slot must be a whole number >= 32 tokens")
+        _whole("n_batch", loaded.n_batch, 1, "must be a whole number >= 1")
+        if loaded.gpu_layers != "auto":
+            _whole("gpu_layers", loaded.gpu_layers, -1, "must be 'auto', -1 (all) or a whole number >= 0")
+        if loaded.threads is not None:
+            _whole("threads", loaded.threads, 1, "must be a whole number >= 1")
+        _max_queue(loaded.max_queue)
+        if loaded.flash_attn not in ("auto", True, False):
+            raise InvalidParamsError(f"flash_attn={loaded.flash_attn!r}: must be 'auto', True or False")
+        if not isinstance(loaded.kv_unified, bool):
+            raise InvalidParamsError(f"kv_unified={loaded.kv_unified!r}: must be True or False")
+        return loaded
+
+    def layers(self, gpu_offload: bool) -> int:
+        """The ``n_gpu_layers`` llama.cpp gets: all when 'auto' and a GPU backend exists, else as given."""
+        if self.gpu_layers == "auto":
+            return -1 if gpu_offload else 0
+        return int(self.gpu_layers)
+
+
+@dataclass
+class EngineConfig:
+    """What one engine runs with, resolved from ``LoadOptions`` and the loaded model."""
+
+    model_path: Path
+    parallel: int
+    ctx_per_slot: int
+    n_batch: int
+    threads: int
+    gpu_layers: int
+    max_queue: int
+    parallel_reason: str
+    flash_attn: bool | None = None
+    kv_unified: bool = False
+    load_seconds: float = 0.0
+
+    @classmethod
+    def resolve(cls, model: LlamaModel, options: LoadOptions, *, threads: int | None = None) -> EngineConfig:
+        parallel, reason = choose_parallel(model, options.parallel, options.ctx, options.n_batch)
+        return cls(
+            model_path=model.path,
+            parallel=parallel,
+            ctx_per_slot=options.ctx,
+            n_batch=options.n_batch,
+            threads=threads or options.threads or max(1, os.cpu_count() or 1),
+            gpu_layers=model.gpu_layers,
+            max_queue=_max_queue(options.max_queue),
+            parallel_reason=reason,
+            flash_attn=None if options.flash_attn == "auto" else bool(options.flash_attn),
+            kv_unified=options.kv_unified,
+        )
+
+
+def choose_parallel(
+    model: LlamaModel, parallel: int | Literal["auto"], ctx: int, n_batch: int
+) -> tuple[int, str]:
+    """The number of slots and why: 1 for recurrent models, the memory rule for 'auto', else as asked."""
+    if model.is_recurrent or model.is_hybrid:
+        kind = "recurrent" if model.is_recurrent else "hybrid"
+        reason = (
+            f"parallel=1: {model.arch} is a {kind} architecture, whose per-sequence state "
+            "llama.cpp cannot batch like a KV cache"
+        )
+        if parallel != 1:
+            warnings.warn(f"nbollama: {reason}", RuntimeWarning, stacklevel=4)
+        return 1, reason
+    if parallel != "auto":
+        return int(parallel), f"parallel={parallel} as asked"
+    per_slot = model.kv_geometry.bytes_per_token * ctx
+    # compute + output buffers: logits rows for every slot and the batch's activations
+    shared = model.n_vocab * 4 * _memory.AUTO_PARALLEL + n_batch * model.n_embd * 4 * 16
+    choice = _memory.choose_parallel(
+        per_slot, shared, on_gpu=model.gpu_layers != 0, env_value=os.environ.get(NUM_PARALLEL_ENV)
+    )
+    return choice.parallel, choice.reason
+
+
+class Weights:
+    """A loaded model shared by several engines (the sweep makes one context per parallel value).
+
+    The model is freed when the last engine (or borrower) releases it.
+    """
+
+    def __init__(self, model: LlamaModel) -> None:
+        self.model = model
+        self._refs = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> Weights:
+        with self._lock:
+            if self._refs == 0 and self.model._closed:
+                raise EngineClosedError("the model was closed with the last engine that used it; load it again")
+            self._refs += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            self.model.close()
+
+    @contextmanager
+    def borrowed(self) -> Iterator[LlamaModel]:
+        """Keep the model alive while a caller's thread uses it (tokenizing), even if close() runs meanwhile."""
+        self.acquire()
+        try:
+            yield self.model
+        finally:
+            self.release()

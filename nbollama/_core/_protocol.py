@@ -1,0 +1,53 @@
+"""The one engine protocol the views, the magics and the session depend on.
+
+The in-kernel ``Engine`` implements it; so does any other engine that can
+queue prompts, stream them through ``Handle`` objects and describe itself as
+an ``EngineSnapshot``. Views read only this and the snapshot shape, never an
+engine's internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from ._monitor import Subscription
+from ._requests import Handle, Result
+from ._snapshot import EngineSnapshot
+
+__all__ = ["EngineLike"]
+
+
+@runtime_checkable
+class EngineLike(Protocol):
+    @property
+    def parallel(self) -> int: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def summary(self) -> str: ...
+
+    def submit(self, prompt: str, **params: Any) -> Handle: ...
+
+    def submit_many(self, prompts: Iterable[str], **params: Any) -> list[Handle]: ...
+
+    def generate(self, prompts: str | Iterable[str], **params: Any) -> list[Result]: ...
+
+    async def agenerate(self, prompts: str | Iterable[str], **params: Any) -> list[Result]: ...
+
+    def snapshot(self) -> EngineSnapshot: ...
+
+    def subscribe(
+        self, callback: Callable[[EngineSnapshot], object], *, interval: float = 0.25
+    ) -> Subscription: ...
+
+    def cancel_slot(self, slot: int) -> int | None: ...
+
+    def cancel_all(self) -> int: ...
+
+    def close(self) -> None: ...

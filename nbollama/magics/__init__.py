@@ -1,0 +1,242 @@
+"""The notebook surface: ``%nbollama`` to manage the kernel's engine, ``%%generate`` to use it.
+
+Both magics work on the kernel's engine (``nbollama.session``), so cells,
+the dashboard and the side panel all look at the same slots. ``%%generate``
+streams every prompt into its own area of one display, updated at most four
+times a second with ``update_display_data``: that works in JupyterLab (and
+Notebook 7) and under nbclient, with no widget involved.
+
+Each magic is three steps, one module each: ``_parse`` reads and checks what
+was typed into a frozen call (so a bad value is a UsageError before any model
+loads), ``_run`` loads, queues and streams, ``_render`` turns state into output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
+from IPython.display import display
+from IPython.utils.text import DollarFormatter
+
+from .. import session
+from ..bench import SweepResult
+from ..results import BackgroundGeneration, Results
+from ._parse import (
+    BenchCall,
+    DashboardCall,
+    GenerateHelpCall,
+    LoadCall,
+    StatusCall,
+    UnloadCall,
+    interpolate,
+    parse_generate,
+    parse_nbollama,
+    split_prompts,
+)
+from ._render import (
+    NO_ENGINE_MESSAGE,
+    StatusReport,
+    generate_help,
+    nbollama_help,
+    unloaded_message,
+)
+from ._run import (
+    load,
+    open_dashboard,
+    run_bench,
+    run_in_background,
+    run_in_foreground,
+    start_cell,
+)
+
+__all__ = [
+    "NbollamaMagics",
+    "StatusReport",
+    "interpolate",
+    "split_prompts",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
+
+
+@magics_class
+class NbollamaMagics(Magics):
+    """``%nbollama`` and ``%%generate``/``%generate``, registered by ``%load_ext nbollama``."""
+
+    @line_magic("nbollama")
+    def nbollama_magic(self, line: str) -> StatusReport | SweepResult | None:
+        """Manage the kernel's engine: one model, N parallel slots.
+
+        Usage::
+
+            %nbollama load [MODEL] [--parallel N|auto] [--ctx N] [--gpu-layers N|auto]
+                           [--threads N] [--batch N]
+            %nbollama status
+            %nbollama dashboard
+            %nbollama bench [--parallel 1,2,4,8] [--prompts N] [--max-tokens N] [--ctx N] [--apply]
+            %nbollama unload
+            %nbollama help
+
+        ``load`` replaces the kernel's engine (the old one's requests are
+        cancelled and its memory freed first) and prints one line: the model,
+        the effective number of slots and why, the context per slot, the KV
+        cache size and the load time. MODEL is a ``.gguf`` path; without it,
+        the bundled Gemma 3 270M. ``--ctx`` is the context of ONE slot: the KV
+        cache holds parallel × ctx tokens. ``--parallel auto`` picks what fits
+        in memory (``NBOLLAMA_NUM_PARALLEL`` overrides it).
+
+        ``status`` shows slots, queue, throughput, KV cache and memory as a
+        table; ``dashboard`` (with ``nbollama.widgets``) a live view of them;
+        ``unload`` closes the engine and frees its memory.
+
+        ``bench`` runs the parallelism sweep (``nbollama.bench.sweep``): for
+        each value a fresh context on the same loaded weights, the same prompts
+        fired at once; it shows the table (tok/s, TTFT, per-request tok/s, peak
+        memory), the plot and the recommended value (the smallest within 10% of
+        the best throughput); ``--apply`` switches the engine to it.
+
+        Examples::
+
+            %nbollama load
+            %nbollama load ~/models/qwen2.5-0.5b-q4_k_m.gguf --parallel 4 --ctx 2048
+            %nbollama status
+        """
+        call = parse_nbollama(line)
+        if isinstance(call, LoadCall):
+            print(load(call).summary)
+            return None
+        if isinstance(call, StatusCall):
+            engine = session.current_engine()
+            if engine is None:
+                print(NO_ENGINE_MESSAGE)
+                return None
+            return StatusReport(engine.snapshot())
+        if isinstance(call, DashboardCall):
+            display(open_dashboard())
+            return None
+        if isinstance(call, BenchCall):
+            return run_bench(call)
+        if isinstance(call, UnloadCall):
+            print(unloaded_message(session.unload()))
+            return None
+        print(nbollama_help(call))
+        return None
+
+    @no_var_expand
+    @line_cell_magic("generate")
+    def generate(self, line: str, cell: str | None = None) -> Results | BackgroundGeneration | None:
+        """Generate with the kernel's engine: every prompt in its own slot, all at once.
+
+        Usage::
+
+            %%generate [options]
+            first prompt
+            ---
+            second prompt
+
+            %generate [options] PROMPT
+
+        Prompts are separated by lines holding only ``---`` (``--lines``: one
+        prompt per non-empty line). ``{name}`` is filled from the notebook's
+        variables; unknown names, ``{{doubled}}`` braces, JSON and code are left
+        as written (``--no-format`` turns filling off). ``--each VAR`` runs the
+        cell once per item of the list ``VAR``, ``{item}`` being the item.
+
+        Each prompt gets its own area: the prompt, the slot serving it and its
+        state, the text as it streams (updated about 4 times a second), then
+        its figures: tokens, time to first token, tokens/s, finish reason. A
+        prompt that fails (say, too long for a slot) shows its error in its own
+        area; the others go on. The cell's value is a ``Results`` list (``.texts``,
+        ``.to_pandas()``). No engine loaded? The bundled model is loaded with
+        ``parallel="auto"`` first.
+
+        Options (``$name`` and ``{name}`` in this line are expanded, as in any magic)::
+
+            --max-tokens N        tokens to generate per prompt (engine default 256)
+            --temperature T       0 is greedy; --top-k K, --top-p P, --min-p P,
+                                  --repeat-penalty R, --seed N as in llama.cpp
+            --stop TEXT           stop at TEXT (repeatable)
+            --chat / --raw        through the model's chat template, or as written (default)
+            --system TEXT         a system message (implies --chat)
+            --priority N          higher is served first when slots are busy
+            --out VAR             also store the Results in VAR
+            --each VAR            one prompt per item of VAR, {item} in the template
+            --lines               one prompt per non-empty line
+            --no-format           leave {name} as written ({item} is still filled)
+            -b, --background      return at once with a BackgroundGeneration (.done(),
+                                  .wait(), .cancel()), also stored in --out VAR; the
+                                  cell's output keeps streaming and VAR becomes the
+                                  Results when it finishes
+            --markdown            render the final texts as Markdown
+            --quiet               no live output, only the value
+            --watch               a compact engine dashboard above the outputs
+                                  (with nbollama.widgets)
+
+        Ctrl-C (interrupt the kernel) cancels the cell's requests and frees their
+        slots; what was generated stays visible, marked "cancelled", and is stored
+        in ``--out VAR`` as a partial ``Results``. The KeyboardInterrupt is then
+        re-raised, as with any interrupted cell, so "Run all" stops there. A
+        ``--background`` cell is not interrupted by Ctrl-C: use ``.cancel()``.
+
+        Examples::
+
+            %%generate --max-tokens 64 --temperature 0.7 --seed 1 --out answers
+            Explain continuous batching in one sentence.
+            ---
+            Write a haiku about {topic}.
+
+            %%generate --each cities --max-tokens 16
+            The capital of {item} is
+
+            %generate --max-tokens 32 What's a KV cache?
+        """
+        call = parse_generate(line, cell, self.shell.user_ns, expand_options=self._expand)
+        if isinstance(call, GenerateHelpCall):
+            print(generate_help(call, self.generate.__doc__ or ""))
+            return None
+        run = start_cell(self.shell, call)
+
+        def store(value: Results | BackgroundGeneration) -> None:
+            if call.out is not None:
+                self.shell.user_ns[call.out] = value
+
+        if call.background:
+            return run_in_background(run, call.out, store)
+        return run_in_foreground(run, store)
+
+    def _expand(self, line: str) -> str:
+        """IPython's ``$name``/``{name}`` expansion of a cell's options line (the body's is ours)."""
+        return str(self.shell.var_expand(line, formatter=DollarFormatter()))
+
+
+# -- the extension --------------------------------------------------------------------------
+
+
+def _comm(action: str, ipython: Any) -> None:
+    """The side panel's comm target (``nbollama.comm``) comes along when that module exists."""
+    if importlib.util.find_spec("nbollama.comm") is None:
+        return
+    comm = importlib.import_module("nbollama.comm")
+    getattr(comm, action)(ipython)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbollama``: register the magics and the side panel's comm target."""
+    ipython.register_magics(NbollamaMagics(ipython))
+    _comm("register", ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext nbollama``: close the engine, then remove the magics and the comm target."""
+    session.unload()
+    manager = ipython.magics_manager
+    instance = manager.registry.pop(NbollamaMagics.__name__, None)
+    if instance is not None:
+        for table in manager.magics.values():
+            for name, function in list(table.items()):
+                if getattr(function, "__self__", None) is instance:
+                    del table[name]
+    _comm("unregister", ipython)

@@ -1,0 +1,330 @@
+"""Turning state into output: a cell's per-prompt cards, the help texts, ``%nbollama status``.
+
+Pure functions of handles, results and snapshots (no engine calls, no
+threads), so what a user sees is decided in one place and the same whether
+the live display, the final display or a test asks for it.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .._palette import BADGE_COLOURS
+from ..engine import EngineSnapshot, Handle, Result
+from ..memory import format_bytes
+from ._parse import GenerateHelpCall, HelpCall
+
+__all__ = [
+    "StatusReport",
+    "live_bundle",
+    "final_bundle",
+    "nbollama_help",
+    "generate_help",
+    "default_loaded_message",
+    "default_loaded_for_bench_message",
+    "applied_message",
+    "unloaded_message",
+    "NO_ENGINE_MESSAGE",
+]
+
+_PREVIEW_CHARS = 60
+_TITLE_CHARS = 2000
+_FINAL_STATUS = {"stop": "done", "length": "done", "cancelled": "cancelled", "error": "error"}
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]<>()#+\-.!|])")
+
+NO_ENGINE_MESSAGE = "nbollama: no engine is loaded (%nbollama load loads one)"
+
+
+# -- printed lines -----------------------------------------------------------------------------
+
+
+def default_loaded_message(summary: str) -> str:
+    """What ``%%generate`` prints when it had to load the bundled model first."""
+    return f"nbollama: no engine was loaded, so the bundled model was loaded: {summary.removeprefix('nbollama: ')}"
+
+
+def default_loaded_for_bench_message(summary: str) -> str:
+    """What ``%nbollama bench`` prints when it had to load the bundled model first."""
+    return f"nbollama: no engine was loaded, so the bundled model was: {summary}"
+
+
+def applied_message(parallel: int, summary: str) -> str:
+    """What ``%nbollama bench --apply`` prints once the engine runs at the recommended value."""
+    return f"nbollama: applied parallel={parallel}: {summary}"
+
+
+def unloaded_message(had_engine: bool) -> str:
+    """What ``%nbollama unload`` prints."""
+    return (
+        "nbollama: engine closed, its memory freed"
+        if had_engine
+        else "nbollama: no engine was loaded"
+    )
+
+
+# -- one cell's prompts ------------------------------------------------------------------------
+
+
+@dataclass
+class _View:
+    """What one prompt's area shows at a moment."""
+
+    number: int
+    prompt: str
+    status: str
+    slot: int | None
+    text: str
+    figures: str
+    error: str | None = None
+
+
+def _figures(result: Result) -> str:
+    n = result.completion_tokens
+    parts = [f"{n} token{'' if n == 1 else 's'}"]
+    if result.ttft is not None:
+        parts.append(f"TTFT {result.ttft * 1000:.0f} ms")
+    if result.gen_tps:
+        parts.append(f"{result.gen_tps:.1f} tok/s")
+    if result.queue_wait >= 0.05:
+        parts.append(f"queued {result.queue_wait:.2f} s")
+    parts.append(result.finish_reason)
+    return " · ".join(parts)
+
+
+def _final_view(number: int, result: Result) -> _View:
+    return _View(
+        number=number,
+        prompt=result.prompt,
+        status=_FINAL_STATUS[result.finish_reason],
+        slot=result.slot,
+        text=result.text,
+        figures=_figures(result),
+        error=result.error if result.finish_reason == "error" else None,
+    )
+
+
+def _live_view(number: int, handle: Handle) -> _View:
+    if handle.done():
+        return _final_view(number, handle.result())
+    return _View(
+        number=number,
+        prompt=handle.prompt,
+        status=handle.status,
+        slot=handle.slot,
+        text=handle.text,
+        figures=f"{handle.completion_tokens}/{handle.max_tokens} tokens",
+    )
+
+
+def _preview(prompt: str) -> str:
+    folded = " ".join(prompt.split())
+    return folded if len(folded) <= _PREVIEW_CHARS else folded[: _PREVIEW_CHARS - 1] + "…"
+
+
+def _head_text(view: _View) -> str:
+    slot = "–" if view.slot is None else str(view.slot)
+    return f"#{view.number} [{view.status} · slot {slot}] {_preview(view.prompt)}"
+
+
+def _card_html(view: _View) -> str:
+    colour = BADGE_COLOURS.get(view.status, "#9e9e9e")
+    slot = "–" if view.slot is None else str(view.slot)
+    error = (
+        f'<div class="nbollama-error" style="color:#c62828;font-size:12px;margin-top:2px">'
+        f"{html.escape(view.error)}</div>"
+        if view.error
+        else ""
+    )
+    return (
+        f'<div class="nbollama-card" data-prompt="{view.number}" style="border:1px solid '
+        'var(--jp-border-color2,#d0d0d0);border-radius:6px;padding:6px 8px;min-width:0">'
+        '<div class="nbollama-head" style="display:flex;gap:6px;align-items:baseline;'
+        'font-size:12px;color:var(--jp-ui-font-color2,#555)">'
+        f'<b>#{view.number}</b><span class="nbollama-badge" style="background:{colour};color:#fff;'
+        f'border-radius:8px;padding:0 6px">{view.status}</span><span>slot {slot}</span>'
+        f'<span title="{html.escape(view.prompt[:_TITLE_CHARS], quote=True)}" style="flex:1;'
+        f'min-width:0;overflow:hidden;text-overflow:ellipsis;white-space:nowrap">'
+        f"{html.escape(_preview(view.prompt))}</span></div>"
+        '<div class="nbollama-text" style="white-space:pre-wrap;word-break:break-word;'
+        "font-family:var(--jp-code-font-family,monospace);font-size:var(--jp-code-font-size,13px);"
+        f'margin:4px 0;max-height:24em;overflow-y:auto">{html.escape(view.text)}</div>'
+        '<div class="nbollama-figures" style="font-size:11px;color:var(--jp-ui-font-color2,#777)">'
+        f"{html.escape(view.figures)}</div>{error}</div>"
+    )
+
+
+def _html(views: Sequence[_View]) -> str:
+    columns = "1fr" if len(views) == 1 else "repeat(auto-fill,minmax(280px,1fr))"
+    cards = "".join(_card_html(v) for v in views)
+    return f'<div class="nbollama-generate" style="display:grid;grid-template-columns:{columns};gap:8px">{cards}</div>'
+
+
+def _plain(views: Sequence[_View]) -> str:
+    blocks = []
+    for v in views:
+        block = f"{_head_text(v)}\n{v.text}\n({v.figures})"
+        if v.error:
+            block += f"\nerror: {v.error}"
+        blocks.append(block)
+    return "\n\n".join(blocks)
+
+
+def _markdown(views: Sequence[_View]) -> str:
+    parts = []
+    for v in views:
+        head = _MARKDOWN_SPECIALS.sub(r"\\\1", _head_text(v))
+        body = v.text if v.text.strip() else "*(no text)*"
+        tail = _MARKDOWN_SPECIALS.sub(
+            r"\\\1", v.figures + (f" · error: {v.error}" if v.error else "")
+        )
+        parts.append(f"**{head}**\n\n{body}\n\n<sub>{tail}</sub>")
+    return "\n\n---\n\n".join(parts)
+
+
+def live_bundle(handles: Sequence[Handle]) -> dict[str, str]:
+    """The display of a cell's prompts while they run: HTML cards and their plain-text twin."""
+    views = [_live_view(i + 1, h) for i, h in enumerate(handles)]
+    return {"text/html": _html(views), "text/plain": _plain(views)}
+
+
+def final_bundle(results: Sequence[Result], *, markdown: bool) -> dict[str, str]:
+    """The display a cell keeps: each prompt's text and figures (as Markdown with ``--markdown``)."""
+    views = [_final_view(i + 1, r) for i, r in enumerate(results)]
+    if markdown:
+        return {"text/markdown": _markdown(views), "text/plain": _plain(views)}
+    return {"text/html": _html(views), "text/plain": _plain(views)}
+
+
+# -- help ----------------------------------------------------------------------------------------
+
+
+def nbollama_help(call: HelpCall) -> str:
+    """``%nbollama help``: one usage line and one sentence per command."""
+    lines = ["%nbollama COMMAND: manage the kernel's engine", ""]
+    for usage, description in call.commands:
+        lines += [f"  {usage}", f"      {description}"]
+    lines += ["", "%%generate [options] / %generate [options] PROMPT: see %generate --help"]
+    return "\n".join(lines)
+
+
+def generate_help(call: GenerateHelpCall, doc: str) -> str:
+    """``%generate --help``: the magic's docstring under its usage line (``--watch`` only if it exists)."""
+    text = textwrap.dedent(doc.split("\n", 1)[1]) if "\n" in doc else doc
+    summary = doc.split("\n", 1)[0]
+    if not call.watch_available:
+        text = re.sub(r"\n *--watch .*\n.*\(with nbollama\.widgets\)", "", text)
+    return f"{summary}\n\nusage: {call.usage}\n{text}"
+
+
+# -- %nbollama status ----------------------------------------------------------------------------
+
+
+class StatusReport:
+    """A snapshot of the engine as a table: what ``%nbollama status`` returns."""
+
+    def __init__(self, snapshot: EngineSnapshot) -> None:
+        self.snapshot = snapshot
+
+    def _lines(self) -> dict[str, str]:
+        s = self.snapshot
+        memory = s["memory"]
+        totals = s["totals"]
+        kv = s["kv"]
+        gpus = "; ".join(
+            f"GPU {g['index']} {g['name']}: {format_bytes(g['used'])} / {format_bytes(g['total'])} used"
+            + (
+                f" (this process {format_bytes(g['process_used'])})"
+                if g["process_used"] is not None
+                else ""
+            )
+            for g in memory["gpus"]
+        )
+        host = (
+            f"process RSS {format_bytes(memory['process_rss'])}, "
+            f"host {format_bytes(memory['host_available'])} free of {format_bytes(memory['host_total'])}"
+        )
+        return {
+            "model": f"{s['model']['name']} ({s['model']['arch']}, {format_bytes(s['model']['size_bytes'])}) — {s['model']['path']}",
+            "parallel": f"{s['parallel']} slots × {s['ctx_per_slot']} ctx — {s['parallel_reason']}",
+            "queue": f"{s['queue']['length']} waiting (max {s['queue']['max']}), {s['busy_slots']}/{s['parallel']} slots busy",
+            "throughput": f"{s['throughput']:.1f} tok/s over the last {s['throughput_window']:.0f} s",
+            "KV cache": f"{kv['used']}/{kv['total']} cells used, {format_bytes(kv['bytes'])} ({memory['kv_estimate']})",
+            "memory": host
+            + (f"; {gpus}" if gpus else "")
+            + (f" — {memory['note']}" if memory["note"] else ""),
+            "totals": (
+                f"{totals['submitted']} submitted, {totals['completed']} completed, {totals['cancelled']} cancelled, "
+                f"{totals['errors']} errors; {totals['prompt_tokens']} prompt + {totals['generated_tokens']} generated tokens"
+            ),
+        }
+
+    def _slot_rows(self) -> list[list[str]]:
+        rows = []
+        for slot in self.snapshot["slots"]:
+            busy = slot["state"] != "idle"
+            rows.append(
+                [
+                    str(slot["id"]),
+                    slot["badge"],
+                    "" if slot["request_id"] is None else str(slot["request_id"]),
+                    f"{slot['prefilled_tokens']}/{slot['prompt_tokens']}" if busy else "",
+                    f"{slot['decoded_tokens']}/{slot['max_tokens']}" if busy else "",
+                    f"{slot['tps']:.1f}" if busy else "",
+                    str(slot["kv_used"]),
+                    slot["prompt_preview"] if busy or slot["badge"] != "idle" else "",
+                ]
+            )
+        return rows
+
+    _HEADERS = (
+        "slot",
+        "state",
+        "request",
+        "prompt tok",
+        "generated",
+        "tok/s",
+        "KV cells",
+        "prompt",
+    )
+
+    def __repr__(self) -> str:
+        lines = [f"nbollama engine{' (closed)' if self.snapshot['closed'] else ''}"]
+        lines += [f"  {key:<10} {value}" for key, value in self._lines().items()]
+        rows = [list(self._HEADERS), *self._slot_rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(self._HEADERS) - 1)]
+        for row in rows:
+            cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+            lines.append(
+                "  " + "  ".join(cells) + "  " + textwrap.shorten(row[-1], 50, placeholder="…")
+            )
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        facts = "".join(
+            f'<tr><th style="text-align:left;padding-right:1em">{html.escape(key)}</th>'
+            f'<td style="text-align:left">{html.escape(value)}</td></tr>'
+            for key, value in self._lines().items()
+        )
+        head = "".join(f'<th style="text-align:left">{h}</th>' for h in self._HEADERS)
+        body = []
+        for row in self._slot_rows():
+            colour = BADGE_COLOURS.get(row[1], "#9e9e9e")
+            badge = (
+                f'<span style="background:{colour};color:#fff;border-radius:8px;padding:0 6px">'
+                f"{html.escape(row[1])}</span>"
+            )
+            cells = [html.escape(row[0]), badge, *(html.escape(c) for c in row[2:])]
+            body.append(
+                "<tr>" + "".join(f'<td style="text-align:left">{c}</td>' for c in cells) + "</tr>"
+            )
+        closed = " (closed)" if self.snapshot["closed"] else ""
+        return (
+            f'<div class="nbollama-status"><b>nbollama engine{closed}</b>'
+            f'<table class="nbollama-status-facts">{facts}</table>'
+            f'<table class="nbollama-status-slots"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>"
+        )

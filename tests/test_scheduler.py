@@ -1,0 +1,105 @@
+"""The waiting queue, admission and the step plan: pure logic, no model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nbollama import QueueFullError
+from nbollama._core._requests import Handle, SamplingParams
+from nbollama._core._scheduler import Chunk, Decode, Scheduler, StepPlan, WaitingQueue, plan_step
+from nbollama._core._slots import Request, Slot
+
+
+def request(n_tokens: int, *, priority: int = 0, request_id: int = 1) -> Request:
+    handle = Handle(request_id, "p", n_tokens, 16, lambda h: None)
+    return Request(
+        handle=handle,
+        tokens=np.arange(n_tokens, dtype=np.int32),
+        params=SamplingParams(max_tokens=16),
+        priority=priority,
+        preview="p",
+    )
+
+
+def prefilling(slot_id: int, n_tokens: int, *, done: int = 0, order: int = 0) -> Slot:
+    slot = Slot(slot_id)
+    slot.take(request(n_tokens), order)
+    slot.request.n_prefilled = done  # type: ignore[union-attr]
+    slot.n_past = done
+    return slot
+
+
+def generating(slot_id: int, n_past: int, token: int = 7) -> Slot:
+    slot = prefilling(slot_id, n_past, done=n_past)
+    slot.state = "generating"
+    slot.last_token = token
+    return slot
+
+
+def test_decodes_come_first_then_prompt_chunks_in_admission_order() -> None:
+    slots = [prefilling(0, 300, order=2), generating(1, 40, token=11), prefilling(2, 100, order=1)]
+    plan = plan_step(slots, token_budget=256)
+    assert plan.decodes == (Decode(slot=1, token=11, pos=40),)
+    # slot 2 was admitted first: it gets its whole prompt, slot 0 the rest of the budget
+    assert plan.chunks == (Chunk(2, 0, 100, True), Chunk(0, 0, 155, False))
+    assert plan.n_tokens == 256 and plan.prefill_tokens == 255
+    assert plan.slots == {0, 1, 2}
+
+
+def test_a_long_prompt_is_prefilled_over_several_steps_from_where_it_left_off() -> None:
+    slot = prefilling(0, 1000, done=512)
+    plan = plan_step([slot], token_budget=512)
+    assert plan.chunks == (Chunk(0, 512, 488, True),)
+
+
+def test_idle_slots_and_finished_prompts_plan_nothing() -> None:
+    assert plan_step([Slot(0), Slot(1)], token_budget=512).empty
+
+
+def test_decodes_alone_can_fill_the_budget() -> None:
+    slots = [generating(i, 10) for i in range(4)] + [prefilling(4, 50)]
+    plan = plan_step(slots, token_budget=4)
+    assert len(plan.decodes) == 4 and plan.chunks == ()
+
+
+def test_shrinking_halves_the_prompt_tokens_and_keeps_the_decodes() -> None:
+    plan = StepPlan((Decode(0, 1, 5),), (Chunk(1, 0, 100, True), Chunk(2, 0, 60, True)))
+    smaller = plan.shrink_prefill()
+    assert smaller is not None
+    assert smaller.decodes == plan.decodes
+    assert smaller.chunks == (Chunk(1, 0, 80, False),)  # 160 -> 80, cut short: no logits yet
+    tiny = StepPlan((), (Chunk(1, 0, 1, True),))
+    assert tiny.shrink_prefill() is None
+    assert StepPlan((Decode(0, 1, 5),)).shrink_prefill() is None
+
+
+def test_admission_fills_the_lowest_idle_slots_by_priority() -> None:
+    scheduler = Scheduler(max_queue=8)
+    low, high, mid = request(3, priority=0, request_id=1), request(3, priority=5, request_id=2), request(3, priority=1, request_id=3)
+    scheduler.push_all([low, high, mid])
+    slots = [Slot(0), generating(1, 4), Slot(2)]
+    admitted = scheduler.admit(slots)
+    assert [(s.id, r.handle.id) for s, r in admitted] == [(0, 2), (2, 3)]
+    assert slots[0].state == "prefill" and slots[0].request is high
+    assert admitted[0][1].admitted_order < admitted[1][1].admitted_order
+    assert len(scheduler.queue) == 1
+
+
+def test_the_victim_is_the_longest_sequence() -> None:
+    slots = [generating(0, 10), generating(1, 90), prefilling(2, 500, done=40), Slot(3)]
+    assert Scheduler.victim(slots) is slots[1]
+    assert Scheduler.victim([Slot(0)]) is None
+
+
+def test_the_queue_is_all_or_none_and_cancels_in_place() -> None:
+    queue: WaitingQueue[str] = WaitingQueue(3)
+    queue.push_all([("a", 0), ("b", 0)])
+    with pytest.raises(QueueFullError, match="already waiting"):
+        queue.push_all([("c", 0), ("d", 0)])
+    with pytest.raises(QueueFullError, match="more than the queue holds"):
+        queue.push_all([("x", 0)] * 4)
+    assert len(queue) == 2 and queue.remove("a") and not queue.remove("a")
+    queue.push_all([("e", 9)])
+    assert queue.items() == ["e", "b"]
+    assert queue.pop() == "e" and queue.pop() == "b" and queue.pop() is None
