@@ -12,6 +12,7 @@ __all__ = ["BADGE_COLOURS"]
 BADGE_COLOURS: dict[str, str] = {
     "queued": "#9e9e9e",
     "idle": "#9e9e9e",
+    "sent": "#78909c",  # a remote server has it, no token yet
     "prefill": "#f0a202",
     "generating": "#1e88e5",
     "done": "#2e7d32",

@@ -8,7 +8,8 @@
     │   └── ModelLoadError          not a GGUF file, truncated, or llama.cpp refused it
     ├── EngineError
     │   ├── EngineClosedError       the engine was closed; load a new one
-    │   └── ContextError            llama.cpp could not create a context of that size
+    │   ├── ContextError            llama.cpp could not create a context of that size
+    │   └── RemoteError             a remote server could not be reached or broke off (URL and reason)
     ├── RequestError
     │   ├── QueueFullError          the queue holds NBOLLAMA_MAX_QUEUE requests ("server busy")
     │   ├── PromptTooLongError      the prompt does not fit in one slot's context
@@ -22,6 +23,12 @@ slots go on. ``Handle.result()`` and ``await handle`` return such results;
 ``Handle.exception()`` gives the matching exception (``PromptTooLongError``,
 ``RequestFailedError``, ...) for code that wants to raise it. A cancelled
 request is not an error either: its result has ``finish_reason="cancelled"``.
+
+A remote engine (``nbollama.connect``) fails a request whose connection is
+refused, times out or breaks mid-stream with a ``RemoteError`` (its
+``exception()``; the result says the same in ``error``); its URL is shown with
+credentials redacted. A server that stays busy (Ollama's HTTP 503) ends the
+request with ``QueueFullError`` once the retries are spent.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ __all__ = [
     "EngineError",
     "EngineClosedError",
     "ContextError",
+    "RemoteError",
     "RequestError",
     "QueueFullError",
     "PromptTooLongError",
@@ -73,6 +81,19 @@ class EngineClosedError(EngineError):
 
 class ContextError(EngineError):
     """llama.cpp refused to create a context (usually: not enough memory)."""
+
+
+class RemoteError(EngineError):
+    """A remote server could not be reached, timed out, or broke off a stream.
+
+    ``url`` is the server's address with any credentials redacted; ``reason``
+    says what happened (``connection refused``, ``no answer within 5 s``, ...).
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"{url}: {reason}")
 
 
 class RequestError(NbollamaError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,7 +29,8 @@ __all__ = [
 ]
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
-RequestStatus = Literal["queued", "prefill", "generating", "done", "cancelled", "error"]
+#: "sent": a remote engine sent the request to a server that shows no slots, and no token came yet
+RequestStatus = Literal["queued", "sent", "prefill", "generating", "done", "cancelled", "error"]
 
 _FINAL_STATUS: dict[str, RequestStatus] = {
     "stop": "done",
@@ -91,6 +92,9 @@ class Result:
     queue_wait: float  # submit -> a slot took it
     total_time: float  # submit -> finished
     slot: int | None
+    #: A remote server's own timings of this request, where it gives them (llama-server's
+    #: ``timings``, Ollama's durations): ``prompt_ms``, ``predicted_ms``, ``predicted_per_second``...
+    server_timings: Mapping[str, float] | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -164,6 +168,7 @@ class Handle:
         self._status: RequestStatus = "queued"
         self._slot: int | None = None
         self._completion_tokens = 0
+        self.server_timings: Mapping[str, float] | None = None  # set by a remote engine
         self._result: Result | None = None
         self._exception: NbollamaError | None = None
         self._wakers: list[_LoopWaker] = []
@@ -221,6 +226,7 @@ class Handle:
                 queue_wait=((t.started or t.finished) - t.submitted),
                 total_time=t.finished - t.submitted,
                 slot=self._slot,
+                server_timings=self.server_timings,
             )
             self._status = _FINAL_STATUS[finish_reason]
             if finish_reason == "error":

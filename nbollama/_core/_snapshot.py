@@ -3,6 +3,11 @@
 Widgets, the comm to the JupyterLab panel and the magics all read this one
 shape, so it is JSON-serialisable throughout (no numpy, no enums) and carries
 a version number ``v`` that changes only when a field changes meaning.
+
+A remote engine (``nbollama.remote``) fills the same shape. Where a server does
+not give a figure, the field is ``None`` ("unknown"), never a made-up number;
+those fields are marked "None: unknown remotely" below, and the in-kernel
+engine always fills them. Only a remote snapshot has the ``remote`` block.
 """
 
 from __future__ import annotations
@@ -22,15 +27,19 @@ __all__ = [
     "Totals",
     "ModelSnapshot",
     "EngineSnapshot",
+    "RemoteModelFigures",
+    "RemoteFigures",
 ]
 
 SNAPSHOT_VERSION = 1
 
 #: What the slot is doing right now (llama.cpp's server uses the same words).
-SlotState = Literal["idle", "prefill", "generating"]
+#: "sent" is a remote engine's only: the request went to a server that shows no
+#: slots (Ollama, vLLM) and no token has come back yet (queued there, or prefilling).
+SlotState = Literal["idle", "prefill", "generating", "sent"]
 #: What a UI should show: the state, or for a short while after a request
 #: ended, how it ended.
-SlotBadge = Literal["idle", "prefill", "generating", "done", "cancelled", "error"]
+SlotBadge = Literal["idle", "prefill", "generating", "sent", "done", "cancelled", "error"]
 
 
 class SlotSnapshot(TypedDict):
@@ -39,12 +48,12 @@ class SlotSnapshot(TypedDict):
     badge: SlotBadge
     request_id: int | None  # the request being served, else the last one served
     prompt_preview: str  # first ~80 characters, newlines folded
-    prompt_tokens: int
-    prefilled_tokens: int  # prompt tokens already in the KV cache
+    prompt_tokens: int | None  # None: unknown remotely (Ollama tells at the end)
+    prefilled_tokens: int | None  # prompt tokens already in the KV cache; None: unknown remotely
     decoded_tokens: int
-    max_tokens: int
-    tps: float  # this request's generated tokens/s so far (gen_tps)
-    kv_used: int  # KV cells this slot's sequence holds
+    max_tokens: int | None  # None: unknown remotely (another client's request without a limit)
+    tps: float | None  # this request's generated tokens/s so far (gen_tps); None: not measured yet remotely
+    kv_used: int | None  # KV cells this slot's sequence holds; None: unknown remotely
 
 
 class QueueSnapshot(TypedDict):
@@ -53,9 +62,9 @@ class QueueSnapshot(TypedDict):
 
 
 class KVSnapshot(TypedDict):
-    used: int  # cells holding tokens, summed over slots
-    total: int  # parallel x ctx per slot
-    bytes: int  # size of the KV cache buffers
+    used: int | None  # cells holding tokens, summed over slots; None: unknown remotely
+    total: int | None  # parallel x ctx per slot (a server's own total remotely); None: unknown remotely
+    bytes: int | None  # size of the KV cache buffers; None: unknown remotely
 
 
 class GPUFigures(TypedDict):
@@ -68,13 +77,16 @@ class GPUFigures(TypedDict):
 
 
 class MemoryFigures(TypedDict):
-    source: Literal["nvml", "host"]
-    process_rss: int  # bytes
+    # "remote": a server's memory, which this kernel cannot measure; the process and
+    # host figures are then None, and ``gpus`` holds this machine's GPUs only when
+    # the server runs on this machine (the note says so).
+    source: Literal["nvml", "host", "remote"]
+    process_rss: int | None  # bytes; None: remote
     process_pss: int | None  # proportional set size, Linux only
-    host_total: int
-    host_available: int
+    host_total: int | None  # None: remote
+    host_available: int | None  # None: remote
     gpus: list[GPUFigures]
-    kv_bytes: int
+    kv_bytes: int | None  # None: unknown remotely
     kv_estimate: str  # "4 slots x 2048 ctx x 18.0 KiB/token = 144 MiB"
     note: str  # why the figures come from where they do (e.g. NVML's error)
 
@@ -104,21 +116,59 @@ class Totals(TypedDict):
 class ModelSnapshot(TypedDict):
     name: str
     path: str
-    arch: str
-    size_bytes: int
-    n_params: int
+    arch: str  # "" when a server does not say
+    size_bytes: int | None  # None: unknown remotely
+    n_params: int | None  # None: unknown remotely
 
 
-class EngineSnapshot(TypedDict):
+class RemoteModelFigures(TypedDict):
+    """A model a server holds in memory (Ollama's ``/api/ps``)."""
+
+    name: str
+    size: int | None  # bytes the server holds for it (weights and KV cache)
+    size_vram: int | None  # of those, on GPUs
+    context_length: int | None
+    expires_at: str | None  # when the server unloads it if idle
+
+
+class RemoteFigures(TypedDict):
+    """What a remote engine knows of its server, beyond the shape every engine fills."""
+
+    server_parallel: int | None  # the server's own: total_slots, OLLAMA_NUM_PARALLEL, --max-num-seqs
+    parallel_source: str  # where that came from, or why it is unknown
+    rows: Literal["server slots", "requests in flight"]  # what ``slots`` lists
+    max_inflight: int  # this kernel's limit on requests open at once
+    in_flight: int  # this kernel's requests sent and not finished
+    waiting: int  # this kernel's requests in nbollama's own queue (== queue.length)
+    server_running: int | None  # requests the server runs now, all clients (/metrics)
+    server_waiting: int | None  # requests the server holds back (deferred, waiting), all clients
+    server_throughput: float | None  # generated tokens/s on the server, all clients
+    kv_usage: float | None  # 0..1 of the server's KV cache in use (vLLM)
+    prefix_cache_hit_rate: float | None  # the server's own, all clients (vLLM)
+    server_ttft: float | None  # mean TTFT in seconds, from the server's histogram (vLLM)
+    models: list[RemoteModelFigures]
+    metrics: bool  # /metrics answered at the last poll
+    host_is_local: bool  # the server runs on this machine (then gpus are this machine's)
+    version: str | None
+    reachable: bool  # the last poll (or request) reached the server
+    error: str | None  # why the last poll failed
+    polled_at: float | None  # time.time() of the last poll that answered
+
+
+class _RemotePart(TypedDict, total=False):
+    remote: RemoteFigures  # only in a remote engine's snapshot
+
+
+class EngineSnapshot(_RemotePart):
     v: int
     time: float  # time.time() when taken
     seq: int  # increases whenever anything in the engine changed
     closed: bool
     model: ModelSnapshot
     parallel: int
-    ctx_per_slot: int
-    n_batch: int
-    gpu_layers: int
+    ctx_per_slot: int | None  # None: unknown remotely
+    n_batch: int | None  # None: unknown remotely
+    gpu_layers: int | None  # None: unknown remotely
     parallel_reason: str  # why parallel is what it is
     slots: list[SlotSnapshot]
     queue: QueueSnapshot
