@@ -33,10 +33,21 @@ from .exceptions import (
     NbollamaError,
     PromptTooLongError,
     QueueFullError,
+    RemoteError,
     RequestError,
     RequestFailedError,
 )
-from .session import agenerate, current_engine, generate, load, on_engine_change, set_engine, unload
+from .session import (
+    agenerate,
+    connect,
+    current_engine,
+    disconnect,
+    generate,
+    load,
+    on_engine_change,
+    set_engine,
+    unload,
+)
 
 __version__ = "0.1.0"
 
@@ -50,6 +61,8 @@ __all__ = [
     "set_engine",
     "load",
     "unload",
+    "connect",
+    "disconnect",
     "on_engine_change",
     "generate",
     "agenerate",
@@ -63,6 +76,7 @@ __all__ = [
     "EngineError",
     "EngineClosedError",
     "ContextError",
+    "RemoteError",
     "RequestError",
     "QueueFullError",
     "PromptTooLongError",

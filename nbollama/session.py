@@ -2,7 +2,8 @@
 
 A notebook has one engine at a time. ``load`` replaces it cleanly (the old
 one's requests are cancelled and its memory freed before the new one loads),
-and views follow replacements through ``on_engine_change``.
+``connect`` makes a remote server the engine (``load`` switches back), and
+views follow replacements through ``on_engine_change``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._core._config import LoadOptions
 from ._core._engine import Engine
@@ -19,11 +20,18 @@ from ._core._requests import Result
 from ._logging import logger
 from .models import resolve_model
 
+if TYPE_CHECKING:
+    import ssl
+
+    from .remote import RemoteEngine
+
 __all__ = [
     "current_engine",
     "set_engine",
     "load",
     "unload",
+    "connect",
+    "disconnect",
     "on_engine_change",
     "generate",
     "agenerate",
@@ -81,6 +89,52 @@ def unload() -> bool:
     had = current_engine() is not None
     set_engine(None)
     return had
+
+
+def connect(
+    url: str,
+    *,
+    kind: str = "auto",
+    model: str | None = None,
+    api_key_env: str | None = None,
+    max_inflight: int | None = None,
+    timeout: float = 300.0,
+    ca_bundle: str | None = None,
+    verify: bool | ssl.SSLContext = True,
+) -> RemoteEngine:
+    """Make the server at ``url`` the kernel's engine (llama-server, Ollama, vLLM, OpenAI-compatible).
+
+    The arguments are checked and the server is found (``kind="auto"``: from
+    its own endpoints) before the current engine is closed, so a wrong URL or
+    an unreachable server leaves the working engine in place. The API key, if
+    any, comes from the environment variable named by ``api_key_env``.
+    ``load`` switches back to an in-kernel engine. See ``nbollama.remote.connect``.
+    """
+    from .remote import ConnectOptions, open_remote
+
+    options = ConnectOptions(
+        url,
+        kind=kind,
+        model=model,
+        api_key_env=api_key_env,
+        max_inflight=max_inflight,
+        timeout=timeout,
+        ca_bundle=ca_bundle,
+        verify=verify,
+    )
+    engine = open_remote(options)
+    try:
+        set_engine(engine)
+    except BaseException:
+        engine.close()
+        raise
+    logger.info(engine.summary)
+    return engine
+
+
+def disconnect() -> bool:
+    """Close the kernel's engine, as ``unload`` does; a remote server keeps running. False if there was none."""
+    return unload()
 
 
 def on_engine_change(listener: Callable[[EngineLike | None], object]) -> Callable[[], None]:
