@@ -23,10 +23,14 @@ from IPython.utils.text import DollarFormatter
 
 from .. import session
 from ..bench import SweepResult
+from ..remote import RemoteEngine
+from ..remote._bench import RemoteSweepResult
 from ..results import BackgroundGeneration, Results
 from ._parse import (
     BenchCall,
+    ConnectCall,
     DashboardCall,
+    DisconnectCall,
     GenerateHelpCall,
     LoadCall,
     StatusCall,
@@ -39,11 +43,13 @@ from ._parse import (
 from ._render import (
     NO_ENGINE_MESSAGE,
     StatusReport,
+    disconnected_message,
     generate_help,
     nbollama_help,
     unloaded_message,
 )
 from ._run import (
+    connect,
     load,
     open_dashboard,
     run_bench,
@@ -67,17 +73,20 @@ class NbollamaMagics(Magics):
     """``%nbollama`` and ``%%generate``/``%generate``, registered by ``%load_ext nbollama``."""
 
     @line_magic("nbollama")
-    def nbollama_magic(self, line: str) -> StatusReport | SweepResult | None:
+    def nbollama_magic(self, line: str) -> StatusReport | SweepResult | RemoteSweepResult | None:
         """Manage the kernel's engine: one model, N parallel slots.
 
         Usage::
 
             %nbollama load [MODEL] [--parallel N|auto] [--ctx N] [--gpu-layers N|auto]
-                           [--threads N] [--batch N]
+                           [--threads N] [--batch N] [--no-prefix-cache] [--reproducible]
             %nbollama status
             %nbollama dashboard
             %nbollama bench [--parallel 1,2,4,8] [--prompts N] [--max-tokens N] [--ctx N] [--apply]
             %nbollama unload
+            %nbollama connect URL [--kind auto|llama-server|ollama|vllm|openai] [--model NAME]
+                              [--api-key-env VAR] [--max-inflight N] [--timeout S] [--ca-bundle PATH]
+            %nbollama disconnect
             %nbollama help
 
         ``load`` replaces the kernel's engine (the old one's requests are
@@ -86,7 +95,12 @@ class NbollamaMagics(Magics):
         cache size and the load time. MODEL is a ``.gguf`` path; without it,
         the bundled Gemma 3 270M. ``--ctx`` is the context of ONE slot: the KV
         cache holds parallel × ctx tokens. ``--parallel auto`` picks what fits
-        in memory (``NBOLLAMA_NUM_PARALLEL`` overrides it).
+        in memory (``NBOLLAMA_NUM_PARALLEL`` overrides it). Finished slots keep
+        their tokens' KV and prompts that start alike share one prefill (the
+        prefix cache); ``--no-prefix-cache`` prefills every prompt in full.
+        ``--reproducible`` makes each request's tokens independent of what else
+        runs: of ``parallel``, the slot, the other prompts and when they came
+        (same prompt, same seed, same text), at some cost in throughput.
 
         ``status`` shows slots, queue, throughput, KV cache and memory as a
         table; ``dashboard`` (with ``nbollama.widgets``) a live view of them;
@@ -98,11 +112,28 @@ class NbollamaMagics(Magics):
         memory), the plot and the recommended value (the smallest within 10% of
         the best throughput); ``--apply`` switches the engine to it.
 
+        ``connect`` makes a server the kernel's engine: llama-server, Ollama,
+        vLLM or any OpenAI-compatible one, its kind found from its own
+        endpoints; it prints what was found (kind, model, the server's
+        parallel, the context). ``%%generate``, ``status``, ``dashboard`` and
+        the side panel then show the server; ``load`` switches back.
+        ``--api-key-env VAR`` names the environment variable that holds the
+        API key (never the key itself). ``--max-inflight N`` caps this kernel's
+        requests open at once (default: the server's slot count when it says,
+        else 4); the rest wait in nbollama's queue. On a server, ``bench``
+        sweeps client concurrency (``--concurrency 1,2,4,8,16,32``), infers
+        the server's parallelism from the TTFT staircase and recommends a
+        setting in the server's words (``OLLAMA_NUM_PARALLEL``, ``-np``,
+        ``--max-num-seqs``). ``disconnect`` closes the connection; the server
+        keeps running.
+
         Examples::
 
             %nbollama load
             %nbollama load ~/models/qwen2.5-0.5b-q4_k_m.gguf --parallel 4 --ctx 2048
             %nbollama status
+            %nbollama connect http://gpu-box:11434
+            %nbollama connect https://llm.example.org/v1 --kind openai --model m --api-key-env EXAMPLE_KEY
         """
         call = parse_nbollama(line)
         if isinstance(call, LoadCall):
@@ -121,6 +152,18 @@ class NbollamaMagics(Magics):
             return run_bench(call)
         if isinstance(call, UnloadCall):
             print(unloaded_message(session.unload()))
+            return None
+        if isinstance(call, ConnectCall):
+            print(connect(call).summary)
+            return None
+        if isinstance(call, DisconnectCall):
+            engine = session.current_engine()
+            if isinstance(engine, RemoteEngine):
+                what = f"disconnected from {engine.kind} at {engine.url} (the server keeps running)"
+            else:
+                what = None if engine is None else "engine closed, its memory freed"
+            session.disconnect()
+            print(disconnected_message(what))
             return None
         print(nbollama_help(call))
         return None

@@ -30,6 +30,8 @@ __all__ = [
     "DashboardCall",
     "BenchCall",
     "UnloadCall",
+    "ConnectCall",
+    "DisconnectCall",
     "HelpCall",
     "NbollamaCall",
     "GenerateCall",
@@ -61,6 +63,8 @@ COMMANDS: dict[str, str] = {
     "dashboard": "a live dashboard of the kernel's engine",
     "bench": "measure throughput and latency at several parallel values; recommend one",
     "unload": "close the engine and free its memory",
+    "connect": "use a llama-server, Ollama, vLLM or OpenAI-compatible server as the kernel's engine",
+    "disconnect": "close the connection to the server (it keeps running); like unload",
     "help": "this help",
 }
 
@@ -147,6 +151,16 @@ def _parallel_list(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("give parallel values as N,N,... (e.g. 1,2,4,8)")
     return [_positive_int(v) for v in values]
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be > 0 seconds")
+    return value
 
 
 def _variable(text: str) -> str:
@@ -270,8 +284,19 @@ def _nbollama_parser(*, dashboard: bool) -> tuple[_Parser, dict[str, _Parser]]:
     load.add_argument("--gpu-layers", type=_int_or_auto, metavar="N|auto")
     load.add_argument("--threads", type=_positive_int, metavar="N")
     load.add_argument("--batch", type=_positive_int, metavar="N")
+    load.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None)
+    load.add_argument("--reproducible", action="store_true", default=None)
+    connect = subs["connect"]
+    connect.add_argument("url", metavar="URL")
+    connect.add_argument("--kind", choices=_remote_kinds(), default="auto")
+    connect.add_argument("--model", metavar="NAME")
+    connect.add_argument("--api-key-env", metavar="VAR")
+    connect.add_argument("--max-inflight", type=_positive_int, metavar="N")
+    connect.add_argument("--timeout", type=_positive_seconds, metavar="SECONDS")
+    connect.add_argument("--ca-bundle", metavar="PATH")
     bench = subs["bench"]
-    bench.add_argument("--parallel", type=_parallel_list, default=[1, 2, 4, 8], metavar="N,N,...")
+    # a remote engine sweeps client concurrency (default 1,2,4,8,16,32); the local one parallel (1,2,4,8)
+    bench.add_argument("--parallel", "--concurrency", dest="parallel", type=_parallel_list, default=None, metavar="N,N,...")
     bench.add_argument("--prompts", type=_positive_int, default=16, metavar="N")
     bench.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N")
     bench.add_argument("--ctx", type=_positive_int, metavar="N")
@@ -292,6 +317,8 @@ class LoadCall:
     n_batch: int | None = None
     gpu_layers: int | Literal["auto"] | None = None
     threads: int | None = None
+    prefix_cache: bool | None = None
+    reproducible: bool | None = None
 
     def options(self) -> dict[str, Any]:
         """Keywords for ``session.load``: only those given, so the engine's defaults hold."""
@@ -301,6 +328,8 @@ class LoadCall:
             "n_batch": self.n_batch,
             "gpu_layers": self.gpu_layers,
             "threads": self.threads,
+            "prefix_cache": self.prefix_cache,
+            "reproducible": self.reproducible,
         }
         return {key: value for key, value in given.items() if value is not None}
 
@@ -317,9 +346,9 @@ class DashboardCall:
 
 @dataclass(frozen=True)
 class BenchCall:
-    """``%nbollama bench``: the sweep's arguments."""
+    """``%nbollama bench``: the sweep's arguments (``parallel`` None: the engine kind's default values)."""
 
-    parallel: tuple[int, ...]
+    parallel: tuple[int, ...] | None
     prompts: int
     max_tokens: int
     ctx: int | None
@@ -332,13 +361,59 @@ class UnloadCall:
 
 
 @dataclass(frozen=True)
+class ConnectCall:
+    """``%nbollama connect URL``: where, and how; checked (URL, kind, the key's variable) before any network call.
+
+    Only the NAME of the API key's environment variable is kept, never the key.
+    """
+
+    url: str
+    kind: str = "auto"
+    model: str | None = None
+    api_key_env: str | None = None
+    max_inflight: int | None = None
+    timeout: float | None = None
+    ca_bundle: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        """Keywords for ``session.connect``: only those given."""
+        given = {
+            "kind": self.kind,
+            "model": self.model,
+            "api_key_env": self.api_key_env,
+            "max_inflight": self.max_inflight,
+            "timeout": self.timeout,
+            "ca_bundle": self.ca_bundle,
+        }
+        return {key: value for key, value in given.items() if value is not None}
+
+    def __repr__(self) -> str:
+        from ..remote import redact_url
+
+        return f"ConnectCall(url={redact_url(self.url)!r}, kind={self.kind!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+
+@dataclass(frozen=True)
+class DisconnectCall:
+    """``%nbollama disconnect``."""
+
+
+@dataclass(frozen=True)
 class HelpCall:
     """``%nbollama help`` (or no command): each command's usage line and what it does."""
 
     commands: tuple[tuple[str, str], ...]
 
 
-NbollamaCall: TypeAlias = LoadCall | StatusCall | DashboardCall | BenchCall | UnloadCall | HelpCall
+NbollamaCall: TypeAlias = (
+    LoadCall | StatusCall | DashboardCall | BenchCall | UnloadCall | ConnectCall | DisconnectCall | HelpCall
+)
+
+
+def _remote_kinds() -> tuple[str, ...]:
+    from ..remote import KINDS
+
+    return KINDS
 
 
 def _check_load_options(prog: str, **options: Any) -> None:
@@ -361,6 +436,8 @@ def parse_nbollama(line: str) -> NbollamaCall:
             n_batch=args.batch,
             gpu_layers=args.gpu_layers,
             threads=args.threads,
+            prefix_cache=args.prefix_cache,
+            reproducible=args.reproducible,
         )
         _check_load_options("%nbollama load", **call.options())
         return call
@@ -372,7 +449,7 @@ def parse_nbollama(line: str) -> NbollamaCall:
         if args.ctx is not None:
             _check_load_options("%nbollama bench", ctx=args.ctx)
         return BenchCall(
-            parallel=tuple(args.parallel),
+            parallel=tuple(args.parallel) if args.parallel is not None else None,
             prompts=args.prompts,
             max_tokens=args.max_tokens,
             ctx=args.ctx,
@@ -380,6 +457,25 @@ def parse_nbollama(line: str) -> NbollamaCall:
         )
     if command == "unload":
         return UnloadCall()
+    if command == "connect":
+        call = ConnectCall(
+            url=args.url,
+            kind=args.kind,
+            model=args.model,
+            api_key_env=args.api_key_env,
+            max_inflight=args.max_inflight,
+            timeout=args.timeout,
+            ca_bundle=args.ca_bundle,
+        )
+        from ..remote import check_connect
+
+        try:
+            check_connect(call.url, **call.options())  # the URL, the key's variable, the CA file
+        except InvalidParamsError as exc:
+            raise UsageError(f"%nbollama connect: {exc}") from None
+        return call
+    if command == "disconnect":
+        return DisconnectCall()
     usages = tuple(
         (" ".join(sub.format_usage().split()).removeprefix("usage: "), COMMANDS[name])
         for name, sub in subs.items()

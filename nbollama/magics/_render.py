@@ -27,7 +27,9 @@ __all__ = [
     "default_loaded_message",
     "default_loaded_for_bench_message",
     "applied_message",
+    "applied_inflight_message",
     "unloaded_message",
+    "disconnected_message",
     "NO_ENGINE_MESSAGE",
 ]
 
@@ -55,6 +57,21 @@ def default_loaded_for_bench_message(summary: str) -> str:
 def applied_message(parallel: int, summary: str) -> str:
     """What ``%nbollama bench --apply`` prints once the engine runs at the recommended value."""
     return f"nbollama: applied parallel={parallel}: {summary}"
+
+
+def applied_inflight_message(n: int, url: str) -> str:
+    """What ``%nbollama bench --apply`` prints on a remote engine (the server's own setting is its admin's)."""
+    return (
+        f"nbollama: this kernel now sends at most {n} requests at once to {url} "
+        "(the server's own setting is above, to give its admin)"
+    )
+
+
+def disconnected_message(what: str | None) -> str:
+    """What ``%nbollama disconnect`` prints: which server was let go, or what was closed."""
+    if what is None:
+        return "nbollama: no engine was loaded"
+    return f"nbollama: {what}"
 
 
 def unloaded_message(had_engine: bool) -> str:
@@ -223,13 +240,95 @@ def generate_help(call: GenerateHelpCall, doc: str) -> str:
 # -- %nbollama status ----------------------------------------------------------------------------
 
 
+def _known(value: object, unit: str = "") -> str:
+    """A figure, or "unknown" (a remote server does not give every figure)."""
+    return "unknown" if value is None else f"{value}{unit}"
+
+
+def _known_bytes(value: int | None) -> str:
+    return "unknown" if value is None else format_bytes(value)
+
+
+def _prefix_cache_line(snapshot: EngineSnapshot) -> str:
+    """Whether prompts reuse cached prefixes, and how much of all prompt tokens that saved."""
+    cache = snapshot["prefix_cache"]
+    if not cache["enabled"]:
+        return "off (every prompt is prefilled in full)"
+    totals = snapshot["totals"]
+    return (
+        f"on — hit rate {cache['hit_rate']:.0%}: {totals['cached_tokens']} of {totals['prompt_tokens']} "
+        f"prompt tokens reused, {cache['shared_prefills']} prefixes shared across slots"
+    )
+
+
 class StatusReport:
     """A snapshot of the engine as a table: what ``%nbollama status`` returns."""
 
     def __init__(self, snapshot: EngineSnapshot) -> None:
         self.snapshot = snapshot
 
+    @property
+    def remote(self) -> bool:
+        return self.snapshot.get("remote") is not None
+
+    def _remote_lines(self) -> dict[str, str]:
+        """The facts of a remote engine: what the server says, what this kernel measures, and the unknowns."""
+        s = self.snapshot
+        r = s["remote"]  # type: ignore[typeddict-item]
+        model = s["model"]
+        memory = s["memory"]
+        kv = s["kv"]
+        where = f"{s.get('kind', 'remote')}{' ' + r['version'] if r['version'] else ''} at {s.get('endpoint')}"
+        if r["host_is_local"]:
+            where += " (this machine)"
+        if not r["reachable"]:
+            where += f" — unreachable at the last look: {r['error']}"
+        details = [part for part in (model["arch"], model["size_bytes"] and format_bytes(model["size_bytes"])) if part]
+        rows = "server slots" if r["rows"] == "server slots" else "of this kernel's requests in flight"
+        server_queue = (
+            f"server: {_known(r['server_running'])} running, {_known(r['server_waiting'])} waiting (all clients)"
+        )
+        kv_text = f"{_known(kv['used'])}/{_known(kv['total'])} tokens"
+        if r["kv_usage"] is not None:
+            kv_text += f", {r['kv_usage']:.0%} in use"
+        if r["prefix_cache_hit_rate"] is not None:
+            kv_text += f", server prefix-cache hit rate {r['prefix_cache_hit_rate']:.0%}"
+        memory_parts = [
+            f"GPU {g['index']} {g['name']}: {format_bytes(g['used'])} / {format_bytes(g['total'])} used"
+            for g in memory["gpus"]
+        ]
+        memory_parts += [
+            f"{m['name']}: {_known_bytes(m['size'])} (VRAM {_known_bytes(m['size_vram'])}), context {_known(m['context_length'])}"
+            for m in r["models"]
+        ]
+        throughput = f"{s['throughput']:.1f} tok/s received by this kernel over the last {s['throughput_window']:.0f} s"
+        if r["server_throughput"] is not None:
+            throughput += f"; server {r['server_throughput']:.1f} tok/s (all clients)"
+        if r["server_ttft"] is not None:
+            throughput += f"; server mean TTFT {r['server_ttft']:.2f} s"
+        totals = s["totals"]
+        return {
+            "server": where,
+            "model": model["name"] + (f" ({', '.join(details)})" if details else "") + (f" — {model['path']}" if model["path"] else ""),
+            "parallel": f"{_known(r['server_parallel'])} ({r['parallel_source']})",
+            "context": f"{_known(s['ctx_per_slot'])} tokens per request",
+            "this kernel": (
+                f"at most {r['max_inflight']} in flight: {r['in_flight']} in flight, "
+                f"{r['waiting']} waiting in nbollama's queue (max {s['queue']['max']})"
+            ),
+            "queue": f"{s['busy_slots']}/{s['parallel']} {rows} busy; {server_queue}",
+            "throughput": throughput,
+            "KV cache": kv_text,
+            "memory": "; ".join(memory_parts + [memory["note"]]),
+            "totals": (
+                f"{totals['submitted']} submitted, {totals['completed']} completed, {totals['cancelled']} cancelled, "
+                f"{totals['errors']} errors; {totals['prompt_tokens']} prompt + {totals['generated_tokens']} generated tokens"
+            ),
+        }
+
     def _lines(self) -> dict[str, str]:
+        if self.remote:
+            return self._remote_lines()
         s = self.snapshot
         memory = s["memory"]
         totals = s["totals"]
@@ -249,10 +348,12 @@ class StatusReport:
         )
         return {
             "model": f"{s['model']['name']} ({s['model']['arch']}, {format_bytes(s['model']['size_bytes'])}) — {s['model']['path']}",
-            "parallel": f"{s['parallel']} slots × {s['ctx_per_slot']} ctx — {s['parallel_reason']}",
+            "parallel": f"{s['parallel']} slots × {s['ctx_per_slot']} ctx — {s['parallel_reason']}"
+            + (" — reproducible mode (tokens independent of the batch)" if s.get("reproducible") else ""),
             "queue": f"{s['queue']['length']} waiting (max {s['queue']['max']}), {s['busy_slots']}/{s['parallel']} slots busy",
             "throughput": f"{s['throughput']:.1f} tok/s over the last {s['throughput_window']:.0f} s",
             "KV cache": f"{kv['used']}/{kv['total']} cells used, {format_bytes(kv['bytes'])} ({memory['kv_estimate']})",
+            "prefix cache": _prefix_cache_line(s),
             "memory": host
             + (f"; {gpus}" if gpus else "")
             + (f" — {memory['note']}" if memory["note"] else ""),
@@ -264,20 +365,28 @@ class StatusReport:
 
     def _slot_rows(self) -> list[list[str]]:
         rows = []
+        unknown = "?"
         for slot in self.snapshot["slots"]:
             busy = slot["state"] != "idle"
-            rows.append(
-                [
-                    str(slot["id"]),
-                    slot["badge"],
-                    "" if slot["request_id"] is None else str(slot["request_id"]),
-                    f"{slot['prefilled_tokens']}/{slot['prompt_tokens']}" if busy else "",
-                    f"{slot['decoded_tokens']}/{slot['max_tokens']}" if busy else "",
-                    f"{slot['tps']:.1f}" if busy else "",
-                    str(slot["kv_used"]),
-                    slot["prompt_preview"] if busy or slot["badge"] != "idle" else "",
-                ]
-            )
+            prefilled = unknown if slot["prefilled_tokens"] is None else str(slot["prefilled_tokens"])
+            prompt = unknown if slot["prompt_tokens"] is None else str(slot["prompt_tokens"])
+            limit = unknown if slot["max_tokens"] is None else str(slot["max_tokens"])
+            preview = slot["prompt_preview"]
+            if self.remote and busy and slot.get("origin") == "another client":
+                preview = preview or "(another client's request)"
+            row = [
+                str(slot["id"]),
+                slot["badge"],
+                "" if slot["request_id"] is None else str(slot["request_id"]),
+                f"{prefilled}/{prompt}" if busy else "",
+                f"{slot['decoded_tokens']}/{limit}" if busy else "",
+                (unknown if slot["tps"] is None else f"{slot['tps']:.1f}") if busy else "",
+                unknown if slot["kv_used"] is None else str(slot["kv_used"]),
+                preview if busy or slot["badge"] != "idle" else "",
+            ]
+            if self.remote:
+                row.insert(2, slot.get("origin", "this kernel") if busy else "")
+            rows.append(row)
         return rows
 
     _HEADERS = (
@@ -291,11 +400,24 @@ class StatusReport:
         "prompt",
     )
 
+    @property
+    def _headers(self) -> tuple[str, ...]:
+        if self.remote:
+            return (*self._HEADERS[:2], "client", *self._HEADERS[2:])
+        return self._HEADERS
+
+    @property
+    def _title(self) -> str:
+        if self.remote:
+            return f"nbollama remote engine ({self.snapshot.get('kind')})"
+        return "nbollama engine"
+
     def __repr__(self) -> str:
-        lines = [f"nbollama engine{' (closed)' if self.snapshot['closed'] else ''}"]
-        lines += [f"  {key:<10} {value}" for key, value in self._lines().items()]
-        rows = [list(self._HEADERS), *self._slot_rows()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(self._HEADERS) - 1)]
+        lines = [f"{self._title}{' (closed)' if self.snapshot['closed'] else ''}"]
+        lines += [f"  {key:<11} {value}" if self.remote else f"  {key:<10} {value}" for key, value in self._lines().items()]
+        headers = self._headers
+        rows = [list(headers), *self._slot_rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(headers) - 1)]
         for row in rows:
             cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
             lines.append(
@@ -309,7 +431,7 @@ class StatusReport:
             f'<td style="text-align:left">{html.escape(value)}</td></tr>'
             for key, value in self._lines().items()
         )
-        head = "".join(f'<th style="text-align:left">{h}</th>' for h in self._HEADERS)
+        head = "".join(f'<th style="text-align:left">{h}</th>' for h in self._headers)
         body = []
         for row in self._slot_rows():
             colour = BADGE_COLOURS.get(row[1], "#9e9e9e")
@@ -323,7 +445,7 @@ class StatusReport:
             )
         closed = " (closed)" if self.snapshot["closed"] else ""
         return (
-            f'<div class="nbollama-status"><b>nbollama engine{closed}</b>'
+            f'<div class="nbollama-status"><b>{html.escape(self._title)}{closed}</b>'
             f'<table class="nbollama-status-facts">{facts}</table>'
             f'<table class="nbollama-status-slots"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>"

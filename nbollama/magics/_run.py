@@ -24,9 +24,12 @@ from .._logging import logger
 from ..bench import SweepResult, sweep
 from ..engine import Engine, EngineLike, Handle
 from ..exceptions import ModelError, NbollamaError
+from ..remote import RemoteEngine
+from ..remote._bench import DEFAULT_CONCURRENCY, RemoteSweepResult, remote_sweep
 from ..results import BackgroundGeneration, Results
-from ._parse import BenchCall, GenerateCall, LoadCall
+from ._parse import BenchCall, ConnectCall, GenerateCall, LoadCall
 from ._render import (
+    applied_inflight_message,
     applied_message,
     default_loaded_for_bench_message,
     default_loaded_message,
@@ -39,6 +42,7 @@ __all__ = [
     "CellRun",
     "load_engine",
     "load",
+    "connect",
     "start_cell",
     "run_in_foreground",
     "run_in_background",
@@ -64,7 +68,7 @@ class _DropSummary(logging.Filter):
         return not (
             record.thread == self.thread
             and record.levelno == logging.INFO
-            and record.getMessage().startswith("nbollama: model=")
+            and record.getMessage().startswith(("nbollama: model=", "nbollama: connected to "))
         )
 
 
@@ -99,6 +103,19 @@ def load_engine(prog: str, model: str | None = None, **options: Any) -> Engine:
 def load(call: LoadCall) -> Engine:
     """``%nbollama load``: replace the kernel's engine."""
     return load_engine("%nbollama load", call.model, **call.options())
+
+
+def connect(call: ConnectCall) -> RemoteEngine:
+    """``%nbollama connect``: a server becomes the kernel's engine (the current one stays if it cannot)."""
+    had_engine = session.current_engine() is not None
+    try:
+        with _summary_printed_here():
+            return session.connect(call.url, **call.options())
+    except NbollamaError as exc:
+        message = f"%nbollama connect: {exc}"
+    if had_engine:
+        message += " (the previous engine is still loaded)"
+    raise UsageError(message)
 
 
 def _kernel_engine_or_default(prog: str) -> EngineLike:
@@ -312,12 +329,44 @@ def run_in_background(
 # -- %nbollama bench and dashboard ---------------------------------------------------------------
 
 
-def run_bench(call: BenchCall) -> SweepResult:
+def _show_figure(figure: Any) -> None:
+    import plotly.io as pio
+
+    # plotly picks its renderer when first imported; imported outside a kernel it has none
+    pio.show(figure, renderer=pio.renderers.default or "plotly_mimetype+notebook")
+
+
+def run_remote_bench(engine: RemoteEngine, call: BenchCall) -> RemoteSweepResult:
+    """The concurrency sweep against the server; ``--apply`` sets this kernel's in-flight limit."""
+    if call.ctx is not None:
+        raise UsageError(
+            "%nbollama bench: --ctx is the server's own setting; against a server the sweep varies "
+            "only how many requests are in flight (--concurrency)"
+        )
+    try:
+        result = remote_sweep(
+            engine,
+            concurrency=call.parallel or DEFAULT_CONCURRENCY,
+            n_prompts=call.prompts,
+            max_tokens=call.max_tokens,
+        )
+    except (ValueError, NbollamaError) as exc:
+        raise UsageError(f"%nbollama bench: {exc}") from None
+    _show_figure(result.figure())
+    if call.apply:
+        engine.set_max_inflight(result.recommended_inflight, reason="set by %nbollama bench --apply")
+        print(applied_inflight_message(result.recommended_inflight, engine.url))
+    return result
+
+
+def run_bench(call: BenchCall) -> SweepResult | RemoteSweepResult:
     """The parallelism sweep on the kernel's engine; ``--apply`` switches it to the recommended value."""
     engine = session.current_engine()
     if engine is None:
         engine = load_engine("%nbollama bench")
         print(default_loaded_for_bench_message(engine.summary))
+    if isinstance(engine, RemoteEngine):
+        return run_remote_bench(engine, call)
     if not isinstance(engine, Engine):
         raise UsageError(
             f"%nbollama bench: the sweep needs an in-kernel engine (nbollama.Engine), "
@@ -326,17 +375,14 @@ def run_bench(call: BenchCall) -> SweepResult:
     try:
         result = sweep(
             engine,
-            parallel=call.parallel,
+            parallel=call.parallel or (1, 2, 4, 8),
             n_prompts=call.prompts,
             max_tokens=call.max_tokens,
             ctx=call.ctx,
         )
     except ValueError as exc:
         raise UsageError(f"%nbollama bench: {exc}") from None
-    import plotly.io as pio
-
-    # plotly picks its renderer when first imported; imported outside a kernel it has none
-    pio.show(result.figure(), renderer=pio.renderers.default or "plotly_mimetype+notebook")
+    _show_figure(result.figure())
     if call.apply:
         with _summary_printed_here():
             applied = engine.spawn(parallel=result.recommended, ctx=engine.ctx)
