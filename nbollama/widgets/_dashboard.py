@@ -57,10 +57,14 @@ class Dashboard(widgets.VBox):
     following_session = Bool(False)
     model_name = Unicode("")
     parallel = Int(0)
-    ctx_per_slot = Int(0)
-    n_batch = Int(0)
-    gpu_layers = Int(0)
+    ctx_per_slot = Int(0, allow_none=True)  # None: a remote server that does not say
+    n_batch = Int(0, allow_none=True)
+    gpu_layers = Int(0, allow_none=True)
     parallel_reason = Unicode("")
+    #: "local", or the kind of server ("llama-server", "ollama", "vllm", "openai")
+    kind = Unicode("local")
+    #: a remote engine's URL (credentials redacted), "" for the local engine
+    endpoint = Unicode("")
     snapshot_seq = Int(-1)
     #: snapshots shown so far (the first render included)
     updates = Int(0)
@@ -168,14 +172,49 @@ class Dashboard(widgets.VBox):
         self.n_batch = snapshot["n_batch"]
         self.gpu_layers = snapshot["gpu_layers"]
         self.parallel_reason = snapshot["parallel_reason"]
+        self.reproducible = bool(snapshot.get("reproducible"))
+        cache = snapshot.get("prefix_cache")
+        self.prefix_cache = (
+            "" if cache is None else f"prefix cache {cache['hit_rate']:.0%} hit" if cache["enabled"] else "prefix cache off"
+        )
+        self.kind = snapshot.get("kind", "local")
+        self.endpoint = snapshot.get("endpoint") or ""
+        self._remote = snapshot.get("remote")
 
     # -- rendering ----------------------------------------------------------------------
+
+    _remote: Any = None
+    #: "prefix cache 42% hit" / "prefix cache off" (local engines), from the snapshot
+    prefix_cache: str = ""
+    #: batch-invariant decoding (``%nbollama load --reproducible``)
+    reproducible: bool = False
+
+    def _remote_header(self, pill: str) -> tuple[str, str]:
+        """The header of a remote engine: server, model, its parallel and context, this kernel's share."""
+        remote = self._remote or {}
+
+        def known(value: object) -> str:
+            return "unknown" if value is None else str(value)
+
+        line = (
+            f"<b>nbollama</b> · {html.escape(self.kind)} <code>{html.escape(self.endpoint)}</code> · "
+            f"<b>{html.escape(self.model_name)}</b> · server parallel <b>{known(remote.get('server_parallel'))}</b> · "
+            f"ctx {known(self.ctx_per_slot)} · in flight {remote.get('in_flight', 0)}/{remote.get('max_inflight', '?')}"
+            f" · queued {remote.get('waiting', 0)} {pill}"
+        )
+        detail = html.escape(remote.get("parallel_source", "") or self.parallel_reason)
+        if remote and not remote.get("reachable", True):
+            detail = (
+                f'<span style="color:#c62828">server unreachable: {html.escape(str(remote.get("error")))}</span> · '
+                + detail
+            )
+        return line, detail
 
     def _header_html(self) -> str:
         colour = _STATUS_COLOURS.get(self.status, "#9e9e9e")
         device = (
             "CPU"
-            if self.gpu_layers == 0
+            if self.gpu_layers == 0 or self.gpu_layers is None
             else ("GPU (all layers)" if self.gpu_layers < 0 else f"GPU ({self.gpu_layers} layers)")
         )
         pill = (
@@ -184,9 +223,20 @@ class Dashboard(widgets.VBox):
         )
         line = (
             f"<b>nbollama</b> · <b>{html.escape(self.model_name)}</b> · parallel <b>{self.parallel}</b> · "
-            f"ctx/slot <b>{self.ctx_per_slot}</b> · n_batch {self.n_batch} · {device} {pill}"
+            f"ctx/slot <b>{self.ctx_per_slot}</b> · n_batch {self.n_batch} · {device}"
+            + (" · <b>reproducible</b>" if self.reproducible else "")
+            + (f" · {html.escape(self.prefix_cache)}" if self.prefix_cache else "")
+            + f" {pill}"
         )
         reason = html.escape(self.parallel_reason)
+        if self.kind != "local":
+            line, detail = self._remote_header(pill)
+            if self.compact:
+                return f'<div class="nbollama-header" style="font-size:12px" title="{reason}">{line}</div>'
+            return (
+                f'<div class="nbollama-header nbollama-header-remote" style="font-size:13px">{line}'
+                f'<div style="color:#757575;font-size:11px">server parallel: {detail}</div></div>'
+            )
         if self.compact:
             return (
                 f'<div class="nbollama-header" style="font-size:12px" title="{reason}">{line}</div>'
@@ -203,7 +253,7 @@ class Dashboard(widgets.VBox):
             f"{snapshot['throughput']:.1f} tok/s · {snapshot['busy_slots']}/{snapshot['parallel']} busy · "
             f"queue {snapshot['queue']['length']} · {totals['completed']} done · "
             f"{html.escape(memory_summary(snapshot['memory']))} · "
-            f"KV used {snapshot['kv']['used']}/{snapshot['kv']['total']} tok</div>"
+            f"KV used {_known(snapshot['kv']['used'])}/{_known(snapshot['kv']['total'])} tok</div>"
         )
 
     def stop(self) -> None:
@@ -225,6 +275,10 @@ class Dashboard(widgets.VBox):
         return (
             f"<nbollama Dashboard {self.status} {self.model_name or '-'} parallel={self.parallel}>"
         )
+
+
+def _known(value: object) -> str:
+    return "?" if value is None else str(value)
 
 
 def dashboard(engine: EngineLike | None = None, *, compact: bool = False) -> Dashboard:

@@ -16,7 +16,7 @@ import ipywidgets as widgets
 from traitlets import Bool, Dict, Int, List, Unicode
 
 from .._core._protocol import EngineLike
-from .._core._snapshot import EngineSnapshot, MemoryFigures
+from .._core._snapshot import EngineSnapshot, KVSnapshot, MemoryFigures, RemoteFigures
 from ..memory import format_bytes
 from ._live import DEFAULT_INTERVAL, LiveView
 
@@ -47,8 +47,58 @@ def _row(label: str, value: str) -> str:
     )
 
 
-def memory_html(figures: MemoryFigures) -> str:
+def _known_bytes(value: int | None) -> str:
+    return "unknown" if value is None else format_bytes(value)
+
+
+def _remote_memory_html(
+    figures: MemoryFigures, remote: RemoteFigures | None, kv: KVSnapshot | None
+) -> str:
+    """A server's memory: what it reports (Ollama's models, vLLM's KV use), this machine's GPUs
+    only when the server runs here, and "unknown" for the rest."""
+    parts: list[str] = ['<div class="nbollama-memory nbollama-memory-remote" style="font-size:12px;line-height:1.5">']
+    for gpu in figures["gpus"]:
+        title = f"GPU {gpu['index']} · {html.escape(gpu['name'])} · this machine (the server's host)"
+        parts.append(
+            f'<div class="nbollama-gpu" style="margin-bottom:4px"><b>{title}</b><br>'
+            f'<span style="font-family:monospace">{format_bytes(gpu["used"])} / {format_bytes(gpu["total"])} used · '
+            f'{format_bytes(gpu["free"])} free</span><br>{_bar(gpu["used"], gpu["total"], "#90caf9")}</div>'
+        )
+    rows: list[str] = []
+    for model in (remote or {}).get("models", []) if remote else []:
+        share = ""
+        if model["size"] and model["size_vram"] is not None:
+            share = f" ({model['size_vram'] / model['size']:.0%} on GPU)"
+        rows.append(
+            _row(
+                html.escape(model["name"]),
+                f"{_known_bytes(model['size'])}, VRAM {_known_bytes(model['size_vram'])}{share}"
+                + (f", context {model['context_length']}" if model["context_length"] is not None else ""),
+            )
+        )
+    if remote is not None and remote["kv_usage"] is not None:
+        total = kv["total"] if kv is not None else None
+        rows.append(
+            _row("server KV cache", f"{remote['kv_usage']:.0%} in use" + (f" of {total} tokens" if total else ""))
+        )
+    elif kv is not None and kv["total"] is not None:
+        rows.append(_row("server KV cache", f"{kv['total']} tokens (slots x ctx/slot); bytes unknown"))
+    else:
+        rows.append(_row("KV cache", "unknown (the server does not say)"))
+    parts.append(f'<table style="border-collapse:collapse;margin-top:4px">{"".join(rows)}</table>')
+    parts.append(
+        f'<div class="nbollama-memory-note" style="color:#9e9e9e;font-size:11px">{html.escape(figures["note"])}</div>'
+    )
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def memory_html(
+    figures: MemoryFigures, remote: RemoteFigures | None = None, kv: KVSnapshot | None = None
+) -> str:
     """The panel's body for one set of figures (plain HTML, so it also works in a static render)."""
+    if figures["source"] == "remote":
+        return _remote_memory_html(figures, remote, kv)
     parts: list[str] = ['<div class="nbollama-memory" style="font-size:12px;line-height:1.5">']
     if figures["source"] == "nvml" and figures["gpus"]:
         for gpu in figures["gpus"]:
@@ -95,6 +145,11 @@ def memory_html(figures: MemoryFigures) -> str:
 
 def memory_summary(figures: MemoryFigures) -> str:
     """One line for the compact dashboard: VRAM (or RSS/PSS) and the KV cache."""
+    if figures["source"] == "remote":
+        used = sum(g["used"] for g in figures["gpus"])
+        total = sum(g["total"] for g in figures["gpus"])
+        text = f"VRAM here {format_bytes(used)}/{format_bytes(total)}" if figures["gpus"] else "server memory unknown"
+        return f"{text} · KV {_known_bytes(figures['kv_bytes'])}"
     if figures["source"] == "nvml" and figures["gpus"]:
         used = sum(g["used"] for g in figures["gpus"])
         total = sum(g["total"] for g in figures["gpus"])
@@ -116,13 +171,13 @@ class MemoryPanel(LiveView, widgets.VBox):
     ``MemoryFigures`` (the snapshot's ``memory``), ``update(snapshot)`` a snapshot.
     """
 
-    source = Unicode("host")
-    process_rss = Int(0)
+    source = Unicode("host")  # "nvml", "host", or "remote" (a server's memory: figures may be None)
+    process_rss = Int(0, allow_none=True)
     process_pss = Int(None, allow_none=True)
-    host_total = Int(0)
-    host_available = Int(0)
+    host_total = Int(0, allow_none=True)
+    host_available = Int(0, allow_none=True)
     gpus = List(Dict())
-    kv_bytes = Int(0)
+    kv_bytes = Int(0, allow_none=True)
     kv_estimate = Unicode("")
     note = Unicode("")
     engine_closed = Bool(False)
@@ -152,9 +207,11 @@ class MemoryPanel(LiveView, widgets.VBox):
             self.engine_closed = True
             self._title.value = '<b>Memory</b> <span style="color:#c62828">(engine closed: figures from before)</span>'
             return
-        self.show(snapshot["memory"])
+        self.show(snapshot["memory"], remote=snapshot.get("remote"), kv=snapshot["kv"])
 
-    def show(self, figures: MemoryFigures) -> None:
+    def show(
+        self, figures: MemoryFigures, *, remote: RemoteFigures | None = None, kv: KVSnapshot | None = None
+    ) -> None:
         """Render one set of figures (from a snapshot, or ``nbollama.memory.memory_figures()``)."""
         self.source = figures["source"]
         self.process_rss = figures["process_rss"]
@@ -165,8 +222,8 @@ class MemoryPanel(LiveView, widgets.VBox):
         self.kv_bytes = figures["kv_bytes"]
         self.kv_estimate = figures["kv_estimate"]
         self.note = figures["note"]
-        self._title.value = "<b>Memory</b>" + (
-            " · NVML" if figures["source"] == "nvml" else " · host"
+        self._title.value = "<b>Memory</b>" + {"nvml": " · NVML", "remote": " · server"}.get(
+            figures["source"], " · host"
         )
-        self._body.value = memory_html(figures)  # an unchanged string sends nothing
+        self._body.value = memory_html(figures, remote, kv)  # an unchanged string sends nothing
 

@@ -25,6 +25,7 @@ BADGE_HISTORY = 200
 
 _BAR_STYLES: dict[str, str] = {
     "idle": "",
+    "sent": "",
     "prefill": "warning",
     "generating": "info",
     "done": "success",
@@ -44,20 +45,39 @@ def badge_html(badge: str) -> str:
     )
 
 
+def _cache_tag(cached: int) -> str:
+    """A small mark for a prefix-cache hit: the prompt tokens that were not computed again."""
+    return (
+        f'<span class="nbollama-cache-hit" title="{cached} prompt tokens reused from the prefix cache" '
+        'style="float:left;margin-right:4px;padding:0 4px;border-radius:6px;background:#e8f5e9;'
+        f'color:#2e7d32;font-size:11px">cache {cached}</span>'
+    )
+
+
 class SlotRow(widgets.HBox):
-    """One slot: badge, prompt preview, decoded/max tokens as a bar with tokens/s beside it."""
+    """One slot: badge, prompt preview, decoded/max tokens as a bar with tokens/s beside it.
+
+    On a remote engine a figure the server does not give is None and shown as
+    "?"; a slot serving another client of the server says so.
+    """
 
     slot_id = Int(0)
     state = Unicode("idle")
     badge = Unicode("idle")
     request_id = Int(None, allow_none=True)
     prompt_preview = Unicode("")
-    prompt_tokens = Int(0)
-    prefilled_tokens = Int(0)
+    prompt_tokens = Int(0, allow_none=True)
+    prefilled_tokens = Int(0, allow_none=True)
+    #: prompt tokens the request took from the prefix cache instead of computing them
+    cached_tokens = Int(0)
     decoded_tokens = Int(0)
-    max_tokens = Int(0)
-    tps = Float(0.0)
-    kv_used = Int(0)
+    max_tokens = Int(0, allow_none=True)
+    tps = Float(0.0, allow_none=True)
+    kv_used = Int(0, allow_none=True)
+    #: "this kernel" or "another client" (a shared server's slots)
+    origin = Unicode("this kernel")
+    #: what the row stands for: "slot" (an engine's or a server's slot) or "lane" (a request in flight)
+    label = Unicode("slot")
     #: The badges this row has shown, in order, repeats folded (a slot's life
     #: story); the last ``BADGE_HISTORY`` of them.
     badges_seen = List(Unicode())
@@ -94,21 +114,37 @@ class SlotRow(widgets.HBox):
         self.add_class("nbollama-slot-row")
 
     @staticmethod
-    def _preview_html(preview: str) -> str:
+    def _preview_html(preview: str, origin: str = "this kernel", busy: bool = False) -> str:
         text = html.escape(preview) if preview else '<span style="color:#9e9e9e">-</span>'
+        title = html.escape(preview)
+        if origin == "another client" and busy:
+            tag = '<span class="nbollama-origin" style="color:#6a1b9a;font-style:italic">another client</span>'
+            text = f"{tag} {html.escape(preview)}" if preview else tag
+            title = "a request from another client of this server" + (f": {title}" if preview else "")
         return (
-            f'<div title="{html.escape(preview)}" style="white-space:nowrap;overflow:hidden;'
+            f'<div title="{title}" style="white-space:nowrap;overflow:hidden;'
             f'text-overflow:ellipsis;font-size:12px">{text}</div>'
         )
 
     def _stats_text(self) -> str:
+        def known(value: object) -> str:
+            return "?" if value is None else str(value)
+
         if self.state == "prefill":
-            return f"prompt {self.prefilled_tokens}/{self.prompt_tokens} tok"
-        if not self.max_tokens:
+            return f"prompt {known(self.prefilled_tokens)}/{known(self.prompt_tokens)} tok"
+        if self.state == "sent":
+            return f"sent · {self.decoded_tokens}/{known(self.max_tokens)} tok"
+        if self.max_tokens == 0 or (self.max_tokens is None and self.state == "idle"):
             return ""
         if self.state == "generating":
-            return f"{self.decoded_tokens}/{self.max_tokens} tok · {self.tps:.1f} tok/s"
-        return f"{self.decoded_tokens}/{self.max_tokens} tok"
+            rate = "? tok/s" if self.tps is None else f"{self.tps:.1f} tok/s"
+            return f"{self.decoded_tokens}/{known(self.max_tokens)} tok · {rate}"
+        return f"{self.decoded_tokens}/{known(self.max_tokens)} tok"
+
+    def set_label(self, label: str) -> None:
+        if label != self.label:
+            self.label = label
+            self._name.value = f'<span style="font-family:monospace">{html.escape(label)} {self.slot_id}</span>'
 
     def update(self, slot: SlotSnapshot) -> None:
         """Show one slot's snapshot; only what changed goes to the frontend."""
@@ -118,16 +154,21 @@ class SlotRow(widgets.HBox):
         self.prompt_preview = slot["prompt_preview"]
         self.prompt_tokens = slot["prompt_tokens"]
         self.prefilled_tokens = slot["prefilled_tokens"]
+        self.cached_tokens = slot.get("cached_tokens") or 0
         self.decoded_tokens = slot["decoded_tokens"]
         self.max_tokens = slot["max_tokens"]
         self.tps = slot["tps"]
         self.kv_used = slot["kv_used"]
+        self.origin = slot.get("origin", "this kernel")
         if self.badges_seen[-1] != slot["badge"]:
             self.badges_seen = [*self.badges_seen[-(BADGE_HISTORY - 1) :], slot["badge"]]
         self._badge.value = badge_html(slot["badge"])
-        self._preview.value = self._preview_html(slot["prompt_preview"])
+        preview = self._preview_html(slot["prompt_preview"], self.origin, slot["state"] != "idle")
+        hit = self.cached_tokens and slot["badge"] != "idle"
+        self._preview.value = _cache_tag(self.cached_tokens) + preview if hit else preview
         with self._progress.hold_sync():
-            self._progress.max = max(1, slot["max_tokens"])  # before value, which max caps
+            limit = slot["max_tokens"] or slot["decoded_tokens"]  # no limit known: a full bar
+            self._progress.max = max(1, limit)  # before value, which max caps
             self._progress.value = min(slot["decoded_tokens"], self._progress.max)
             self._progress.bar_style = _BAR_STYLES.get(slot["badge"], "")
             self._progress.description = self._stats_text()
@@ -153,6 +194,8 @@ class SlotMonitor(LiveView, widgets.VBox):
     generated_tokens = Int(0)
     throughput = Float(0.0)
     engine_closed = Bool(False)
+    #: a remote engine's server-side line ("server: 2 running, 1 waiting"); "" for the local engine
+    server_line = Unicode("")
 
     def __init__(
         self,
@@ -201,8 +244,12 @@ class SlotMonitor(LiveView, widgets.VBox):
                 self._summary.value = self._summary_html()
                 return
         self.set_rows(len(snapshot["slots"]))
+        remote = snapshot.get("remote")
+        label = "lane" if remote is not None and remote["rows"] == "requests in flight" else "slot"
         for row, slot in zip(self.rows, snapshot["slots"]):
+            row.set_label(label)
             row.update(slot)
+        self.server_line = _server_line(remote) if remote is not None else ""
         totals = snapshot["totals"]
         if not snapshot["closed"]:
             self.busy_slots = snapshot["busy_slots"]
@@ -222,11 +269,29 @@ class SlotMonitor(LiveView, widgets.VBox):
             state = '<b style="color:#c62828">engine closed</b> · '
         else:
             state = ""
+        server = f" · {html.escape(self.server_line)}" if self.server_line else ""
         return (
             f'<div style="font-size:12px">{state}<b>{self.busy_slots}/{self.parallel}</b> slots busy · '
             f"queue <b>{self.queue_length}</b>/{self.queue_max} · "
             f"requests {self.submitted} submitted, {self.completed} done, "
             f"{self.cancelled} cancelled, {self.errors} errors · "
-            f"{self.generated_tokens} tokens generated</div>"
+            f"{self.generated_tokens} tokens generated{server}</div>"
         )
+
+
+def _server_line(remote: Any) -> str:
+    """What a remote engine's server says of its load, with unknowns said so."""
+
+    def known(value: object) -> str:
+        return "?" if value is None else str(value)
+
+    if not remote["reachable"]:
+        return f"server unreachable: {remote['error']}"
+    line = (
+        f"this kernel: {remote['in_flight']}/{remote['max_inflight']} in flight · "
+        f"server: {known(remote['server_running'])} running, {known(remote['server_waiting'])} waiting"
+    )
+    if remote["server_throughput"] is not None:
+        line += f", {remote['server_throughput']:.1f} tok/s"
+    return line
 
