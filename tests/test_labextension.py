@@ -417,3 +417,108 @@ def test_panel_follows_the_engine_and_cancels_a_slot(lab: LabServer) -> None:
             browser.close()
     ours = [e for e in errors if "nbollama" in e.lower()]
     assert not ours, ours
+
+
+# -- a remote engine in the panel ------------------------------------------------------------
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+def test_panel_shows_a_remote_engines_slots(lab: LabServer, model_path: Path) -> None:
+    """The panel on a kernel connected to a real llama-server: its 4 slots, this kernel's
+    requests and another client's, the server's own figures; ``disconnect`` empties it."""
+    import threading
+
+    import httpx
+    from playwright.sync_api import expect, sync_playwright
+
+    from nbollama.llama_server import LlamaServer, find_binary
+
+    if find_binary() is None:
+        pytest.fail("llama-server is not built: run `python -m nbollama.llama_server build`", pytrace=False)
+    with LlamaServer(model_path, ["-np", "4", "--metrics", "-c", "2048"]) as server:
+        cells = [
+            "%load_ext nbollama",
+            f"%nbollama connect {server.url}",
+            "%%generate --background --max-tokens 64 --seed 1\n" + "\n---\n".join(EIGHT_PROMPTS[:3]),
+            "%nbollama disconnect",
+        ]
+        _write_notebook(lab.root / "remote.ipynb", cells)
+        stop = threading.Event()
+        other_started = threading.Event()
+
+        def other_client() -> None:  # a plain HTTP client of the same server
+            body = {"prompt": "The history of lighthouses:", "n_predict": 400, "stream": True}
+            with httpx.Client(timeout=120) as client, client.stream(
+                "POST", f"{server.url}/completion", json=body
+            ) as response:
+                for _ in response.iter_lines():
+                    other_started.set()
+                    if stop.is_set():
+                        return
+
+        errors: list[str] = []
+        other = threading.Thread(target=other_client, daemon=True)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1500, "height": 950})
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.set_default_timeout(60_000)
+                page.goto(f"{lab.url}/lab/tree/remote.ipynb?token={lab.token}")
+                page.locator(".jp-Notebook .jp-CodeCell").first.wait_for()
+                panel = page.locator("#nbollama-panel")
+                page.locator('.lm-TabBar-tab[data-id="nbollama-panel"]').click()
+                expect(panel).to_be_visible()
+                _run_first_cell(page)
+                _run_cell(page, 1)
+                _wait_cell_done(page, 1)
+                assert "connected to llama-server" in _cell_output(page, 1)
+
+                rows = panel.locator(".nbollama-slot-row")
+                expect(rows).to_have_count(4)
+                expect(panel).to_have_attribute("data-kind", "llama-server")
+                expect(panel.locator(".nbollama-remote-endpoint")).to_have_text(f"llama-server · {server.url}")
+                expect(panel.locator(".nbollama-meta")).to_contain_text("server parallel 4")
+
+                other.start()
+                assert other_started.wait(120), "the other client never got a token"
+                _run_cell(page, 2)
+                page.wait_for_function(
+                    """() => {
+                        const rows = [...document.querySelectorAll('#nbollama-panel .nbollama-slot-row')];
+                        const mine = rows.filter(r => r.dataset.state !== 'idle' && r.dataset.origin === 'this kernel');
+                        const theirs = rows.filter(r => r.dataset.state !== 'idle' && r.dataset.origin === 'another client');
+                        return mine.length >= 2 && theirs.length === 1;
+                    }""",
+                    timeout=120_000,
+                )
+                theirs = panel.locator('.nbollama-slot-row[data-origin="another client"]')
+                expect(theirs.locator(".nbollama-preview")).to_have_text("another client")
+                expect(theirs.locator(".nbollama-cancel")).to_be_disabled()
+                expect(panel.locator(".nbollama-remote-server")).to_contain_text(re.compile(r"server: \d running"))
+                expect(panel.locator(".nbollama-remote-client")).to_contain_text("this kernel:")
+                expect(page.locator("#nbollama-status")).to_have_text(re.compile(r"^nbollama [2-4]/4 busy"))
+                panel.screenshot(path=str(ARTIFACTS / "panel-remote.png"))
+                page.screenshot(path=str(ARTIFACTS / "panel-remote-page.png"))
+
+                stop.set()
+                page.wait_for_function(
+                    """() => [...document.querySelectorAll('#nbollama-panel .nbollama-slot-row')]
+                        .every(r => r.dataset.state === 'idle')""",
+                    timeout=240_000,
+                )
+                _run_cell(page, 3)
+                _wait_cell_done(page, 3)
+                expect(panel.locator(".nbollama-hint-code")).to_have_text("%nbollama load")
+            except Exception:
+                for opened in browser.contexts[0].pages if browser.contexts else []:
+                    opened.screenshot(path=str(ARTIFACTS / "panel-remote-failure.png"))
+                raise
+            finally:
+                stop.set()
+                browser.close()
+        other.join(30)
+    ours = [e for e in errors if "nbollama" in e.lower()]
+    assert not ours, ours

@@ -6,7 +6,10 @@
  * jest while the widgets only copy the resulting view onto the page.
  *
  * The snapshot types mirror `nbollama/_core/_snapshot.py` (`EngineSnapshot`),
- * the contract between the kernel and every view of the engine.
+ * the contract between the kernel and every view of the engine. A remote
+ * engine (llama-server, Ollama, vLLM) fills the same shape with `null` where
+ * the server gives no figure, and adds a `remote` block: the panel shows those
+ * figures as unknown, never as zero.
  */
 
 /** The protocol version this panel speaks (the `v` of every message). */
@@ -15,14 +18,19 @@ export const PROTOCOL_VERSION = 1;
 /** How many throughput samples the sparkline keeps. */
 export const HISTORY_LENGTH = 60;
 
-export type SlotState = 'idle' | 'prefill' | 'generating';
+/** `sent`: a remote request went to a server that shows no slots, no token yet. */
+export type SlotState = 'idle' | 'prefill' | 'generating' | 'sent';
 export type SlotBadge =
   | 'idle'
   | 'prefill'
   | 'generating'
+  | 'sent'
   | 'done'
   | 'cancelled'
   | 'error';
+
+/** Whose request a slot serves (a shared server has other clients). */
+export type SlotOrigin = 'this kernel' | 'another client';
 
 export interface ISlotSnapshot {
   id: number;
@@ -30,12 +38,15 @@ export interface ISlotSnapshot {
   badge: SlotBadge;
   request_id: number | null;
   prompt_preview: string;
-  prompt_tokens: number;
-  prefilled_tokens: number;
+  /** null: unknown (a remote server does not say) */
+  prompt_tokens: number | null;
+  prefilled_tokens: number | null;
+  cached_tokens?: number | null;
   decoded_tokens: number;
-  max_tokens: number;
-  tps: number;
-  kv_used: number;
+  max_tokens: number | null;
+  tps: number | null;
+  kv_used: number | null;
+  origin?: SlotOrigin;
 }
 
 export interface IQueueSnapshot {
@@ -44,9 +55,9 @@ export interface IQueueSnapshot {
 }
 
 export interface IKVSnapshot {
-  used: number;
-  total: number;
-  bytes: number;
+  used: number | null;
+  total: number | null;
+  bytes: number | null;
 }
 
 export interface IGPUFigures {
@@ -59,13 +70,14 @@ export interface IGPUFigures {
 }
 
 export interface IMemoryFigures {
-  source: 'nvml' | 'host';
-  process_rss: number;
+  /** `remote`: a server's memory; the process and host figures are then null. */
+  source: 'nvml' | 'host' | 'remote';
+  process_rss: number | null;
   process_pss: number | null;
-  host_total: number;
-  host_available: number;
+  host_total: number | null;
+  host_available: number | null;
   gpus: IGPUFigures[];
-  kv_bytes: number;
+  kv_bytes: number | null;
   kv_estimate: string;
   note: string;
 }
@@ -83,8 +95,40 @@ export interface IModelSnapshot {
   name: string;
   path: string;
   arch: string;
-  size_bytes: number;
-  n_params: number;
+  size_bytes: number | null;
+  n_params: number | null;
+}
+
+/** A model a server holds in memory (Ollama's `/api/ps`). */
+export interface IRemoteModel {
+  name: string;
+  size: number | null;
+  size_vram: number | null;
+  context_length: number | null;
+  expires_at: string | null;
+}
+
+/** What a remote engine knows of its server (`RemoteFigures` in `_snapshot.py`). */
+export interface IRemoteFigures {
+  server_parallel: number | null;
+  parallel_source: string;
+  rows: 'server slots' | 'requests in flight';
+  max_inflight: number;
+  in_flight: number;
+  waiting: number;
+  server_running: number | null;
+  server_waiting: number | null;
+  server_throughput: number | null;
+  kv_usage: number | null;
+  prefix_cache_hit_rate: number | null;
+  server_ttft: number | null;
+  models: IRemoteModel[];
+  metrics: boolean;
+  host_is_local: boolean;
+  version: string | null;
+  reachable: boolean;
+  error: string | null;
+  polled_at: number | null;
 }
 
 export interface IEngineSnapshot {
@@ -92,11 +136,15 @@ export interface IEngineSnapshot {
   time: number;
   seq: number;
   closed: boolean;
+  /** 'local', or the kind of server; absent from older kernels */
+  kind?: string;
+  /** a remote engine's URL, credentials redacted */
+  endpoint?: string | null;
   model: IModelSnapshot;
   parallel: number;
-  ctx_per_slot: number;
-  n_batch: number;
-  gpu_layers: number;
+  ctx_per_slot: number | null;
+  n_batch: number | null;
+  gpu_layers: number | null;
   parallel_reason: string;
   slots: ISlotSnapshot[];
   queue: IQueueSnapshot;
@@ -107,6 +155,8 @@ export interface IEngineSnapshot {
   memory: IMemoryFigures;
   totals: ITotals;
   recent: unknown[];
+  /** only in a remote engine's snapshot */
+  remote?: IRemoteFigures | null;
 }
 
 /** Messages the kernel sends on the `nbollama` comm. */
@@ -146,6 +196,11 @@ function isNumber(value: unknown): value is number {
   return typeof value === 'number' && Number.isFinite(value);
 }
 
+/** A number, or null for a figure a remote server does not give. */
+function isNumberOrNull(value: unknown): value is number | null {
+  return value === null || isNumber(value);
+}
+
 function isSlot(value: unknown): value is ISlotSnapshot {
   return (
     isRecord(value) &&
@@ -154,8 +209,23 @@ function isSlot(value: unknown): value is ISlotSnapshot {
     typeof value.badge === 'string' &&
     typeof value.prompt_preview === 'string' &&
     isNumber(value.decoded_tokens) &&
-    isNumber(value.max_tokens) &&
-    isNumber(value.tps)
+    isNumberOrNull(value.max_tokens) &&
+    isNumberOrNull(value.tps)
+  );
+}
+
+function isRemote(value: unknown): value is IRemoteFigures | null | undefined {
+  if (value === undefined || value === null) {
+    return true;
+  }
+  return (
+    isRecord(value) &&
+    isNumberOrNull(value.server_parallel) &&
+    isNumber(value.max_inflight) &&
+    isNumber(value.in_flight) &&
+    isNumber(value.waiting) &&
+    Array.isArray(value.models) &&
+    typeof value.reachable === 'boolean'
   );
 }
 
@@ -173,7 +243,7 @@ export function isEngineSnapshot(value: unknown): value is IEngineSnapshot {
   return (
     isNumber(value.seq) &&
     isNumber(value.parallel) &&
-    isNumber(value.ctx_per_slot) &&
+    isNumberOrNull(value.ctx_per_slot) &&
     isNumber(value.throughput) &&
     isNumber(value.busy_slots) &&
     isRecord(model) &&
@@ -181,16 +251,17 @@ export function isEngineSnapshot(value: unknown): value is IEngineSnapshot {
     isRecord(queue) &&
     isNumber(queue.length) &&
     isRecord(kv) &&
-    isNumber(kv.bytes) &&
+    isNumberOrNull(kv.bytes) &&
     isRecord(memory) &&
-    (memory.source === 'nvml' || memory.source === 'host') &&
-    isNumber(memory.process_rss) &&
-    isNumber(memory.host_total) &&
+    (memory.source === 'nvml' || memory.source === 'host' || memory.source === 'remote') &&
+    isNumberOrNull(memory.process_rss) &&
+    isNumberOrNull(memory.host_total) &&
     Array.isArray(memory.gpus) &&
     isRecord(totals) &&
     isNumber(totals.generated_tokens) &&
     Array.isArray(slots) &&
-    slots.every(isSlot)
+    slots.every(isSlot) &&
+    isRemote(value.remote)
   );
 }
 
@@ -258,6 +329,11 @@ export function formatBytes(bytes: number): string {
   return `${value.toFixed(digits)} ${units[unit]}`;
 }
 
+/** A figure, or `?` when a remote server does not give it. */
+export function known(value: number | null | undefined): string {
+  return isNumber(value) ? String(value) : '?';
+}
+
 /** Tokens per second with sensible precision: `95 tok/s`, `3.4 tok/s`. */
 export function formatRate(tps: number): string {
   if (!isNumber(tps) || tps <= 0) {
@@ -284,6 +360,8 @@ function clamp01(x: number): number {
 /** The colour of a slot badge, as a JupyterLab theme variable with fallback. */
 export function badgeColour(badge: SlotBadge | string): string {
   switch (badge) {
+    case 'sent':
+      return 'var(--jp-layout-color4, #78909c)';
     case 'prefill':
       return 'var(--jp-warn-color1, #f57c00)';
     case 'generating':
@@ -311,8 +389,10 @@ export interface ISlotRowView {
   /** 0..1, how far the request is towards its max_tokens. */
   progress: number;
   tpsText: string;
-  /** Only a busy slot has something to cancel. */
+  /** Only a busy slot serving this kernel has something to cancel. */
   cancellable: boolean;
+  /** `another client` on a shared server's slot serving someone else's request */
+  origin: SlotOrigin;
 }
 
 /** One row per slot, in slot order. */
@@ -322,24 +402,42 @@ export function slotRows(snapshot: IEngineSnapshot): ISlotRowView[] {
     .map(slot => {
       const busy = slot.state !== 'idle';
       const prefilling = slot.state === 'prefill';
+      const origin: SlotOrigin = slot.origin ?? 'this kernel';
+      const other = busy && origin === 'another client';
       const progressText = prefilling
-        ? `prefill ${slot.prefilled_tokens}/${slot.prompt_tokens}`
-        : `${slot.decoded_tokens}/${slot.max_tokens}`;
+        ? `prefill ${known(slot.prefilled_tokens)}/${known(slot.prompt_tokens)}`
+        : `${slot.decoded_tokens}/${known(slot.max_tokens)}`;
       const progress = prefilling
-        ? clamp01(slot.prefilled_tokens / Math.max(1, slot.prompt_tokens))
-        : clamp01(slot.decoded_tokens / Math.max(1, slot.max_tokens));
+        ? isNumber(slot.prefilled_tokens) && isNumber(slot.prompt_tokens)
+          ? clamp01(slot.prefilled_tokens / Math.max(1, slot.prompt_tokens))
+          : 0
+        : isNumber(slot.max_tokens)
+          ? clamp01(slot.decoded_tokens / Math.max(1, slot.max_tokens))
+          : 0;
       const idleWithoutHistory = !busy && slot.request_id === null;
+      let tpsText = '';
+      if (isNumber(slot.tps) && (busy || slot.tps > 0)) {
+        tpsText = formatRate(slot.tps);
+      } else if (busy && slot.state === 'generating') {
+        tpsText = '? tok/s';
+      }
+      const preview = other
+        ? slot.prompt_preview
+          ? `another client: ${slot.prompt_preview}`
+          : 'another client'
+        : slot.prompt_preview;
       return {
         slot: slot.id,
         state: slot.state,
         badge: slot.badge,
         badgeColour: badgeColour(slot.badge),
         requestId: slot.request_id,
-        preview: idleWithoutHistory ? '' : slot.prompt_preview,
+        preview: idleWithoutHistory ? '' : preview,
         progressText: idleWithoutHistory ? '' : progressText,
         progress: idleWithoutHistory ? 0 : progress,
-        tpsText: busy || slot.tps > 0 ? formatRate(slot.tps) : '',
-        cancellable: busy
+        tpsText,
+        cancellable: busy && !other,
+        origin: other ? 'another client' : 'this kernel'
       };
     });
 }
@@ -347,7 +445,7 @@ export function slotRows(snapshot: IEngineSnapshot): ISlotRowView[] {
 // ---------------------------------------------------------------- memory
 
 export interface IMemoryView {
-  source: 'nvml' | 'host';
+  source: 'nvml' | 'host' | 'remote';
   label: string;
   used: number;
   total: number;
@@ -366,7 +464,10 @@ export interface IMemoryView {
  */
 export function memoryView(snapshot: IEngineSnapshot): IMemoryView {
   const memory = snapshot.memory;
-  const kvBytes = isNumber(memory.kv_bytes) ? memory.kv_bytes : snapshot.kv.bytes;
+  if (memory.source === 'remote') {
+    return remoteMemoryView(snapshot);
+  }
+  const kvBytes = (isNumber(memory.kv_bytes) ? memory.kv_bytes : snapshot.kv.bytes) ?? 0;
   const gpu =
     memory.gpus.find(g => g.index === 0) ??
     (memory.gpus.length > 0 ? memory.gpus[0] : undefined);
@@ -379,8 +480,8 @@ export function memoryView(snapshot: IEngineSnapshot): IMemoryView {
     total = gpu.total;
   } else {
     label = 'RAM · kernel process / host';
-    used = memory.process_rss;
-    total = memory.host_total;
+    used = memory.process_rss ?? 0;
+    total = memory.host_total ?? 0;
   }
   const fraction = total > 0 ? clamp01(used / total) : 0;
   const kvFraction = total > 0 ? Math.min(fraction, clamp01(kvBytes / total)) : 0;
@@ -393,6 +494,60 @@ export function memoryView(snapshot: IEngineSnapshot): IMemoryView {
     kvFraction,
     text: `${formatBytes(used)} / ${formatBytes(total)}`,
     kvText: `KV cache ${formatBytes(kvBytes)}`,
+    note: memory.note ?? ''
+  };
+}
+
+/**
+ * A server's memory: this machine's GPU 0 only when the server runs here,
+ * otherwise what the server reports (Ollama's models, vLLM's KV use) and
+ * "unknown" for the rest.
+ */
+function remoteMemoryView(snapshot: IEngineSnapshot): IMemoryView {
+  const memory = snapshot.memory;
+  const remote = snapshot.remote ?? null;
+  const gpu = memory.gpus.find(g => g.index === 0) ?? memory.gpus[0];
+  const models = remote?.models ?? [];
+  let label: string;
+  let used = 0;
+  let total = 0;
+  let text: string;
+  if (gpu !== undefined) {
+    label = `VRAM · GPU ${gpu.index} ${gpu.name} · this machine (the server's host)`.trim();
+    used = gpu.used;
+    total = gpu.total;
+    text = `${formatBytes(used)} / ${formatBytes(total)}`;
+  } else if (models.length > 0) {
+    label = 'Server memory · models loaded';
+    text = models
+      .map(
+        m =>
+          `${m.name}: ${isNumber(m.size) ? formatBytes(m.size) : 'unknown'}` +
+          (isNumber(m.size_vram) ? ` (VRAM ${formatBytes(m.size_vram)})` : '')
+      )
+      .join('; ');
+  } else {
+    label = 'Server memory';
+    text = 'unknown (the server does not report it)';
+  }
+  let kvText = 'KV cache unknown';
+  if (remote !== null && isNumber(remote.kv_usage)) {
+    kvText =
+      `KV cache ${Math.round(remote.kv_usage * 100)}% in use` +
+      (isNumber(snapshot.kv.total) ? ` of ${formatCount(snapshot.kv.total)} tokens` : '');
+  } else if (isNumber(snapshot.kv.total)) {
+    kvText = `KV cache ${formatCount(snapshot.kv.total)} tokens`;
+  }
+  const fraction = total > 0 ? clamp01(used / total) : 0;
+  return {
+    source: 'remote',
+    label,
+    used,
+    total,
+    fraction,
+    kvFraction: 0,
+    text,
+    kvText,
     note: memory.note ?? ''
   };
 }
@@ -507,6 +662,42 @@ export function hintView(
   }
 }
 
+/** What the panel says of a remote engine's server, or null for the in-kernel engine. */
+export interface IRemoteView {
+  kind: string;
+  endpoint: string;
+  /** this kernel's share: in flight and waiting in nbollama's queue */
+  client: string;
+  /** what the server says of its load, with unknowns said so */
+  server: string;
+  /** where the server's parallel came from, or why it is unknown */
+  parallelSource: string;
+  /** why the server could not be reached at the last look, or null */
+  error: string | null;
+}
+
+export function remoteView(snapshot: IEngineSnapshot): IRemoteView | null {
+  const remote = snapshot.remote;
+  if (remote === undefined || remote === null) {
+    return null;
+  }
+  let server = `server: ${known(remote.server_running)} running, ${known(remote.server_waiting)} waiting`;
+  if (isNumber(remote.server_throughput)) {
+    server += ` · ${formatRate(remote.server_throughput)}`;
+  }
+  if (isNumber(remote.server_ttft)) {
+    server += ` · mean TTFT ${remote.server_ttft.toFixed(2)} s`;
+  }
+  return {
+    kind: snapshot.kind ?? 'remote',
+    endpoint: snapshot.endpoint ?? '',
+    client: `this kernel: ${remote.in_flight}/${remote.max_inflight} in flight · ${remote.waiting} waiting`,
+    server,
+    parallelSource: remote.parallel_source,
+    error: remote.reachable ? null : `server unreachable: ${remote.error ?? 'unknown reason'}`
+  };
+}
+
 export interface IEngineView {
   model: string;
   meta: string;
@@ -520,6 +711,7 @@ export interface IEngineView {
   totalTokensText: string;
   sparkline: string;
   memory: IMemoryView;
+  remote: IRemoteView | null;
 }
 
 /** Sparkline box size in SVG user units. */
@@ -533,9 +725,15 @@ export function engineView(
 ): IEngineView {
   const totals = snapshot.totals;
   const closed = snapshot.closed ? ' · closed' : '';
+  const remote = snapshot.remote ?? null;
+  const ctx = isNumber(snapshot.ctx_per_slot) ? formatCount(snapshot.ctx_per_slot) : '?';
+  const meta =
+    remote === null
+      ? `parallel ${snapshot.parallel} · ctx ${ctx}/slot${closed}`
+      : `${snapshot.kind ?? 'remote'} · server parallel ${known(remote.server_parallel)} · ctx ${ctx}${closed}`;
   return {
     model: snapshot.model.name,
-    meta: `parallel ${snapshot.parallel} · ctx ${formatCount(snapshot.ctx_per_slot)}/slot${closed}`,
+    meta,
     parallelReason: snapshot.parallel_reason ?? '',
     closed: snapshot.closed,
     rows: slotRows(snapshot),
@@ -546,7 +744,8 @@ export function engineView(
     totalTokens: totals.generated_tokens,
     totalTokensText: `${formatCount(totals.generated_tokens)} tokens generated`,
     sparkline: sparklinePath(history, SPARK_WIDTH, SPARK_HEIGHT),
-    memory: memoryView(snapshot)
+    memory: memoryView(snapshot),
+    remote: remoteView(snapshot)
   };
 }
 

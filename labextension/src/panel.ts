@@ -73,6 +73,13 @@ export class NbollamaPanel extends Widget {
     this._model = el('div', 'nbollama-model', header);
     this._meta = el('div', 'nbollama-meta', header);
 
+    // a remote engine's server: where, this kernel's share, what the server says
+    this._remote = el('div', 'nbollama-remote', this._live);
+    this._remoteEndpoint = el('div', 'nbollama-remote-endpoint', this._remote);
+    this._remoteClient = el('div', 'nbollama-remote-client', this._remote);
+    this._remoteServer = el('div', 'nbollama-remote-server', this._remote);
+    this._remoteError = el('div', 'nbollama-remote-error', this._remote);
+
     el('div', 'nbollama-section-title', this._live).textContent = 'Slots';
     this._slots = el('div', 'nbollama-slots', this._live);
 
@@ -154,6 +161,19 @@ export class NbollamaPanel extends Widget {
     setText(this._model, view.model);
     setText(this._meta, view.meta);
     this._meta.title = view.parallelReason;
+    this.node.dataset.kind = view.remote === null ? 'local' : view.remote.kind;
+    if (view.remote === null) {
+      this._remote.hidden = true;
+    } else {
+      const remote = view.remote;
+      this._remote.hidden = false;
+      setText(this._remoteEndpoint, `${remote.kind} · ${remote.endpoint}`);
+      this._remoteEndpoint.title = remote.parallelSource;
+      setText(this._remoteClient, remote.client);
+      setText(this._remoteServer, remote.server);
+      this._remoteError.hidden = remote.error === null;
+      setText(this._remoteError, remote.error ?? '');
+    }
     this._updateRows(view.rows);
     setText(this._queue, view.queueText);
     this._queue.dataset.length = String(view.queueLength);
@@ -189,6 +209,7 @@ export class NbollamaPanel extends Widget {
       row.dataset.state = view.state;
       row.dataset.badge = view.badge;
       row.dataset.request = view.requestId === null ? '' : String(view.requestId);
+      row.dataset.origin = view.origin;
       setText(badge, view.badge);
       badge.style.backgroundColor = view.badgeColour;
       setText(preview, view.preview);
@@ -198,6 +219,10 @@ export class NbollamaPanel extends Widget {
       setText(progress, view.progressText);
       setText(tps, view.tpsText);
       cancel.disabled = !view.cancellable;
+      cancel.title =
+        view.origin === 'another client'
+          ? `Slot ${view.slot} serves another client of the server: only this kernel's requests can be cancelled`
+          : `Cancel the request on slot ${view.slot}`;
     }
     for (const [slot, nodes] of this._rows) {
       if (!seen.has(slot)) {
@@ -238,6 +263,11 @@ export class NbollamaPanel extends Widget {
   private _live: HTMLDivElement;
   private _model: HTMLDivElement;
   private _meta: HTMLDivElement;
+  private _remote: HTMLDivElement;
+  private _remoteEndpoint: HTMLDivElement;
+  private _remoteClient: HTMLDivElement;
+  private _remoteServer: HTMLDivElement;
+  private _remoteError: HTMLDivElement;
   private _slots: HTMLDivElement;
   private _queue: HTMLSpanElement;
   private _throughput: HTMLSpanElement;

@@ -1,5 +1,5 @@
 /** Snapshots shaped like the kernel's (nbollama/_core/_snapshot.py), for the specs. */
-import { IEngineSnapshot, ISlotSnapshot } from '../model';
+import { IEngineSnapshot, IRemoteFigures, ISlotSnapshot } from '../model';
 
 export const GiB = 1024 ** 3;
 export const MiB = 1024 ** 2;
@@ -65,6 +65,59 @@ export function snapshot(extra: Partial<IEngineSnapshot> = {}): IEngineSnapshot 
       generated_tokens: 0
     },
     recent: [],
+    ...extra
+  };
+}
+
+/** A remote engine's snapshot (a llama-server with 4 slots): unknown figures are null. */
+export function remoteSnapshot(
+  extra: Partial<IEngineSnapshot> = {},
+  remote: Partial<IRemoteFigures> = {}
+): IEngineSnapshot {
+  const base = snapshot();
+  return {
+    ...base,
+    kind: 'llama-server',
+    endpoint: 'http://gpu-box:8080',
+    model: { name: 'gemma-3-270m-q4_k_m', path: '/m.gguf', arch: '', size_bytes: null, n_params: null },
+    ctx_per_slot: 512,
+    n_batch: null,
+    gpu_layers: null,
+    parallel_reason: "the server's slots",
+    kv: { used: null, total: 2048, bytes: null },
+    memory: {
+      source: 'remote',
+      process_rss: null,
+      process_pss: null,
+      host_total: null,
+      host_available: null,
+      gpus: [],
+      kv_bytes: null,
+      kv_estimate: '',
+      note: "the server's memory is not visible from this kernel"
+    },
+    remote: {
+      server_parallel: 4,
+      parallel_source: 'total_slots from /props, llama-server -np',
+      rows: 'server slots',
+      max_inflight: 4,
+      in_flight: 1,
+      waiting: 2,
+      server_running: 2,
+      server_waiting: 0,
+      server_throughput: 40.5,
+      kv_usage: null,
+      prefix_cache_hit_rate: null,
+      server_ttft: null,
+      models: [],
+      metrics: true,
+      host_is_local: false,
+      version: 'b1-0c1e570',
+      reachable: true,
+      error: null,
+      polled_at: 1700000000,
+      ...remote
+    },
     ...extra
   };
 }

@@ -11,12 +11,13 @@ import {
   memoryView,
   parseKernelMessage,
   pushHistory,
+  remoteView,
   slotRows,
   sparklinePath,
   statusView
 } from '../model';
 
-import { GiB, MiB, slot, snapshot } from './fixtures';
+import { GiB, MiB, remoteSnapshot, slot, snapshot } from './fixtures';
 
 describe('parseKernelMessage', () => {
   it('accepts a snapshot with an engine', () => {
@@ -301,5 +302,136 @@ describe('hintView and engineView', () => {
   it('words cancel answers', () => {
     expect(cancelNotice(2, 17)).toBe('Cancelled request 17 on slot 2.');
     expect(cancelNotice(1, null)).toBe('Slot 1 was idle: nothing to cancel.');
+  });
+});
+
+describe('a remote engine', () => {
+  const busy = remoteSnapshot({
+    busy_slots: 2,
+    slots: [
+      slot(0, {
+        state: 'generating',
+        badge: 'generating',
+        request_id: 4,
+        prompt_preview: 'Mine',
+        prompt_tokens: 5,
+        prefilled_tokens: 5,
+        decoded_tokens: 10,
+        max_tokens: 64,
+        tps: 12,
+        origin: 'this kernel'
+      }),
+      slot(1, {
+        state: 'generating',
+        badge: 'generating',
+        request_id: null,
+        prompt_tokens: 9,
+        prefilled_tokens: 9,
+        decoded_tokens: 3,
+        max_tokens: null,
+        tps: null,
+        kv_used: null,
+        origin: 'another client'
+      }),
+      slot(2, {
+        state: 'prefill',
+        badge: 'prefill',
+        request_id: 5,
+        prompt_preview: 'Also mine',
+        prompt_tokens: null,
+        prefilled_tokens: null,
+        origin: 'this kernel'
+      }),
+      slot(3, { prompt_tokens: null, prefilled_tokens: null, max_tokens: null, tps: null, kv_used: null })
+    ]
+  });
+
+  it('is a valid snapshot with nulls where the server gives no figure', () => {
+    expect(isEngineSnapshot(busy)).toBe(true);
+    expect(parseKernelMessage({ v: 1, type: 'snapshot', engine: busy })).toEqual({
+      v: 1,
+      type: 'snapshot',
+      engine: busy
+    });
+    const broken = remoteSnapshot({}, { in_flight: 'two' as unknown as number });
+    expect(isEngineSnapshot(broken)).toBe(false);
+  });
+
+  it('shows unknown figures as "?" and another client as such, not cancellable', () => {
+    const rows = slotRows(busy);
+    expect(rows[0]).toMatchObject({ origin: 'this kernel', cancellable: true, progressText: '10/64' });
+    expect(rows[1]).toMatchObject({
+      origin: 'another client',
+      cancellable: false,
+      preview: 'another client',
+      progressText: '3/?',
+      progress: 0,
+      tpsText: '? tok/s'
+    });
+    expect(rows[2]).toMatchObject({ progressText: 'prefill ?/?', progress: 0, cancellable: true });
+    expect(rows[3]).toMatchObject({ preview: '', progressText: '', tpsText: '', cancellable: false });
+  });
+
+  it('says where the server is and what it reports', () => {
+    const view = engineView(busy, []);
+    expect(view.meta).toBe('llama-server · server parallel 4 · ctx 512');
+    expect(view.remote).toEqual({
+      kind: 'llama-server',
+      endpoint: 'http://gpu-box:8080',
+      client: 'this kernel: 1/4 in flight · 2 waiting',
+      server: 'server: 2 running, 0 waiting · 41 tok/s',
+      parallelSource: 'total_slots from /props, llama-server -np',
+      error: null
+    });
+    const ollama = remoteSnapshot(
+      { kind: 'ollama', ctx_per_slot: null },
+      { server_parallel: null, server_running: null, server_waiting: null, server_throughput: null, reachable: false, error: 'connection refused' }
+    );
+    expect(engineView(ollama, []).meta).toBe('ollama · server parallel ? · ctx ?');
+    expect(remoteView(ollama)?.server).toBe('server: ? running, ? waiting');
+    expect(remoteView(ollama)?.error).toBe('server unreachable: connection refused');
+    expect(remoteView(snapshot())).toBeNull();
+  });
+
+  it('shows server memory as unknown unless the server, or this machine, tells', () => {
+    const unknown = memoryView(busy);
+    expect(unknown).toMatchObject({
+      source: 'remote',
+      label: 'Server memory',
+      text: 'unknown (the server does not report it)',
+      kvText: 'KV cache 2,048 tokens',
+      fraction: 0,
+      kvFraction: 0
+    });
+    const ollama = memoryView(
+      remoteSnapshot(
+        { kv: { used: null, total: null, bytes: null } },
+        {
+          models: [
+            { name: 'llama3.2:latest', size: 3 * GiB, size_vram: 3 * GiB, context_length: 4096, expires_at: null }
+          ]
+        }
+      )
+    );
+    expect(ollama.text).toBe('llama3.2:latest: 3.00 GiB (VRAM 3.00 GiB)');
+    expect(ollama.kvText).toBe('KV cache unknown');
+    const vllm = memoryView(
+      remoteSnapshot({ kv: { used: 8192, total: 32768, bytes: null } }, { kv_usage: 0.25 })
+    );
+    expect(vllm.kvText).toBe('KV cache 25% in use of 32,768 tokens');
+    const base = remoteSnapshot();
+    const here = memoryView({
+      ...base,
+      memory: {
+        ...base.memory,
+        gpus: [{ index: 0, name: 'NVIDIA L4', total: 24 * GiB, used: 6 * GiB, free: 18 * GiB, process_used: null }]
+      }
+    });
+    expect(here.label).toContain("this machine (the server's host)");
+    expect(here.fraction).toBeCloseTo(0.25);
+  });
+
+  it('gives the sent badge its own colour', () => {
+    expect(badgeColour('sent')).not.toBe(badgeColour('idle'));
   });
 });
