@@ -51,6 +51,16 @@ assert len(class_answers) == len(questions) and all(r.ok for r in class_answers)
 assert len(quiz) == 1 and quiz[0].ok
 assert result.finish_reason == "cancelled" and 10 <= result.completion_tokens < 400
 """,
+    "08_tune_a_server.ipynb": """
+assert len(first) == 4 and all(r.ok and r.text for r in first)
+assert [r.concurrency for r in sweep.rows] == CONCURRENCY
+assert all(r.throughput > 0 and r.ttft_p50 > 0 and r.errors == 0 for r in sweep.rows)
+assert sweep.kind == "llama-server" and sweep.server_parallel == 4
+assert sweep.inferred_parallel == 4, (sweep.inference, [r.first_wave for r in sweep.rows])
+assert f"-np {sweep.recommended}" in sweep.setting
+import nbollama
+assert nbollama.current_engine() is None and local_server.process is None  # disconnected, server stopped
+""",
 }
 
 
