@@ -436,7 +436,8 @@ def test_panel_shows_a_remote_engines_slots(lab: LabServer, model_path: Path) ->
 
     if find_binary() is None:
         pytest.fail("llama-server is not built: run `python -m nbollama.llama_server build`", pytrace=False)
-    with LlamaServer(model_path, ["-np", "4", "--metrics", "-c", "2048"]) as server:
+    passive = {"OMP_WAIT_POLICY": "PASSIVE"}  # no spinning compute threads on a busy CI machine
+    with LlamaServer(model_path, ["-np", "4", "--metrics", "-c", "2048"], env=passive) as server:
         cells = [
             "%load_ext nbollama",
             f"%nbollama connect {server.url}",

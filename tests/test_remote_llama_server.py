@@ -32,6 +32,9 @@ from nbollama.remote._bench import RemoteSweepResult, remote_sweep
 from nbollama.results import Results
 
 SERVER_ARGS = ["-np", "4", "--metrics", "-c", "2048"]
+#: llama.cpp's OpenMP threads sleep instead of spinning while they wait: on a busy 2-core CI machine,
+#: spinning threads that get descheduled make a decode step take seconds instead of milliseconds
+SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 SIX_PROMPTS = [
     "The capital of France is",
     "Count from 1 to 10: 1, 2,",
@@ -62,7 +65,7 @@ def _require_binary() -> None:
 @pytest.fixture(scope="module")
 def server(model_path: Path) -> Iterator[LlamaServer]:
     _require_binary()
-    with LlamaServer(model_path, SERVER_ARGS) as running:
+    with LlamaServer(model_path, SERVER_ARGS, env=SERVER_ENV) as running:
         yield running
 
 
@@ -232,7 +235,7 @@ def test_another_clients_request_shows_up_as_another_client(engine: RemoteEngine
 
 def test_killing_the_server_mid_generation_gives_clear_errors_and_a_live_kernel(model_path: Path) -> None:
     _require_binary()
-    doomed = LlamaServer(model_path, SERVER_ARGS).start()
+    doomed = LlamaServer(model_path, SERVER_ARGS, env=SERVER_ENV).start()
     try:
         engine = connect(doomed.url)
         seen: list[dict[str, Any]] = []
