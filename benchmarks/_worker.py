@@ -19,13 +19,24 @@ from typing import Any
 
 
 def engine_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    import os
+
     from nbollama import Engine
 
+    for key, value in config.pop("env", {}).items():
+        os.environ[key] = value
+    fresh = bool(
+        config.pop("fresh_each_run", False)
+    )  # a new engine every run: nothing learned carries over
     options = {k: v for k, v in config.items() if k != "model"}
     engine = Engine.load(config.get("model"), **options)
     engine.generate(["Warm up."], max_tokens=4, temperature=0.0)
 
     def run(job: dict[str, Any]) -> dict[str, Any]:
+        nonlocal engine
+        if fresh:
+            engine.close()
+            engine = Engine.load(config.get("model"), **options)
         params = {k: v for k, v in job.items() if k != "prompts"}
         start = time.perf_counter()
         results = engine.generate(job["prompts"], **params)
@@ -35,10 +46,17 @@ def engine_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         cached = [getattr(r, "cached_tokens", None) for r in results]
         if all(c is not None for c in cached):
             extra["cached_tokens"] = sum(cached)  # type: ignore[arg-type]
+        speeds = [r.gen_tps for r in results if r.gen_tps]
+        if engine.parallel_max != engine.parallel or getattr(engine, "parallel_history", None):
+            extra["parallel_history"] = [
+                (round(h["time"] - time.time() + wall, 2), h["parallel"])
+                for h in engine.parallel_history
+            ]
         return {
             "tokens": tokens,
             "wall": wall,
             "tps": tokens / wall,
+            "per_request_tps": statistics.mean(speeds) if speeds else 0.0,
             "ttft": statistics.mean(r.ttft for r in results if r.ttft is not None),
             "texts": [r.text for r in results],
             **extra,
@@ -54,8 +72,14 @@ def sequential_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     from nbollama.models import resolve_model
 
     threads = config.get("threads", 2)
-    llm = Llama(str(resolve_model(config.get("model"))), n_ctx=config.get("ctx", 1024), n_batch=512,
-                n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = Llama(
+        str(resolve_model(config.get("model"))),
+        n_ctx=config.get("ctx", 1024),
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     llm.create_completion("Warm up.", max_tokens=4, temperature=0.0)
 
     counted: dict[tuple[tuple[str, ...], int], int] = {}
@@ -63,21 +87,32 @@ def sequential_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     def run(job: dict[str, Any]) -> dict[str, Any]:
         prompts, max_tokens = job["prompts"], job["max_tokens"]
         key = (tuple(prompts), max_tokens)
-        if key not in counted:  # streamed chunks carry no counts: count once, untimed (greedy repeats)
+        if (
+            key not in counted
+        ):  # streamed chunks carry no counts: count once, untimed (greedy repeats)
             counted[key] = sum(
-                llm.create_completion(p, max_tokens=max_tokens, temperature=0.0)["usage"]["completion_tokens"]
+                llm.create_completion(p, max_tokens=max_tokens, temperature=0.0)["usage"][
+                    "completion_tokens"
+                ]
                 for p in prompts
             )
         ttfts: list[float] = []
         start = time.perf_counter()
         for prompt in prompts:
             first = None
-            for _chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
+            for _chunk in llm.create_completion(
+                prompt, max_tokens=max_tokens, temperature=0.0, stream=True
+            ):
                 if first is None:
                     first = time.perf_counter() - start
             ttfts.append(first if first is not None else time.perf_counter() - start)
         wall = time.perf_counter() - start
-        return {"tokens": counted[key], "wall": wall, "tps": counted[key] / wall, "ttft": statistics.mean(ttfts)}
+        return {
+            "tokens": counted[key],
+            "wall": wall,
+            "tps": counted[key] / wall,
+            "ttft": statistics.mean(ttfts),
+        }
 
     return {"ready": True}, run
 

@@ -24,14 +24,16 @@ from nbollama import (
     QueueFullError,
 )
 
-PROMPTS = [
-    json.loads(line)["prompt"]
-    for line in (Path(__file__).resolve().parents[2] / "shared" / "bench" / "prompts.jsonl")
-    .read_text()
-    .splitlines()[:16]
-] if (Path(__file__).resolve().parents[2] / "shared" / "bench" / "prompts.jsonl").exists() else [
-    f"Question {i}: name one interesting fact about the number {i}." for i in range(16)
-]
+PROMPTS = (
+    [
+        json.loads(line)["prompt"]
+        for line in (Path(__file__).resolve().parents[2] / "shared" / "bench" / "prompts.jsonl")
+        .read_text()
+        .splitlines()[:16]
+    ]
+    if (Path(__file__).resolve().parents[2] / "shared" / "bench" / "prompts.jsonl").exists()
+    else [f"Question {i}: name one interesting fact about the number {i}." for i in range(16)]
+)
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.01) -> None:
@@ -73,7 +75,9 @@ def test_multibyte_text_streams_without_broken_characters(idle_engine: Engine) -
 
 
 def test_cancelling_a_running_request_frees_its_slot(idle_engine: Engine) -> None:
-    long = idle_engine.submit("Write a very long story about the sea.", max_tokens=400, temperature=0.0)
+    long = idle_engine.submit(
+        "Write a very long story about the sea.", max_tokens=400, temperature=0.0
+    )
     others = [idle_engine.submit(p, max_tokens=16, temperature=0.0) for p in PROMPTS[:3]]
     wait_until(lambda: long.completion_tokens >= 3)
     slot = long.slot
@@ -142,7 +146,9 @@ def test_higher_priority_is_served_first_fifo_within_a_priority(engine: Engine) 
 
 def test_prompt_too_long_fails_that_request_alone(idle_engine: Engine) -> None:
     too_long = "word " * 700  # > 512 tokens of one slot
-    results = idle_engine.generate([PROMPTS[0], too_long, PROMPTS[1]], max_tokens=6, temperature=0.0)
+    results = idle_engine.generate(
+        [PROMPTS[0], too_long, PROMPTS[1]], max_tokens=6, temperature=0.0
+    )
     assert results[0].ok and results[2].ok
     bad = results[1]
     assert bad.finish_reason == "error"
@@ -179,7 +185,10 @@ def test_same_seed_same_text(idle_engine: Engine) -> None:
     kwargs = dict(max_tokens=20, temperature=0.9, seed=1234)
     first = idle_engine.generate(["Invent a name for a dragon:"], **kwargs)[0].text
     second = idle_engine.generate(["Invent a name for a dragon:"], **kwargs)[0].text
-    other = {idle_engine.generate(["Invent a name for a dragon:"], **{**kwargs, "seed": s})[0].text for s in (1, 2, 3)}
+    other = {
+        idle_engine.generate(["Invent a name for a dragon:"], **{**kwargs, "seed": s})[0].text
+        for s in (1, 2, 3)
+    }
     assert first == second
     assert len(other | {first}) > 1, "different seeds should be able to differ"
 
@@ -193,7 +202,9 @@ def test_a_batch_of_prompts_is_reproducible_at_the_same_parallel(idle_engine: En
 
 def test_chat_template(idle_engine: Engine) -> None:
     raw = idle_engine.submit("Say hi.", max_tokens=4, temperature=0.0)
-    chat = idle_engine.submit("Say hi.", max_tokens=4, temperature=0.0, chat=True, system="Be brief.")
+    chat = idle_engine.submit(
+        "Say hi.", max_tokens=4, temperature=0.0, chat=True, system="Be brief."
+    )
     assert chat.prompt_tokens > raw.prompt_tokens + 4  # turn markers and the system text
     assert chat.result(timeout=30).ok and raw.result(timeout=30).ok
     with pytest.raises(InvalidParamsError, match="chat=True"):
@@ -239,7 +250,9 @@ def test_snapshot_is_plain_data_and_tracks_work(idle_engine: Engine) -> None:
     after = idle_engine.snapshot()
     assert after["totals"]["generated_tokens"] >= snap["totals"]["generated_tokens"] + 4
     assert {r["id"] for r in after["recent"]} >= {h.id for h in handles}
-    assert after["kv"]["used"] == 0  # finished slots' KV is removed
+    # finished slots keep their tokens' KV for the prefix cache, and nothing else
+    assert after["kv"]["used"] == sum(s["kv_used"] for s in after["slots"]) > 0
+    assert all(s["state"] == "idle" for s in after["slots"])
 
 
 def test_subscribe_is_rate_limited_and_quiet_when_idle(idle_engine: Engine) -> None:
@@ -265,7 +278,9 @@ def test_keyboard_interrupt_cancels_the_call_and_keeps_the_engine(idle_engine: E
     timer = threading.Timer(0.6, _thread.interrupt_main)
     timer.start()
     with pytest.raises(KeyboardInterrupt):
-        idle_engine.generate(["Write a long essay about mountains."] * 6, max_tokens=400, temperature=0.0)
+        idle_engine.generate(
+            ["Write a long essay about mountains."] * 6, max_tokens=400, temperature=0.0
+        )
     wait_until(lambda: idle_engine.snapshot()["busy_slots"] == 0, timeout=10)
     assert idle_engine.snapshot()["queue"]["length"] == 0
     assert idle_engine.generate(["Name a fruit."], max_tokens=4)[0].ok
@@ -318,7 +333,9 @@ def test_five_load_close_cycles_do_not_grow_memory(model_path: Path) -> None:
             trim(0)
         rss.append(process.memory_info().rss)
     growth = rss[-1] - rss[1]
-    assert growth < 40 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB over cycles 2..5: {rss}"
+    assert growth < 40 * 1024 * 1024, (
+        f"RSS grew by {growth / 2**20:.1f} MiB over cycles 2..5: {rss}"
+    )
 
 
 def test_close_from_a_snapshot_subscriber_frees_the_engine(engine: Engine) -> None:
@@ -347,7 +364,9 @@ def test_close_from_two_threads_at_once_releases_the_weights_once(engine: Engine
     for t in threads:
         t.join(timeout=30)
     assert small.closed and not any(t.is_alive() for t in threads)
-    assert engine.generate(["still loaded?"], max_tokens=2)[0].ok  # a double release would free them
+    assert engine.generate(["still loaded?"], max_tokens=2)[
+        0
+    ].ok  # a double release would free them
 
 
 def test_a_batch_larger_than_the_queue_is_refused_with_the_reason(engine: Engine) -> None:
@@ -363,7 +382,9 @@ def test_submit_many_queues_in_one_step_and_repeats_exactly(idle_engine: Engine)
     first = [h.result() for h in idle_engine.submit_many(prompts, max_tokens=20, temperature=0.0)]
     second = [h.result() for h in idle_engine.submit_many(prompts, max_tokens=20, temperature=0.0)]
     assert [r.text for r in first] == [r.text for r in second]
-    assert [r.text for r in first] == [r.text for r in idle_engine.generate(prompts, max_tokens=20, temperature=0.0)]
+    assert [r.text for r in first] == [
+        r.text for r in idle_engine.generate(prompts, max_tokens=20, temperature=0.0)
+    ]
     with pytest.raises(InvalidParamsError, match="list of prompts"):
         idle_engine.submit_many("one prompt", max_tokens=4)
 
@@ -383,18 +404,27 @@ def test_a_failure_in_one_slots_token_handling_ends_that_request_alone(
 
     monkeypatch.setattr(engine_module, "TextStream", Faulty)
     handles = idle_engine.submit_many(PROMPTS[:3], max_tokens=24, temperature=0.0)
-    victim = idle_engine.submit("Write a long story about a lighthouse.", max_tokens=40, temperature=0.0, stop=["<<inject>>"])
+    victim = idle_engine.submit(
+        "Write a long story about a lighthouse.",
+        max_tokens=40,
+        temperature=0.0,
+        stop=["<<inject>>"],
+    )
     results = [h.result(timeout=60) for h in handles]
     failed = victim.result(timeout=60)
     assert failed.finish_reason == "error" and "injected fault" in (failed.error or "")
     assert failed.text  # what was streamed before the fault is kept
     assert all(r.finish_reason in ("stop", "length") for r in results)
-    after = idle_engine.generate(PROMPTS[3:5], max_tokens=8, temperature=0.0)  # the engine still works
+    after = idle_engine.generate(
+        PROMPTS[3:5], max_tokens=8, temperature=0.0
+    )  # the engine still works
     assert all(r.ok for r in after)
     assert idle_engine.snapshot()["busy_slots"] == 0
 
 
-def test_a_failing_sampler_ends_that_request_alone(idle_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_sampler_ends_that_request_alone(
+    idle_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from nbollama._core import _runner
     from nbollama._core._llama import make_sampler
 
@@ -432,7 +462,10 @@ def test_the_greedy_fast_path_picks_what_llama_cpp_greedy_picks(model_path: Path
     model = LlamaModel(model_path, gpu_layers=0)
     context = LlamaContext(model, n_seq=2, ctx_per_slot=128, n_batch=128, threads=2)
     batch = Batch(128)
-    fast, chain = GreedySampler(), SamplerChain(SamplingParams(temperature=0.0), n_vocab=model.n_vocab)
+    fast, chain = (
+        GreedySampler(),
+        SamplerChain(SamplingParams(temperature=0.0), n_vocab=model.n_vocab),
+    )
     try:
         for seq, text in enumerate(["The capital of France is", "def fibonacci(n):"]):
             tokens = model.tokenize(text)

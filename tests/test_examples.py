@@ -46,6 +46,27 @@ assert all(r["_one"] > 0 and r["_n"] > 0 for r in rows)
 assert rows[-1]["_one"] < rows[-1]["_n"], rows  # one model with N slots beats N models
 assert len(fig.data) == 3 and all(list(t.y) == sorted(t.y) for t in fig.data)  # KV grows with parallel
 """,
+    "06_shared_prefixes.ipynb": """
+assert len(first) == len(questions) and all(r.ok for r in first + rerun + plain)
+assert first[0].cached_tokens == 0 and all(r.cached_tokens > 100 for r in first[1:])  # shared, not prefilled
+assert all(r.cached_tokens == r.prompt_tokens - 1 for r in rerun)  # the re-run prefills one token each
+assert all(r.cached_tokens == 0 for r in plain + plain_again)
+assert table.loc["cache: run again", "prefilled"] * 20 < table.loc["no cache: run again", "prefilled"]
+assert len(from_a_cell) == len(questions) and from_a_cell.ok
+""",
+    "07_reproducibility.ipynb": """
+assert len(normal_1) == len(prompts) and all(r.ok for r in normal_1 + normal_8 + repro_1 + repro_8)
+assert repro_differ == 0
+assert [r.token_ids for r in repro_1] == [r.token_ids for r in repro_8]
+assert all(c["identical"] for c in checks.values()), checks
+assert set(cost.columns) >= {"normal tok/s", "reproducible tok/s"} and (cost["reproducible tok/s"] > 0).all()
+""",
+    "09_adaptive_parallelism.ipynb": """
+assert list(table.index) == list(runs) and (table["tok/s (aggregate)"] > 0).all()
+assert all(r.ok for results, _, _ in runs.values() for r in results)
+assert changes and all(c["reason"].startswith(f"parallel={c['parallel']} of 16") for c in changes)
+assert table.loc["static 16", "tok/s (aggregate)"] > table.loc["static 1", "tok/s (aggregate)"]
+""",
     "05_classroom.ipynb": """
 assert len(class_answers) == len(questions) and all(r.ok for r in class_answers)
 assert len(quiz) == 1 and quiz[0].ok
@@ -82,6 +103,8 @@ def test_example_runs(name: str, tmp_path: Path) -> None:
     nb = nbformat.read(EXAMPLES / name, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(CHECKS[name]))
     os.environ["NBOLLAMA_QUICK"] = "1"  # inherited by the kernel
-    client = NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     assert not noisy_outputs(nb), "\n".join(noisy_outputs(nb))

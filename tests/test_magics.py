@@ -205,7 +205,9 @@ def test_parse_generate_line_form_no_format_and_option_expansion() -> None:
 
     line = parse_generate("--max-tokens 3 What's {x}?", None, namespace, expand_options=expand)
     assert isinstance(line, GenerateCall) and line.prog == "%generate"
-    assert line.prompts == ("What's 1?",) and expanded == [], "the line form's prompt stays verbatim"
+    assert line.prompts == ("What's 1?",) and expanded == [], (
+        "the line form's prompt stays verbatim"
+    )
     kept = parse_generate(
         "--lines --no-format --each items --max-tokens $n",
         "{item} {x}\n\n{x}",
@@ -350,7 +352,8 @@ def test_nbollama_usage_errors(shell: InteractiveShell) -> None:
     with pytest.raises(UsageError, match=r"%nbollama: argument COMMAND: invalid choice: 'bogus'"):
         shell.run_line_magic("nbollama", "bogus")
     with pytest.raises(
-        UsageError, match=r"%nbollama load: argument --parallel: 0 must be 'auto' or >= 1"
+        UsageError,
+        match=r"%nbollama load: argument --parallel: 0 must be 'auto', 'adaptive' or >= 1",
     ):
         shell.run_line_magic("nbollama", "load --parallel 0")
     with pytest.raises(
@@ -753,16 +756,41 @@ def test_bench_magic_sweeps_and_applies_the_recommendation(
     shell.run_line_magic("nbollama", "load --parallel 1 --ctx 256")
     before = session.current_engine()
     assert before is not None
-    result = shell.run_line_magic("nbollama", "bench --parallel 2,1 --prompts 4 --max-tokens 4 --apply")
+    result = shell.run_line_magic(
+        "nbollama", "bench --parallel 2,1 --prompts 4 --max-tokens 4 --apply"
+    )
     assert [r.parallel for r in result.rows] == [1, 2]
     assert any("application/vnd.plotly.v1+json" in out["data"] for out in shown)  # the figure
     after = session.current_engine()
     assert after is not None and after is not before and before.closed
     assert after.parallel == result.recommended and after.ctx == 256
-    assert after.generate(["ok?"], max_tokens=2)[0].ok  # the applied engine works on the same weights
+    assert after.generate(["ok?"], max_tokens=2)[
+        0
+    ].ok  # the applied engine works on the same weights
 
 
-@pytest.mark.parametrize("bad", ["--parallel 0,2", "--parallel x", "--parallel ,", "--prompts 0", "--bogus"])
+@pytest.mark.parametrize(
+    "bad", ["--parallel 0,2", "--parallel x", "--parallel ,", "--prompts 0", "--bogus"]
+)
 def test_bench_magic_rejects_bad_arguments(shell: InteractiveShell, bad: str) -> None:
     with pytest.raises(UsageError):
         shell.run_line_magic("nbollama", f"bench {bad}")
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("load --parallel adaptive --min-tps 15 --max-ttft 2", "not both"),
+        ("load --parallel 4 --min-tps 15", "only apply with parallel='adaptive'"),
+        ("load --parallel adaptive --max-parallel 0", "--max-parallel"),
+        ("load --parallel adaptive --min-tps -3", "--min-tps"),
+        ("load --parallel often", "'auto', 'adaptive' or a whole number"),
+        ("load --reproducible --ctx 8", "ctx"),
+    ],
+)
+def test_new_load_options_are_checked_before_any_load(
+    shell: InteractiveShell, no_engine: None, line: str, message: str
+) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        shell.run_line_magic("nbollama", line)
+    assert session.current_engine() is None

@@ -24,7 +24,7 @@ def request(n_tokens: int, *, priority: int = 0, request_id: int = 1) -> Request
 
 def prefilling(slot_id: int, n_tokens: int, *, done: int = 0, order: int = 0) -> Slot:
     slot = Slot(slot_id)
-    slot.take(request(n_tokens), order)
+    slot.take(request(n_tokens), order, keep=0)
     slot.request.n_prefilled = done  # type: ignore[union-attr]
     slot.n_past = done
     return slot
@@ -76,7 +76,11 @@ def test_shrinking_halves_the_prompt_tokens_and_keeps_the_decodes() -> None:
 
 def test_admission_fills_the_lowest_idle_slots_by_priority() -> None:
     scheduler = Scheduler(max_queue=8)
-    low, high, mid = request(3, priority=0, request_id=1), request(3, priority=5, request_id=2), request(3, priority=1, request_id=3)
+    low, high, mid = (
+        request(3, priority=0, request_id=1),
+        request(3, priority=5, request_id=2),
+        request(3, priority=1, request_id=3),
+    )
     scheduler.push_all([low, high, mid])
     slots = [Slot(0), generating(1, 4), Slot(2)]
     admitted = scheduler.admit(slots)

@@ -18,6 +18,7 @@ from typing import Literal
 
 from .. import memory as _memory
 from ..exceptions import EngineClosedError, InvalidParamsError
+from ._adaptive import Target
 from ._llama import LlamaModel
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
 MAX_QUEUE_ENV = "NBOLLAMA_MAX_QUEUE"
 NUM_PARALLEL_ENV = "NBOLLAMA_NUM_PARALLEL"
 DEFAULT_MAX_QUEUE = 512
+#: parallel="adaptive" without max_parallel reserves this many slots.
+DEFAULT_MAX_PARALLEL = 8
 
 
 def _whole(name: str, value: object, minimum: int, rule: str) -> int:
@@ -60,7 +63,7 @@ def _max_queue(value: int | None) -> int:
 class LoadOptions:
     """Load arguments, checked; ``check`` raises ``InvalidParamsError`` naming the bad one."""
 
-    parallel: int | Literal["auto"] = "auto"
+    parallel: int | Literal["auto", "adaptive"] = "auto"
     ctx: int = 2048
     n_batch: int = 512
     gpu_layers: int | Literal["auto"] = "auto"
@@ -68,27 +71,61 @@ class LoadOptions:
     max_queue: int | None = None
     flash_attn: bool | Literal["auto"] = "auto"
     kv_unified: bool = False
+    prefix_cache: bool = True
+    reproducible: bool = False
+    max_parallel: int | None = None  # adaptive: the slots whose KV is reserved
+    min_tps: float | None = None  # adaptive: each running request keeps at least this many tokens/s
+    max_ttft: float | None = (
+        None  # adaptive: time to first token (queue wait included) stays under this
+    )
 
     @classmethod
     def check(cls, **options: object) -> LoadOptions:
         known = set(cls.__dataclass_fields__)
         unknown = set(options) - known
         if unknown:
-            raise InvalidParamsError(f"unknown load option(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise InvalidParamsError(
+                f"unknown load option(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
         loaded = cls(**options)  # type: ignore[arg-type]
-        if loaded.parallel != "auto":
-            _whole("parallel", loaded.parallel, 1, "must be 'auto' or a whole number >= 1")
+        if loaded.parallel not in ("auto", "adaptive"):
+            _whole(
+                "parallel", loaded.parallel, 1, "must be 'auto', 'adaptive' or a whole number >= 1"
+            )
+        if loaded.parallel == "adaptive":
+            if loaded.max_parallel is not None:
+                _whole("max_parallel", loaded.max_parallel, 1, "must be a whole number >= 1")
+            Target(loaded.min_tps, loaded.max_ttft)  # checks the values, and that only one is given
+        else:
+            given = [
+                n for n in ("max_parallel", "min_tps", "max_ttft") if getattr(loaded, n) is not None
+            ]
+            if given:
+                raise InvalidParamsError(f"{', '.join(given)} only apply with parallel='adaptive'")
         _whole("ctx", loaded.ctx, 32, "the context of one slot must be a whole number >= 32 tokens")
         _whole("n_batch", loaded.n_batch, 1, "must be a whole number >= 1")
         if loaded.gpu_layers != "auto":
-            _whole("gpu_layers", loaded.gpu_layers, -1, "must be 'auto', -1 (all) or a whole number >= 0")
+            _whole(
+                "gpu_layers",
+                loaded.gpu_layers,
+                -1,
+                "must be 'auto', -1 (all) or a whole number >= 0",
+            )
         if loaded.threads is not None:
             _whole("threads", loaded.threads, 1, "must be a whole number >= 1")
         _max_queue(loaded.max_queue)
         if loaded.flash_attn not in ("auto", True, False):
-            raise InvalidParamsError(f"flash_attn={loaded.flash_attn!r}: must be 'auto', True or False")
-        if not isinstance(loaded.kv_unified, bool):
-            raise InvalidParamsError(f"kv_unified={loaded.kv_unified!r}: must be True or False")
+            raise InvalidParamsError(
+                f"flash_attn={loaded.flash_attn!r}: must be 'auto', True or False"
+            )
+        for name in ("kv_unified", "prefix_cache", "reproducible"):
+            if not isinstance(getattr(loaded, name), bool):
+                raise InvalidParamsError(f"{name}={getattr(loaded, name)!r}: must be True or False")
+        if loaded.reproducible and loaded.kv_unified:
+            raise InvalidParamsError(
+                "reproducible=True needs a KV stream per slot (kv_unified=False): in a unified buffer a "
+                "token's cells depend on what else is cached, and so does the order attention adds them in"
+            )
         return loaded
 
     def layers(self, gpu_offload: bool) -> int:
@@ -112,11 +149,18 @@ class EngineConfig:
     parallel_reason: str
     flash_attn: bool | None = None
     kv_unified: bool = False
+    prefix_cache: bool = True
+    reproducible: bool = False
+    adaptive: Target | None = None  # parallel="adaptive": what the controller aims at
     load_seconds: float = 0.0
 
     @classmethod
-    def resolve(cls, model: LlamaModel, options: LoadOptions, *, threads: int | None = None) -> EngineConfig:
-        parallel, reason = choose_parallel(model, options.parallel, options.ctx, options.n_batch)
+    def resolve(
+        cls, model: LlamaModel, options: LoadOptions, *, threads: int | None = None
+    ) -> EngineConfig:
+        parallel, reason = choose_parallel(
+            model, options.parallel, options.ctx, options.n_batch, options.max_parallel
+        )
         return cls(
             model_path=model.path,
             parallel=parallel,
@@ -128,11 +172,20 @@ class EngineConfig:
             parallel_reason=reason,
             flash_attn=None if options.flash_attn == "auto" else bool(options.flash_attn),
             kv_unified=options.kv_unified,
+            prefix_cache=options.prefix_cache,
+            reproducible=options.reproducible,
+            adaptive=Target(options.min_tps, options.max_ttft)
+            if options.parallel == "adaptive"
+            else None,
         )
 
 
 def choose_parallel(
-    model: LlamaModel, parallel: int | Literal["auto"], ctx: int, n_batch: int
+    model: LlamaModel,
+    parallel: int | Literal["auto", "adaptive"],
+    ctx: int,
+    n_batch: int,
+    max_parallel: int | None = None,
 ) -> tuple[int, str]:
     """The number of slots and why: 1 for recurrent models, the memory rule for 'auto', else as asked."""
     if model.is_recurrent or model.is_hybrid:
@@ -144,6 +197,9 @@ def choose_parallel(
         if parallel != 1:
             warnings.warn(f"nbollama: {reason}", RuntimeWarning, stacklevel=4)
         return 1, reason
+    if parallel == "adaptive":
+        slots = max_parallel or DEFAULT_MAX_PARALLEL
+        return slots, f"adaptive: up to {slots} slots, moved while it runs"
     if parallel != "auto":
         return int(parallel), f"parallel={parallel} as asked"
     per_slot = model.kv_geometry.bytes_per_token * ctx
@@ -169,7 +225,9 @@ class Weights:
     def acquire(self) -> Weights:
         with self._lock:
             if self._refs == 0 and self.model._closed:
-                raise EngineClosedError("the model was closed with the last engine that used it; load it again")
+                raise EngineClosedError(
+                    "the model was closed with the last engine that used it; load it again"
+                )
             self._refs += 1
         return self
 

@@ -41,6 +41,7 @@ from ..exceptions import (
 from ..memory import format_bytes
 from ..metrics import ThroughputMeter
 from ..models import resolve_model
+from ._adaptive import ParallelController
 from ._config import EngineConfig, LoadOptions, Weights
 from ._llama import (
     DECODE_NO_KV_SLOT,
@@ -52,18 +53,29 @@ from ._llama import (
     supports_gpu_offload,
 )
 from ._monitor import Monitor, Subscription
+from ._prefix import common_prefix
 from ._requests import FinishReason, Handle, Result, SamplingParams
-from ._runner import ModelRunner, StepOutcome
+from ._runner import INVARIANT_ROWS, ModelRunner, StepOutcome
 from ._scheduler import Scheduler, plan_step
 from ._slots import Request, Slot
-from ._snapshot import SNAPSHOT_VERSION, CompletedRequest, EngineSnapshot, SlotSnapshot
+from ._snapshot import (
+    SNAPSHOT_VERSION,
+    CompletedRequest,
+    EngineSnapshot,
+    ParallelChange,
+    SlotSnapshot,
+)
 from ._text import TextStream
 
 __all__ = ["Engine"]
 
 _PREVIEW_CHARS = 80
+#: Reproducible mode cuts prompts at multiples of this many tokens from position 0,
+#: so a prompt's chunks, and the prefixes that can be reused, depend on it alone.
+REPRODUCIBLE_CHUNK = 128
 _BADGE_SECONDS = 2.0  # how long a slot shows how its last request ended
 _RECENT = 64
+_HISTORY = 32  # adaptive parallelism's changes kept for views
 _SAMPLING_FIELDS = frozenset(f for f in SamplingParams.__dataclass_fields__ if f != "stop")
 _REQUEST_FIELDS = frozenset({"priority", "chat", "system", "stop"})
 
@@ -106,16 +118,26 @@ def check_request_params(params: dict[str, Any]) -> tuple[SamplingParams, dict[s
     if options["system"] is not None and not isinstance(options["system"], str):
         raise InvalidParamsError(f"system={options['system']!r}: must be a string")
     if options["system"] and not options["chat"]:
-        raise InvalidParamsError("system= needs chat=True (the system message goes through the chat template)")
+        raise InvalidParamsError(
+            "system= needs chat=True (the system message goes through the chat template)"
+        )
     return sampling, options
 
 
 class _Totals:
-    __slots__ = ("submitted", "completed", "cancelled", "errors", "prompt_tokens", "generated_tokens")
+    __slots__ = (
+        "submitted",
+        "completed",
+        "cancelled",
+        "errors",
+        "prompt_tokens",
+        "generated_tokens",
+        "cached_tokens",
+    )
 
     def __init__(self) -> None:
         self.submitted = self.completed = self.cancelled = self.errors = 0
-        self.prompt_tokens = self.generated_tokens = 0
+        self.prompt_tokens = self.generated_tokens = self.cached_tokens = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -137,7 +159,7 @@ class Engine:
         cls,
         model: str | os.PathLike[str] | None = None,
         *,
-        parallel: int | Literal["auto"] = "auto",
+        parallel: int | Literal["auto", "adaptive"] = "auto",
         ctx: int = 2048,
         n_batch: int = 512,
         gpu_layers: int | Literal["auto"] = "auto",
@@ -145,6 +167,11 @@ class Engine:
         max_queue: int | None = None,
         flash_attn: bool | Literal["auto"] = "auto",
         kv_unified: bool = False,
+        prefix_cache: bool = True,
+        reproducible: bool = False,
+        max_parallel: int | None = None,
+        min_tps: float | None = None,
+        max_ttft: float | None = None,
     ) -> Engine:
         """Load a GGUF model (``None``/``"default"``: the bundled Gemma 3 270M) and start the slots.
 
@@ -153,15 +180,38 @@ class Engine:
         built with a GPU backend, none otherwise. ``flash_attn`` and
         ``kv_unified`` pass through to llama.cpp (``kv_unified=True`` lets all
         slots share one KV buffer instead of one stream each).
+        ``prefix_cache`` keeps each slot's tokens after its request and reuses
+        shared prompt prefixes (``False`` prefills every prompt in full).
+        ``reproducible=True`` makes a request's tokens depend only on the model,
+        its prompt, its sampling parameters (seed included), ``ctx`` and
+        ``threads``: not on ``parallel``, the slot, or what else runs.
+        ``parallel="adaptive"`` reserves ``max_parallel`` slots (default 8) and
+        moves how many take requests while it runs, towards ``min_tps`` (each
+        running request keeps that many tokens/s), ``max_ttft`` (seconds to the
+        first token, queue wait included), or with neither, the most
+        throughput short of where one more slot adds less than 5%.
         """
         options = LoadOptions.check(
-            parallel=parallel, ctx=ctx, n_batch=n_batch, gpu_layers=gpu_layers, threads=threads,
-            max_queue=max_queue, flash_attn=flash_attn, kv_unified=kv_unified,
+            parallel=parallel,
+            ctx=ctx,
+            n_batch=n_batch,
+            gpu_layers=gpu_layers,
+            threads=threads,
+            max_queue=max_queue,
+            flash_attn=flash_attn,
+            kv_unified=kv_unified,
+            prefix_cache=prefix_cache,
+            reproducible=reproducible,
+            max_parallel=max_parallel,
+            min_tps=min_tps,
+            max_ttft=max_ttft,
         )
         started = time.perf_counter()
         path = resolve_model(model)
         release_openmp_threads()  # see its docstring: an idle team on this thread slows every engine
-        weights = Weights(LlamaModel(path, gpu_layers=options.layers(supports_gpu_offload()))).acquire()
+        weights = Weights(
+            LlamaModel(path, gpu_layers=options.layers(supports_gpu_offload()))
+        ).acquire()
         try:
             return cls._on_weights(weights, options, started)
         finally:
@@ -185,7 +235,10 @@ class Engine:
         try:
             context = LlamaContext(
                 self._model,
-                n_seq=config.parallel,
+                # reproducible mode pads every decode to INVARIANT_ROWS sequences: spare ones if needed
+                n_seq=max(config.parallel, INVARIANT_ROWS)
+                if config.reproducible
+                else config.parallel,
                 ctx_per_slot=config.ctx_per_slot,
                 n_batch=config.n_batch,
                 threads=config.threads,
@@ -197,9 +250,21 @@ class Engine:
             raise
         config.ctx_per_slot = context.ctx_per_slot
         self._config = config
-        self._runner = ModelRunner(self._model, context, config.n_batch)
+        self._runner = ModelRunner(
+            self._model, context, config.n_batch, invariant=config.reproducible
+        )
         self._slots = [Slot(i) for i in range(config.parallel)]
-        self._scheduler = Scheduler(config.max_queue)
+        self._chunk_size = REPRODUCIBLE_CHUNK if config.reproducible else None
+        self._scheduler = Scheduler(
+            config.max_queue, prefix_cache=config.prefix_cache, chunk_size=self._chunk_size
+        )
+        self._controller = (
+            ParallelController(config.parallel, config.adaptive)
+            if config.adaptive is not None
+            else None
+        )
+        self._parallel_history: deque[ParallelChange] = deque(maxlen=_HISTORY)
+        self._shared_prefills = 0
         self._requests: dict[int, Request] = {}
         self._lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
@@ -214,24 +279,34 @@ class Engine:
         self._totals = _Totals()
         self._recent: deque[CompletedRequest] = deque(maxlen=_RECENT)
         self._monitor = Monitor(str(self.id), self.snapshot, self._change_key, lambda: self._closed)
-        self._thread = threading.Thread(target=self._run, name=f"nbollama-engine-{self.id}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"nbollama-engine-{self.id}", daemon=True
+        )
         self._thread.start()
         _live_engines.add(self)
 
     def spawn(
         self,
         *,
-        parallel: int,
+        parallel: int | Literal["adaptive"],
         ctx: int | None = None,
         n_batch: int | None = None,
         max_queue: int | None = None,
+        **modes: Any,
     ) -> Engine:
         """A new engine on the SAME loaded weights with its own context and slots.
 
         The model file is not read again; this engine keeps running. Used by
         the parallelism sweep, which tries several ``parallel`` values in turn.
+        ``modes`` (``prefix_cache``, ``reproducible``, and with
+        ``parallel="adaptive"`` its ``max_parallel``, ``min_tps``, ``max_ttft``)
+        default to this engine's, adaptive targets excepted.
         """
         self._check_open()
+        inherited = {
+            "prefix_cache": self._config.prefix_cache,
+            "reproducible": self._config.reproducible,
+        }
         options = LoadOptions.check(
             parallel=parallel,
             ctx=self._config.ctx_per_slot if ctx is None else ctx,
@@ -239,19 +314,38 @@ class Engine:
             max_queue=self._config.max_queue if max_queue is None else max_queue,
             flash_attn="auto" if self._config.flash_attn is None else self._config.flash_attn,
             kv_unified=self._config.kv_unified,
+            **{**inherited, **modes},
         )
-        return self._on_weights(self._weights, options, time.perf_counter(), threads=self._config.threads)
+        return self._on_weights(
+            self._weights, options, time.perf_counter(), threads=self._config.threads
+        )
 
     # -- what it is ------------------------------------------------------------------
 
     @property
     def parallel(self) -> int:
-        """The effective number of slots."""
+        """The number of slots taking requests now (adaptive parallelism moves it)."""
+        return self._controller.active if self._controller is not None else self._config.parallel
+
+    @property
+    def parallel_max(self) -> int:
+        """The slots whose KV is reserved: ``parallel`` unless adaptive."""
         return self._config.parallel
 
     @property
     def parallel_reason(self) -> str:
-        return self._config.parallel_reason
+        """Why ``parallel`` is what it is (adaptive: the reason for the last change)."""
+        return (
+            self._controller.reason
+            if self._controller is not None
+            else self._config.parallel_reason
+        )
+
+    @property
+    def parallel_history(self) -> list[ParallelChange]:
+        """Adaptive parallelism's recent changes, oldest first (empty otherwise)."""
+        with self._lock:
+            return list(self._parallel_history)
 
     @property
     def ctx(self) -> int:
@@ -285,19 +379,29 @@ class Engine:
 
     @property
     def kv_estimate_bytes(self) -> int:
-        return self._model.kv_geometry.bytes_per_token * self.parallel * self.ctx
+        return self._model.kv_geometry.bytes_per_token * self._runner.context.n_seq * self.ctx
 
     @property
     def kv_estimate(self) -> str:
         per_token = self._model.kv_geometry.bytes_per_token
+        streams = self._runner.context.n_seq
+        spares = streams - self.parallel_max
+        who = f"{self.parallel_max} slots" + (
+            f" + {spares} spare (reproducible mode pads to {streams})" if spares else ""
+        )
         return (
-            f"{self.parallel} slots x {self.ctx} ctx x {format_bytes(per_token)}/token "
-            f"= {format_bytes(per_token * self.parallel * self.ctx)} at most"
+            f"{who} x {self.ctx} ctx x {format_bytes(per_token)}/token "
+            f"= {format_bytes(per_token * streams * self.ctx)} at most"
         )
 
     @property
     def load_seconds(self) -> float:
         return self._config.load_seconds
+
+    @property
+    def reproducible(self) -> bool:
+        """Whether a request's tokens are independent of what else runs (``Engine.load(reproducible=True)``)."""
+        return self._config.reproducible
 
     @property
     def closed(self) -> bool:
@@ -309,7 +413,8 @@ class Engine:
         return (
             f"nbollama: model={self.model_name} parallel={self.parallel} ctx/slot={self.ctx} "
             f"kv={format_bytes(self.kv_bytes)} n_batch={self.n_batch} threads={self.threads} "
-            f"gpu_layers={self.gpu_layers} load={self.load_seconds:.1f}s ({self.parallel_reason})"
+            f"gpu_layers={self.gpu_layers}{' reproducible' if self.reproducible else ''} "
+            f"load={self.load_seconds:.1f}s ({self.parallel_reason})"
         )
 
     def __repr__(self) -> str:
@@ -349,7 +454,9 @@ class Engine:
         twice gives the same greedy texts. Parameters as for ``submit``.
         """
         if isinstance(prompts, str):
-            raise InvalidParamsError("submit_many() takes a list of prompts; for one prompt use submit()")
+            raise InvalidParamsError(
+                "submit_many() takes a list of prompts; for one prompt use submit()"
+            )
         self._check_open()
         sampling, options = check_request_params(params)
         requests = [self._prepare(prompt, sampling, options) for prompt in prompts]
@@ -373,13 +480,17 @@ class Engine:
         with self._weights.borrowed() as model:
             text = prompt
             if options["chat"]:
-                messages = ([("system", options["system"])] if options["system"] else []) + [("user", prompt)]
+                messages = ([("system", options["system"])] if options["system"] else []) + [
+                    ("user", prompt)
+                ]
                 try:
                     text = model.apply_chat_template(messages)
                 except ValueError as exc:
                     raise InvalidParamsError(str(exc)) from None
             tokens = np.asarray(model.tokenize(text), dtype=np.int32)
-        handle = Handle(next(self._request_ids), prompt, len(tokens), sampling.max_tokens, self._cancel)
+        handle = Handle(
+            next(self._request_ids), prompt, len(tokens), sampling.max_tokens, self._cancel
+        )
         request = Request(
             handle=handle,
             tokens=tokens,
@@ -388,7 +499,11 @@ class Engine:
             preview=" ".join(prompt.split())[:_PREVIEW_CHARS],
         )
         if len(tokens) == 0:
-            handle._finish("error", error="the prompt is empty (no tokens)", exception=InvalidParamsError("empty prompt"))
+            handle._finish(
+                "error",
+                error="the prompt is empty (no tokens)",
+                exception=InvalidParamsError("empty prompt"),
+            )
         elif len(tokens) >= self.ctx:
             message = (
                 f"the prompt is {len(tokens)} tokens but one slot holds {self.ctx} (ctx per slot); "
@@ -403,7 +518,9 @@ class Engine:
         Ctrl-C (KeyboardInterrupt) cancels this call's requests and frees their slots.
         """
         if threading.current_thread() is self._thread:
-            raise EngineError("generate() cannot wait from the engine's own thread (a done-callback); use submit()")
+            raise EngineError(
+                "generate() cannot wait from the engine's own thread (a done-callback); use submit()"
+            )
         handles = self.submit_many([prompts] if isinstance(prompts, str) else prompts, **params)
         try:
             return [h.result() for h in handles]
@@ -442,8 +559,10 @@ class Engine:
 
     def cancel_slot(self, slot: int) -> int | None:
         """Cancel whatever the slot is serving; the request id, or None if it was idle."""
-        if not isinstance(slot, int) or not 0 <= slot < self.parallel:
-            raise ValueError(f"slot {slot!r} does not exist (this engine has slots 0..{self.parallel - 1})")
+        if not isinstance(slot, int) or not 0 <= slot < self.parallel_max:
+            raise ValueError(
+                f"slot {slot!r} does not exist (this engine has slots 0..{self.parallel_max - 1})"
+            )
         with self._lock:
             request = self._slots[slot].request
         if request is None:
@@ -469,8 +588,12 @@ class Engine:
                         self._wakeup.wait()
                     if self._closing:
                         break
-                    cancelled = [s for s in self._slots if s.request is not None and s.request.cancel_requested]
-                    admitted = self._scheduler.admit(self._slots)
+                    cancelled = [
+                        s
+                        for s in self._slots
+                        if s.request is not None and s.request.cancel_requested
+                    ]
+                    admitted = self._scheduler.admit(self._slots, limit=self.parallel)
                     if admitted:
                         self._seq += 1
                 for slot in cancelled:
@@ -479,6 +602,8 @@ class Engine:
                     self._start(slot, request)
                 if any(s.busy for s in self._slots):
                     self._step()
+                if self._controller is not None:
+                    self._adapt()
         except BaseException as exc:  # a bug or a fatal llama.cpp error: fail loudly, not silently
             self._fatal = f"{type(exc).__name__}: {exc}"
             logger.exception("nbollama: the engine loop stopped")
@@ -489,37 +614,123 @@ class Engine:
         return bool(self._scheduler.queue) or any(s.busy for s in self._slots)
 
     def _start(self, slot: Slot, request: Request) -> None:
-        """Give an admitted request its sampler, text stream and a clean sequence (outside the lock)."""
+        """Give an admitted request its sampler, text stream and sequence (outside the lock).
+
+        The slot's KV keeps the cached tokens the scheduler chose to reuse; a
+        ready shared prefix is copied in from its source slot now.
+        """
         try:
             request.sampler = self._runner.sampler_for(request.params, request.tokens)
             request.text = TextStream(request.params.stop)
-            self._runner.reset_sequence(slot.id)
-        except Exception as exc:  # e.g. a sampler llama.cpp refused: fail this request, not the loop
+            self._runner.keep_prefix(slot.id, request.n_prefilled)
+            if request.copy_from is not None and request.copy_from.ready:
+                self._copy_prefix(slot, request)
+        except (
+            Exception
+        ) as exc:  # e.g. a sampler llama.cpp refused: fail this request, not the loop
             self._finish(slot, "error", error=f"could not start the request: {exc}")
             return
+        with self._lock:
+            self._totals.prompt_tokens += request.n_prefilled
+            self._totals.cached_tokens += request.n_prefilled
+        request.handle.cached_tokens = request.cached_tokens
         request.handle.timing.started = time.perf_counter()
         request.handle._set_running(slot.id, "prefill")
+
+    def _copy_prefix(self, slot: Slot, request: Request) -> None:
+        """Take the shared prefix from the source slot instead of prefilling it."""
+        source = request.copy_from
+        assert source is not None
+        self._runner.copy_prefix(source.slot, slot.id, source.tokens)
+        request.copy_from = None
+        request.n_prefilled = request.cached_tokens = source.tokens
+        slot.n_past = source.tokens
+        self._shared_prefills += 1
+
+    def _resolve_copies(self) -> None:
+        """Copy shared prefixes whose source has prefilled them; give up on sources that never will."""
+        for slot in self._slots:
+            request = slot.request
+            if request is None or request.copy_from is None:
+                continue
+            source = self._slots[request.copy_from.slot]
+            wanted = request.copy_from.tokens
+            if common_prefix(request.tokens, source.sequence_tokens()) < wanted:
+                request.copy_from = None  # the source moved on (or failed): prefill it here
+                continue
+            if source.n_past >= wanted:
+                self._copy_prefix(slot, request)
+                request.handle.cached_tokens = request.cached_tokens
+                with self._lock:
+                    self._totals.prompt_tokens += wanted
+                    self._totals.cached_tokens += wanted
 
     def _step(self) -> None:
         """One ``llama_decode`` for every busy slot: plan, run, then take the tokens."""
         while True:
-            plan = plan_step(self._slots, self._config.n_batch)
+            plan = plan_step(self._slots, self._config.n_batch, chunk_size=self._chunk_size)
             if plan.empty:
                 return
             requests = {i: self._slots[i].request for i in plan.slots}
+            started = time.perf_counter()
             outcome = self._runner.run(plan, requests)  # type: ignore[arg-type]
             if outcome.status == DECODE_OK:
+                if self._controller is not None:
+                    seconds = time.perf_counter() - started
+                    self._controller.step(
+                        time.monotonic(), len(plan.decodes), seconds, not plan.chunks
+                    )
                 break
             if outcome.status == DECODE_NO_KV_SLOT:
+                if self._evict_caches():
+                    continue  # cached prefixes go before any request fails
                 victim = self._scheduler.victim(self._slots)
                 if victim is None:
                     return
-                self._finish(victim, "error", error="the KV cache has no room left for this sequence (llama_decode returned 1)")
+                self._finish(
+                    victim,
+                    "error",
+                    error="the KV cache has no room left for this sequence (llama_decode returned 1)",
+                )
                 continue  # the others go on without it
             for slot in outcome.plan.slots:
-                self._finish(self._slots[slot], "error", error=f"llama_decode failed with status {outcome.status}; this request was dropped, the others go on")
+                self._finish(
+                    self._slots[slot],
+                    "error",
+                    error=f"llama_decode failed with status {outcome.status}; this request was dropped, the others go on",
+                )
             return
         self._postprocess(outcome)
+
+    def _adapt(self) -> None:
+        """Let the controller move the number of slots that take requests (never cancelling any)."""
+        assert self._controller is not None
+        with self._lock:
+            queued = len(self._scheduler.queue)
+        generating = sum(1 for s in self._slots if s.state == "generating")
+        decision = self._controller.decide(time.monotonic(), queued, generating)
+        if decision is not None:
+            with self._lock:
+                self._parallel_history.append(
+                    ParallelChange(
+                        time=time.time(), parallel=decision.parallel, reason=decision.reason
+                    )
+                )
+                self._seq += 1
+                self._wakeup.notify()  # more slots may take queued requests now
+
+    def _evict_caches(self) -> bool:
+        """Free the cells idle slots keep as prefix cache (only a unified KV buffer shares them)."""
+        if not self._config.kv_unified:
+            return False
+        evicted = False
+        for slot in self._slots:
+            if not slot.busy and len(slot.cache):
+                self._runner.reset_sequence(slot.id)
+                with self._lock:
+                    slot.forget()
+                evicted = True
+        return evicted
 
     def _postprocess(self, outcome: StepOutcome) -> None:
         now = time.perf_counter()
@@ -532,14 +743,22 @@ class Engine:
             slot.request.n_prefilled += c.count  # type: ignore[union-attr]
             slot.n_past += c.count
             prompt_tokens += c.count
+        if any(s.request is not None and s.request.copy_from is not None for s in self._slots):
+            self._resolve_copies()  # before any token can finish a source slot
         produced = 0
         for slot_id, token in outcome.tokens.items():
             slot = self._slots[slot_id]
             try:
                 produced += self._accept(slot, token, now)
             except Exception as exc:  # this slot's token handling failed: end this request alone
-                logger.warning("nbollama: request in slot %s failed while handling its token", slot_id, exc_info=True)
-                self._finish(slot, "error", error=f"handling its token failed: {type(exc).__name__}: {exc}")
+                logger.warning(
+                    "nbollama: request in slot %s failed while handling its token",
+                    slot_id,
+                    exc_info=True,
+                )
+                self._finish(
+                    slot, "error", error=f"handling its token failed: {type(exc).__name__}: {exc}"
+                )
         for slot_id, why in outcome.failures.items():
             self._finish(self._slots[slot_id], "error", error=why)
         self._meter.add(produced)
@@ -555,10 +774,13 @@ class Engine:
         handle = request.handle
         if handle.timing.first_token is None:
             handle.timing.first_token = now
+            if self._controller is not None:
+                self._controller.first_token(now - handle.timing.submitted)
         if self._model.is_eog(token):
             self._finish(slot, "stop")
             return 0
         request.completion_tokens += 1
+        request.output_ids.append(token)
         handle._publish(request.text.feed(self._model.piece(token)), request.completion_tokens)
         if request.text.stopped:
             self._finish(slot, "stop")
@@ -581,13 +803,26 @@ class Engine:
             try:
                 tail = request.text.finish()
             except Exception:  # a broken stream must not keep the slot
-                logger.debug("nbollama: flushing the text of request %s failed", request.handle.id, exc_info=True)
+                logger.debug(
+                    "nbollama: flushing the text of request %s failed",
+                    request.handle.id,
+                    exc_info=True,
+                )
         if request.sampler is not None:
             request.sampler.free()
             request.sampler = None
-        self._runner.reset_sequence(slot.id)
+        keep_cache = (
+            self._config.prefix_cache and reason != "error"
+        )  # a failed request's KV is not trusted
+        prompt_only = (
+            self._config.reproducible
+        )  # generated tokens' KV came from decode rows, not prompt chunks
+        if not keep_cache:
+            self._runner.reset_sequence(slot.id)
+        elif prompt_only:
+            self._runner.keep_prefix(slot.id, request.n_prefilled)
         with self._lock:
-            slot.release(reason)
+            slot.release(reason, keep_cache=keep_cache, prompt_only=prompt_only)
             self._requests.pop(request.handle.id, None)
             if reason in ("stop", "length"):
                 self._totals.completed += 1
@@ -596,8 +831,14 @@ class Engine:
             else:
                 self._totals.errors += 1
             self._seq += 1
-        exception: NbollamaError | None = EngineError(error) if reason == "error" and error else None
-        result = request.handle._finish(reason, tail=tail, error=error, exception=exception)
+        if any(s.request is not None and s.request.copy_from is not None for s in self._slots):
+            self._resolve_copies()  # requests waiting on this slot copy now, or prefill themselves
+        exception: NbollamaError | None = (
+            EngineError(error) if reason == "error" and error else None
+        )
+        result = request.handle._finish(
+            reason, tail=tail, error=error, exception=exception, token_ids=tuple(request.output_ids)
+        )
         self._recent.append(
             CompletedRequest(
                 id=result.id,
@@ -646,11 +887,15 @@ class Engine:
             totals = self._totals.as_dict()
             seq = self._seq
             recent_done = list(self._recent)[-16:]
+            history = list(self._parallel_history)
+        prompt_total = totals["prompt_tokens"]
         return EngineSnapshot(
             v=SNAPSHOT_VERSION,
             time=time.time(),
             seq=seq,
             closed=self._closed,
+            kind="local",
+            endpoint=None,
             model={
                 "name": self._model.name,
                 "path": str(self._config.model_path),
@@ -659,6 +904,8 @@ class Engine:
                 "n_params": self._model.n_params,
             },
             parallel=self.parallel,
+            parallel_max=self.parallel_max,
+            reproducible=self._config.reproducible,
             ctx_per_slot=self.ctx,
             n_batch=self.n_batch,
             gpu_layers=self.gpu_layers,
@@ -668,10 +915,24 @@ class Engine:
             throughput=round(self._meter.rate(), 2),
             throughput_window=self._meter.window,
             busy_slots=sum(1 for s in slots if s["state"] != "idle"),
-            kv={"used": sum(s["kv_used"] for s in slots), "total": self.parallel * self.ctx, "bytes": self.kv_bytes},
+            kv={
+                "used": sum(s["kv_used"] for s in slots),
+                "total": self.parallel_max * self.ctx,
+                "bytes": self.kv_bytes,
+            },
             memory=_memory.memory_figures(self.kv_bytes, self.kv_estimate),
             totals=totals,  # type: ignore[typeddict-item]
             recent=recent_done,
+            prefix_cache={
+                "enabled": self._config.prefix_cache,
+                "hit_rate": round(totals["cached_tokens"] / prompt_total, 4)
+                if prompt_total
+                else 0.0,
+                "shared_prefills": self._shared_prefills,
+            },
+            adaptive=None
+            if self._controller is None
+            else {"target": str(self._controller.target), "history": history},
         )
 
     @staticmethod
@@ -688,13 +949,15 @@ class Engine:
                 prompt_preview=r.preview,
                 prompt_tokens=r.prompt_len,
                 prefilled_tokens=r.n_prefilled,
+                cached_tokens=r.cached_tokens,
                 decoded_tokens=r.completion_tokens,
                 max_tokens=r.params.max_tokens,
                 tps=round(r.completion_tokens / elapsed, 2) if elapsed > 0.05 else 0.0,
                 kv_used=s.n_past,
+                origin="this kernel",
             )
         recent = now_mono - s.last_finished < _BADGE_SECONDS and s.last_request_id is not None
-        prompt, decoded, max_tokens = s.last_counts
+        prompt, cached, decoded, max_tokens = s.last_counts
         return SlotSnapshot(
             id=s.id,
             state="idle",
@@ -703,10 +966,12 @@ class Engine:
             prompt_preview=s.last_preview,
             prompt_tokens=prompt,
             prefilled_tokens=prompt,
+            cached_tokens=cached,
             decoded_tokens=decoded,
             max_tokens=max_tokens,
             tps=0.0,
-            kv_used=0,
+            kv_used=len(s.cache),
+            origin="this kernel",
         )
 
     def subscribe(
@@ -722,7 +987,9 @@ class Engine:
         badges = sum(
             1
             for s in self._slots
-            if s.request is None and s.last_request_id is not None and now - s.last_finished < _BADGE_SECONDS
+            if s.request is None
+            and s.last_request_id is not None
+            and now - s.last_finished < _BADGE_SECONDS
         )
         return (self._seq, round(self._meter.rate(), 1), badges, self._closed)
 
@@ -743,7 +1010,9 @@ class Engine:
         done-callback, which runs on the engine's own thread.
         """
         if threading.current_thread() is self._thread:
-            raise EngineError("close() cannot be called from the engine's own thread (a done-callback)")
+            raise EngineError(
+                "close() cannot be called from the engine's own thread (a done-callback)"
+            )
         with self._lock:
             first = not self._close_started
             self._close_started = True

@@ -167,7 +167,9 @@ class LlamaModel:
         with log.capture() as lines:
             ptr = ll.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
-            raise ModelLoadError(str(path), f"llama.cpp could not load it: {_failure_reason(lines)}")
+            raise ModelLoadError(
+                str(path), f"llama.cpp could not load it: {_failure_reason(lines)}"
+            )
         self.ptr = ptr
         self.path = path
         self.gpu_layers = gpu_layers
@@ -198,7 +200,9 @@ class LlamaModel:
             family = _builtin_template_for(self.arch)
             if family is not None:
                 self.chat_template = family.encode()
-                self.chat_template_source = f"llama.cpp's built-in {family!r} template (none in the GGUF)"
+                self.chat_template_source = (
+                    f"llama.cpp's built-in {family!r} template (none in the GGUF)"
+                )
         self._pieces: dict[int, bytes] = {}
         self._pieces_lock = threading.Lock()
         self._closed = False
@@ -294,6 +298,10 @@ class LlamaContext:
         # By default one KV stream per slot: each slot owns exactly ctx_per_slot
         # cells and attention never scans the other slots' tokens.
         params.kv_unified = kv_unified
+        # Sliding-window layers (Gemma 3) keep every cell, not just the window: a cached
+        # prefix can then be cut anywhere and reused (a window-sized cache recycles cells,
+        # so a truncated sequence would have holes). Costs KV memory beyond 2 x window.
+        params.swa_full = True
         params.flash_attn_type = {
             None: ll.LLAMA_FLASH_ATTN_TYPE_AUTO,
             True: ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -313,9 +321,12 @@ class LlamaContext:
         self.n_seq = n_seq
         self.n_batch = n_batch
         self.n_vocab = model.n_vocab
+        self.kv_unified = kv_unified
         self.ctx_per_slot = min(ctx_per_slot, int(ll.llama_n_ctx_seq(ptr)))
         self.kv_bytes = int(_buffer_mib(lines, "KV") * _MIB)
-        self.compute_bytes = int((_buffer_mib(lines, "compute") + _buffer_mib(lines, "output")) * _MIB)
+        self.compute_bytes = int(
+            (_buffer_mib(lines, "compute") + _buffer_mib(lines, "output")) * _MIB
+        )
         self._closed = False
 
     def decode(self, batch: Batch) -> int:
@@ -330,6 +341,24 @@ class LlamaContext:
 
     def clear_sequence(self, seq: int) -> None:
         ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def truncate_sequence(self, seq: int, keep: int) -> None:
+        """Keep positions ``[0, keep)`` of a sequence (explicit positions: see ``swa_full``)."""
+        ll.llama_memory_seq_rm(self.memory, seq, keep if keep > 0 else -1, -1)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Make ``dst`` hold positions ``[0, n)`` of ``src``.
+
+        In a unified KV buffer this only tags ``src``'s cells with ``dst``. With
+        a stream per sequence llama.cpp copies whole streams (at the next
+        decode), so ``dst`` gets all of ``src`` and its tail is then dropped.
+        """
+        ll.llama_memory_seq_rm(self.memory, dst, -1, -1)
+        if self.kv_unified:
+            ll.llama_memory_seq_cp(self.memory, src, dst, 0, n)
+        else:
+            ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+            ll.llama_memory_seq_rm(self.memory, dst, n, -1)
 
     def sequence_length(self, seq: int) -> int:
         """Cells the sequence holds (its highest position + 1)."""
@@ -358,7 +387,9 @@ class Batch:
         row_bytes = self.seq_id.strides[0]
         base = self.seq_id.ctypes.data
         seq_ptr = ctypes.POINTER(ll.llama_seq_id)
-        self._seq_rows = (seq_ptr * capacity)(*(ctypes.cast(base + i * row_bytes, seq_ptr) for i in range(capacity)))
+        self._seq_rows = (seq_ptr * capacity)(
+            *(ctypes.cast(base + i * row_bytes, seq_ptr) for i in range(capacity))
+        )
         raw = ll.llama_batch()
         raw.n_tokens = 0
         raw.token = self.token.ctypes.data_as(ctypes.POINTER(ll.llama_token))
@@ -385,7 +416,9 @@ class Batch:
         self.n_tokens = self.raw.n_tokens = i + 1
         return i
 
-    def add_span(self, tokens: npt.NDArray[np.int32], start_pos: int, seq: int, logits_last: bool) -> int:
+    def add_span(
+        self, tokens: npt.NDArray[np.int32], start_pos: int, seq: int, logits_last: bool
+    ) -> int:
         """Append consecutive tokens of one sequence from position ``start_pos``; the last one's index."""
         i, n = self.n_tokens, len(tokens)
         end = i + n
@@ -433,7 +466,12 @@ class SamplerChain:
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = ll.llama_sampler_chain_add
         if p.repeat_penalty != 1.0:
-            add(chain, ll.llama_sampler_init_penalties(n_vocab, p.repeat_last_n, p.repeat_penalty, 0.0, 0.0))
+            add(
+                chain,
+                ll.llama_sampler_init_penalties(
+                    n_vocab, p.repeat_last_n, p.repeat_penalty, 0.0, 0.0
+                ),
+            )
         if p.temperature <= 0.0:
             add(chain, ll.llama_sampler_init_greedy())
         else:
@@ -483,7 +521,9 @@ def _openmp_library() -> ctypes.CDLL | None:
             lib = None
             try:
                 with open("/proc/self/maps") as maps:
-                    path = next((ln.split()[-1] for ln in maps if "libgomp" in ln and "/" in ln), None)
+                    path = next(
+                        (ln.split()[-1] for ln in maps if "libgomp" in ln and "/" in ln), None
+                    )
                 if path is not None:
                     candidate = ctypes.CDLL(path)
                     if hasattr(candidate, "omp_pause_resource_all"):

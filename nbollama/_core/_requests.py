@@ -92,6 +92,10 @@ class Result:
     queue_wait: float  # submit -> a slot took it
     total_time: float  # submit -> finished
     slot: int | None
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache instead of prefilled
+    token_ids: tuple[
+        int, ...
+    ] = ()  # the generated tokens (to compare runs exactly); () from a remote engine
     #: A remote server's own timings of this request, where it gives them (llama-server's
     #: ``timings``, Ollama's durations): ``prompt_ms``, ``predicted_ms``, ``predicted_per_second``...
     server_timings: Mapping[str, float] | None = field(default=None, compare=False)
@@ -168,6 +172,7 @@ class Handle:
         self._status: RequestStatus = "queued"
         self._slot: int | None = None
         self._completion_tokens = 0
+        self.cached_tokens = 0  # set by the engine when the request reuses a cached prefix
         self.server_timings: Mapping[str, float] | None = None  # set by a remote engine
         self._result: Result | None = None
         self._exception: NbollamaError | None = None
@@ -202,6 +207,7 @@ class Handle:
         tail: str = "",
         error: str | None = None,
         exception: NbollamaError | None = None,
+        token_ids: tuple[int, ...] = (),
     ) -> Result:
         t = self.timing
         t.finished = time.perf_counter()
@@ -226,7 +232,9 @@ class Handle:
                 queue_wait=((t.started or t.finished) - t.submitted),
                 total_time=t.finished - t.submitted,
                 slot=self._slot,
+                cached_tokens=self.cached_tokens,
                 server_timings=self.server_timings,
+                token_ids=token_ids,
             )
             self._status = _FINAL_STATUS[finish_reason]
             if finish_reason == "error":
@@ -375,4 +383,3 @@ def _call_quietly(callback: Callable[[Handle], object], handle: Handle) -> None:
         import logging
 
         logging.getLogger("nbollama").exception("done-callback of request %s failed", handle.id)
-

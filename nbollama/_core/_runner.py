@@ -38,11 +38,29 @@ class StepOutcome:
     failures: dict[int, str] = field(default_factory=dict)  # slot -> why sampling failed
 
 
+#: Reproducible mode decodes at least this many rows at once. On llama.cpp's CPU
+#: backend a row's result depends on how many rows its batch has: 1-3, 4-7 and
+#: 8 or more give three different results (the kernels group rows), while any
+#: count from 8 up gives the same (measured up to 40). See README, "Reproducible mode".
+INVARIANT_ROWS = 8
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, context: LlamaContext, n_batch: int) -> None:
+    """Fills batches from plans, decodes them, samples.
+
+    ``invariant=True`` (reproducible mode) runs each plan so that no row's
+    numbers depend on the rest: the decode rows go in one ``llama_decode`` of
+    at least ``INVARIANT_ROWS`` consecutive sequences (idle and spare ones get
+    a throwaway token), and each prompt chunk goes alone in a call of its own.
+    """
+
+    def __init__(
+        self, model: LlamaModel, context: LlamaContext, n_batch: int, *, invariant: bool = False
+    ) -> None:
         self.model = model
         self.context = context
-        self.batch = Batch(n_batch)
+        self.batch = Batch(max(n_batch, context.n_seq))
+        self.invariant = invariant
 
     def sampler_for(self, params: SamplingParams, prompt: object) -> Sampler:
         return make_sampler(params, n_vocab=self.model.n_vocab, prompt=prompt)  # type: ignore[arg-type]
@@ -50,8 +68,17 @@ class ModelRunner:
     def reset_sequence(self, seq: int) -> None:
         self.context.clear_sequence(seq)
 
+    def keep_prefix(self, seq: int, keep: int) -> None:
+        """Drop a sequence's positions from ``keep`` on (all of it when 0)."""
+        self.context.truncate_sequence(seq, keep)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        self.context.copy_prefix(src, dst, n)
+
     def run(self, plan: StepPlan, requests: Mapping[int, Request]) -> StepOutcome:
         """Decode ``plan`` (``requests``: slot -> its request), then sample where logits came out."""
+        if self.invariant or not self.context.kv_unified:
+            return self._run_by_stream(plan, requests)
         current: StepPlan | None = plan
         status = DECODE_NO_KV_SLOT
         outputs: dict[int, int] = {}
@@ -69,12 +96,67 @@ class ModelRunner:
         if status != DECODE_OK:
             return outcome
         for slot, index in outputs.items():
-            sampler = requests[slot].sampler
-            try:
-                assert sampler is not None, "a slot with logits has no sampler"
-                outcome.tokens[slot] = sampler.sample(self.context, index)
-            except Exception as exc:  # one slot's sampler: that request fails, the step goes on
-                outcome.failures[slot] = f"sampling failed: {type(exc).__name__}: {exc}"
+            self._sample(outcome, slot, index, requests[slot])
+        return outcome
+
+    def _sample(self, outcome: StepOutcome, slot: int, index: int, request: Request) -> None:
+        try:
+            assert request.sampler is not None, "a slot with logits has no sampler"
+            outcome.tokens[slot] = request.sampler.sample(self.context, index)
+        except Exception as exc:  # one slot's sampler: that request fails, the step goes on
+            outcome.failures[slot] = f"sampling failed: {type(exc).__name__}: {exc}"
+
+    def _run_by_stream(self, plan: StepPlan, requests: Mapping[int, Request]) -> StepOutcome:
+        """A stream per slot: all decode rows in one call over consecutive sequence ids, then each chunk alone.
+
+        llama.cpp splits a batch into one ubatch per run of consecutive sequence
+        ids with equal token counts, so a gap (an idle slot) or a prompt chunk
+        beside the decode rows would cost extra ubatches: gaps get a throwaway
+        row, removed afterwards. Reproducible mode pads to INVARIANT_ROWS rows,
+        the smallest count whose kernels give every row the same result.
+        """
+        outcome = StepOutcome(DECODE_OK, plan)
+        batch, context = self.batch, self.context
+        rows = INVARIANT_ROWS if self.invariant else 1
+        if plan.decodes:
+            real = {d.slot: d for d in plan.decodes}
+            first, last = min(real), max(real)
+            last = max(last, first + rows - 1)
+            if last >= context.n_seq:  # not enough sequences above: extend downwards
+                last = context.n_seq - 1
+                first = max(0, min(first, last - rows + 1))
+            batch.clear()
+            outputs: dict[int, int] = {}
+            throwaway: list[tuple[int, int]] = []
+            for seq in range(
+                first, last + 1
+            ):  # consecutive ids: llama.cpp keeps them in one ubatch
+                d = real.get(seq)
+                if d is not None:
+                    outputs[seq] = batch.add(d.token, d.pos, seq, True)
+                else:
+                    end = context.sequence_length(seq)
+                    batch.add(0, end, seq, False)
+                    throwaway.append((seq, end))
+            status = context.decode(batch)
+            for seq, end in throwaway:
+                context.truncate_sequence(seq, end)
+            if status != DECODE_OK:
+                return StepOutcome(status, StepPlan(plan.decodes))
+            for slot, index in outputs.items():
+                self._sample(outcome, slot, index, requests[slot])
+        for c in plan.chunks:
+            batch.clear()
+            tokens = requests[c.slot].tokens[c.start : c.start + c.count]
+            index = batch.add_span(tokens, c.start, c.slot, c.ends_prompt)
+            status = context.decode(batch)
+            if status != DECODE_OK:
+                outcome.failures[c.slot] = (
+                    f"llama_decode failed with status {status} on a prompt chunk"
+                )
+                continue
+            if c.ends_prompt:
+                self._sample(outcome, c.slot, index, requests[c.slot])
         return outcome
 
     def _fill(self, plan: StepPlan, requests: Mapping[int, Request]) -> dict[int, int]:

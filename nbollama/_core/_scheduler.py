@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from ..exceptions import QueueFullError
+from ._prefix import choose_slot, find_source
 from ._slots import Request, Slot
 
 __all__ = ["WaitingQueue", "Decode", "Chunk", "StepPlan", "plan_step", "Scheduler"]
@@ -79,7 +80,9 @@ class WaitingQueue(Generic[T]):
 
     def items(self) -> list[T]:
         """Live entries in the order they would be served."""
-        return [item for _, _, item in sorted(self._heap, key=lambda e: e[:2]) if id(item) in self._live]
+        return [
+            item for _, _, item in sorted(self._heap, key=lambda e: e[:2]) if id(item) in self._live
+        ]
 
     def drain(self) -> list[T]:
         out = self.items()
@@ -150,19 +153,42 @@ def _spend(chunks: Sequence[Chunk], budget: int) -> tuple[Chunk, ...]:
     return tuple(out)
 
 
-def plan_step(slots: Sequence[Slot], token_budget: int) -> StepPlan:
-    """One token per generating slot, then prompt chunks (oldest admission first) up to the budget."""
+def plan_step(
+    slots: Sequence[Slot], token_budget: int, *, chunk_size: int | None = None
+) -> StepPlan:
+    """One token per generating slot, then prompt chunks (oldest admission first) up to the budget.
+
+    With ``chunk_size`` (reproducible mode) a prompt is cut only at multiples
+    of it, counted from position 0, so its chunks depend on nothing else; a
+    chunk that does not fit the budget waits for the next step whole.
+    """
     decodes = tuple(Decode(s.id, s.last_token, s.n_past) for s in slots if s.state == "generating")
     prefilling = sorted(
-        (s for s in slots if s.state == "prefill" and s.request is not None),
+        (
+            s
+            for s in slots
+            if s.state == "prefill" and s.request is not None and s.request.ready_to_prefill
+        ),
         key=lambda s: s.request.admitted_order,  # type: ignore[union-attr]
     )
-    wanted = [
-        Chunk(s.id, s.request.n_prefilled, s.request.prefill_remaining, True)  # type: ignore[union-attr]
-        for s in prefilling
-        if s.request.prefill_remaining > 0  # type: ignore[union-attr]
-    ]
-    return StepPlan(decodes, _spend(wanted, token_budget - len(decodes)))
+    budget = token_budget - len(decodes)
+    if chunk_size is None:
+        wanted = [
+            Chunk(s.id, s.request.n_prefilled, s.request.prefill_remaining, True)  # type: ignore[union-attr]
+            for s in prefilling
+        ]
+        return StepPlan(decodes, _spend(wanted, budget))
+    chunks: list[Chunk] = []
+    for s in prefilling:
+        request = s.request
+        assert request is not None
+        start = request.n_prefilled
+        end = min(request.prompt_len, (start // chunk_size + 1) * chunk_size)
+        if end - start > budget and (chunks or decodes):
+            break
+        chunks.append(Chunk(s.id, start, end - start, end == request.prompt_len))
+        budget -= end - start
+    return StepPlan(decodes, tuple(chunks))
 
 
 class Scheduler:
@@ -172,23 +198,46 @@ class Scheduler:
     touches llama.cpp.
     """
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(
+        self, max_queue: int, *, prefix_cache: bool = True, chunk_size: int | None = None
+    ) -> None:
         self.queue: WaitingQueue[Request] = WaitingQueue(max_queue)
+        self.prefix_cache = prefix_cache
+        self.chunk_size = (
+            chunk_size  # reproducible mode: prompts are prefilled in these fixed chunks
+        )
         self._admitted = itertools.count()
 
     def push_all(self, requests: Sequence[Request]) -> None:
         self.queue.push_all([(r, r.priority) for r in requests])
 
-    def admit(self, slots: Sequence[Slot]) -> list[tuple[Slot, Request]]:
-        """Give idle slots the next queued requests (highest priority first, lowest slot first)."""
+    def admit(self, slots: Sequence[Slot], limit: int | None = None) -> list[tuple[Slot, Request]]:
+        """Give idle slots the next queued requests (highest priority first).
+
+        Each request goes to the idle slot whose cached tokens share the most
+        with its prompt, and may be told to copy a longer shared prefix from
+        another slot (``Request.copy_from``) instead of prefilling it. With
+        ``limit`` (adaptive parallelism) only the first ``limit`` slots take
+        requests, and no more than ``limit`` are busy at once: slots above it
+        finish what they serve and then rest.
+        """
         admitted: list[tuple[Slot, Request]] = []
-        for slot in slots:
-            if slot.busy:
-                continue
+        limit = len(slots) if limit is None else limit
+        room = limit - sum(1 for s in slots if s.busy)
+        idle = [s for s in slots[:limit] if not s.busy]
+        while idle and room > 0:
+            room -= 1
             request = self.queue.pop()
             if request is None:
                 break
-            slot.take(request, next(self._admitted))
+            align = self.chunk_size or 1
+            slot, keep = choose_slot(request, idle, reuse=self.prefix_cache, align=align)
+            idle.remove(slot)
+            slot.take(request, next(self._admitted), keep)
+            if self.prefix_cache:
+                request.copy_from = find_source(
+                    request, slot, slots, keep, align=align, prompt_only=self.chunk_size is not None
+                )
             admitted.append((slot, request))
         return admitted
 

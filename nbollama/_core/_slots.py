@@ -8,7 +8,7 @@ runner decodes and samples; the engine moves requests through these states.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +19,10 @@ from ._snapshot import SlotBadge, SlotState
 
 if TYPE_CHECKING:
     from ._llama import Sampler
+    from ._prefix import Source
     from ._text import TextStream
+
+_NO_TOKENS: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
 
 __all__ = ["Request", "Slot", "BADGE_FOR_REASON"]
 
@@ -45,7 +48,10 @@ class Request:
     sampler: Sampler | None = None
     text: TextStream | None = None
     admitted_order: int = 0
-    n_prefilled: int = 0
+    n_prefilled: int = 0  # prompt tokens in the KV cache: reused or computed
+    cached_tokens: int = 0  # of those, reused from a cache or copied from another slot
+    copy_from: Source | None = None  # waiting for another slot's prefix before prefilling
+    output_ids: list[int] = field(default_factory=list)  # sampled tokens, in order
     completion_tokens: int = 0
 
     @property
@@ -55,6 +61,10 @@ class Request:
     @property
     def prefill_remaining(self) -> int:
         return len(self.tokens) - self.n_prefilled
+
+    @property
+    def ready_to_prefill(self) -> bool:
+        return self.copy_from is None and self.prefill_remaining > 0
 
 
 @dataclass(eq=False)
@@ -71,30 +81,75 @@ class Slot:
     last_preview: str = ""
     last_badge: SlotBadge = "idle"
     last_finished: float = 0.0
-    last_counts: tuple[int, int, int] = (0, 0, 0)  # prompt, decoded, max of the last request
+    last_counts: tuple[int, int, int, int] = (
+        0,
+        0,
+        0,
+        0,
+    )  # prompt, cached, decoded, max of the last request
+    # the prefix cache: tokens whose KV this slot's sequence keeps while it is idle
+    cache: npt.NDArray[np.int32] = field(default_factory=lambda: _NO_TOKENS)
+    last_used: float = 0.0
 
     @property
     def busy(self) -> bool:
         return self.request is not None
 
-    def take(self, request: Request, order: int) -> None:
-        """Bind a request (under the engine's lock): from now on the slot is prefilling it."""
+    def sequence_tokens(self, *, prompt_only: bool = False) -> npt.NDArray[np.int32]:
+        """The tokens this slot's sequence holds or will hold once its prompt is in."""
+        request = self.request
+        if request is None:
+            return self.cache
+        if prompt_only or not request.output_ids:
+            return request.tokens
+        return np.concatenate([request.tokens, np.asarray(request.output_ids, dtype=np.int32)])
+
+    def held_tokens(self) -> npt.NDArray[np.int32]:
+        """The tokens whose KV the sequence holds now (positions 0..n_past-1)."""
+        return self.sequence_tokens()[: self.n_past] if self.request is not None else self.cache
+
+    def take(self, request: Request, order: int, keep: int) -> None:
+        """Bind a request (under the engine's lock), reusing the first ``keep`` cached tokens."""
         request.admitted_order = order
+        request.n_prefilled = request.cached_tokens = keep
         self.request = request
         self.state = "prefill"
-        self.n_past = 0
+        self.n_past = keep
+        self.cache = _NO_TOKENS
 
-    def release(self, reason: FinishReason) -> Request | None:
-        """Unbind the request (under the engine's lock) and remember how it ended."""
+    def release(
+        self, reason: FinishReason, *, keep_cache: bool, prompt_only: bool = False
+    ) -> Request | None:
+        """Unbind the request (under the engine's lock) and remember how it ended.
+
+        With ``keep_cache`` the tokens of the sequence stay as this slot's
+        prefix cache (only its prompt's with ``prompt_only``); otherwise (an
+        error, or no prefix cache) it is empty.
+        """
         request = self.request
         if request is None:
             return None
+        held = self.held_tokens()
+        if prompt_only:
+            held = held[: request.n_prefilled]
+        self.cache = held.copy() if keep_cache else _NO_TOKENS
         self.request = None
         self.state = "idle"
-        self.n_past = 0
+        self.n_past = len(held) if keep_cache else 0
         self.last_request_id = request.handle.id
         self.last_preview = request.preview
         self.last_badge = BADGE_FOR_REASON[reason]
-        self.last_finished = time.monotonic()
-        self.last_counts = (request.prompt_len, request.completion_tokens, request.params.max_tokens)
+        self.last_finished = self.last_used = time.monotonic()
+        self.last_counts = (
+            request.prompt_len,
+            request.cached_tokens,
+            request.completion_tokens,
+            request.params.max_tokens,
+        )
         return request
+
+    def forget(self) -> None:
+        """Drop the prefix cache (its KV was removed or evicted)."""
+        self.cache = _NO_TOKENS
+        if self.request is None:
+            self.n_past = 0

@@ -18,7 +18,12 @@ __all__ = [
     "SNAPSHOT_VERSION",
     "SlotState",
     "SlotBadge",
+    "SlotOrigin",
     "SlotSnapshot",
+    "PrefixCacheFigures",
+    "ParallelChange",
+    "AdaptiveFigures",
+    "EngineKind",
     "QueueSnapshot",
     "KVSnapshot",
     "GPUFigures",
@@ -42,6 +47,10 @@ SlotState = Literal["idle", "prefill", "generating", "sent"]
 SlotBadge = Literal["idle", "prefill", "generating", "sent", "done", "cancelled", "error"]
 
 
+#: Whose request a slot serves: this kernel's, or (on a shared server) someone else's.
+SlotOrigin = Literal["this kernel", "another client"]
+
+
 class SlotSnapshot(TypedDict):
     id: int
     state: SlotState
@@ -49,11 +58,21 @@ class SlotSnapshot(TypedDict):
     request_id: int | None  # the request being served, else the last one served
     prompt_preview: str  # first ~80 characters, newlines folded
     prompt_tokens: int | None  # None: unknown remotely (Ollama tells at the end)
-    prefilled_tokens: int | None  # prompt tokens already in the KV cache; None: unknown remotely
+    prefilled_tokens: (
+        int | None
+    )  # prompt tokens already in the KV cache (cached ones included); None: unknown remotely
+    cached_tokens: (
+        int | None
+    )  # of those, taken from the prefix cache instead of computed; None: unknown remotely
     decoded_tokens: int
     max_tokens: int | None  # None: unknown remotely (another client's request without a limit)
-    tps: float | None  # this request's generated tokens/s so far (gen_tps); None: not measured yet remotely
-    kv_used: int | None  # KV cells this slot's sequence holds; None: unknown remotely
+    tps: (
+        float | None
+    )  # this request's generated tokens/s so far (gen_tps); None: not measured yet remotely
+    kv_used: (
+        int | None
+    )  # KV cells this slot's sequence holds (an idle slot keeps its cached prefix); None: unknown remotely
+    origin: SlotOrigin
 
 
 class QueueSnapshot(TypedDict):
@@ -63,7 +82,9 @@ class QueueSnapshot(TypedDict):
 
 class KVSnapshot(TypedDict):
     used: int | None  # cells holding tokens, summed over slots; None: unknown remotely
-    total: int | None  # parallel x ctx per slot (a server's own total remotely); None: unknown remotely
+    total: (
+        int | None
+    )  # parallel x ctx per slot (a server's own total remotely); None: unknown remotely
     bytes: int | None  # size of the KV cache buffers; None: unknown remotely
 
 
@@ -109,8 +130,26 @@ class Totals(TypedDict):
     completed: int  # finished with "stop" or "length"
     cancelled: int
     errors: int
-    prompt_tokens: int
+    prompt_tokens: int  # prompt tokens of admitted requests, cached ones included
     generated_tokens: int
+    cached_tokens: int  # prompt tokens that were reused instead of computed
+
+
+class PrefixCacheFigures(TypedDict):
+    enabled: bool | None  # None: unknown remotely
+    hit_rate: float  # cached_tokens / prompt_tokens over the engine's life (0 with no prompts)
+    shared_prefills: int | None  # prefixes computed once and copied to other slots; None: remote
+
+
+class ParallelChange(TypedDict):
+    time: float  # time.time()
+    parallel: int
+    reason: str
+
+
+class AdaptiveFigures(TypedDict):
+    target: str  # "min_tps=15", "max_ttft=2", "throughput"
+    history: list[ParallelChange]  # the last changes, oldest first
 
 
 class ModelSnapshot(TypedDict):
@@ -119,6 +158,10 @@ class ModelSnapshot(TypedDict):
     arch: str  # "" when a server does not say
     size_bytes: int | None  # None: unknown remotely
     n_params: int | None  # None: unknown remotely
+
+
+#: What kind of engine a snapshot describes.
+EngineKind = Literal["local", "llama-server", "ollama", "vllm", "openai"]
 
 
 class RemoteModelFigures(TypedDict):
@@ -134,7 +177,9 @@ class RemoteModelFigures(TypedDict):
 class RemoteFigures(TypedDict):
     """What a remote engine knows of its server, beyond the shape every engine fills."""
 
-    server_parallel: int | None  # the server's own: total_slots, OLLAMA_NUM_PARALLEL, --max-num-seqs
+    server_parallel: (
+        int | None
+    )  # the server's own: total_slots, OLLAMA_NUM_PARALLEL, --max-num-seqs
     parallel_source: str  # where that came from, or why it is unknown
     rows: Literal["server slots", "requests in flight"]  # what ``slots`` lists
     max_inflight: int  # this kernel's limit on requests open at once
@@ -164,8 +209,12 @@ class EngineSnapshot(_RemotePart):
     time: float  # time.time() when taken
     seq: int  # increases whenever anything in the engine changed
     closed: bool
+    kind: EngineKind
+    endpoint: str | None  # a remote engine's URL, credentials redacted; None for the local one
     model: ModelSnapshot
-    parallel: int
+    parallel: int  # slots in use now (the adaptive controller moves it)
+    parallel_max: int  # slots whose KV is reserved; equals parallel unless adaptive
+    reproducible: bool  # batch-invariant decoding (tokens do not depend on what else runs)
     ctx_per_slot: int | None  # None: unknown remotely
     n_batch: int | None  # None: unknown remotely
     gpu_layers: int | None  # None: unknown remotely
@@ -179,3 +228,5 @@ class EngineSnapshot(_RemotePart):
     memory: MemoryFigures
     totals: Totals
     recent: list[CompletedRequest]  # the last few finished requests, oldest first
+    prefix_cache: PrefixCacheFigures
+    adaptive: AdaptiveFigures | None  # None unless parallel="adaptive"

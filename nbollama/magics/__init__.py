@@ -78,8 +78,9 @@ class NbollamaMagics(Magics):
 
         Usage::
 
-            %nbollama load [MODEL] [--parallel N|auto] [--ctx N] [--gpu-layers N|auto]
+            %nbollama load [MODEL] [--parallel N|auto|adaptive] [--ctx N] [--gpu-layers N|auto]
                            [--threads N] [--batch N] [--no-prefix-cache] [--reproducible]
+                           [--max-parallel N] [--min-tps R | --max-ttft S]
             %nbollama status
             %nbollama dashboard
             %nbollama bench [--parallel 1,2,4,8] [--prompts N] [--max-tokens N] [--ctx N] [--apply]
@@ -95,7 +96,11 @@ class NbollamaMagics(Magics):
         cache size and the load time. MODEL is a ``.gguf`` path; without it,
         the bundled Gemma 3 270M. ``--ctx`` is the context of ONE slot: the KV
         cache holds parallel × ctx tokens. ``--parallel auto`` picks what fits
-        in memory (``NBOLLAMA_NUM_PARALLEL`` overrides it). Finished slots keep
+        in memory (``NBOLLAMA_NUM_PARALLEL`` overrides it). ``--parallel adaptive``
+        reserves ``--max-parallel`` slots (8 by default) and moves how many take
+        requests while it runs: to keep each request at ``--min-tps`` tokens/s,
+        the first token under ``--max-ttft`` seconds, or, with neither, the most
+        throughput short of where one more slot adds less than 5%. Finished slots keep
         their tokens' KV and prompts that start alike share one prefill (the
         prefix cache); ``--no-prefix-cache`` prefills every prompt in full.
         ``--reproducible`` makes each request's tokens independent of what else

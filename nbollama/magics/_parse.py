@@ -139,10 +139,27 @@ def _int_or_auto(text: str) -> int | Literal["auto"]:
         raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or a whole number") from None
 
 
-def _parallel(text: str) -> int | Literal["auto"]:
-    value = _int_or_auto(text)
+def _parallel(text: str) -> int | Literal["auto", "adaptive"]:
+    if text == "adaptive":
+        return "adaptive"
+    try:
+        value = _int_or_auto(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 'auto', 'adaptive' or a whole number"
+        ) from None
     if value != "auto" and value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be 'auto' or >= 1")
+        raise argparse.ArgumentTypeError(f"{value} must be 'auto', 'adaptive' or >= 1")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be > 0")
     return value
 
 
@@ -279,7 +296,10 @@ def _nbollama_parser(*, dashboard: bool) -> tuple[_Parser, dict[str, _Parser]]:
     }
     load = subs["load"]
     load.add_argument("model", nargs="?", default=None, metavar="MODEL")
-    load.add_argument("--parallel", type=_parallel, default="auto", metavar="N|auto")
+    load.add_argument("--parallel", type=_parallel, default="auto", metavar="N|auto|adaptive")
+    load.add_argument("--max-parallel", type=_positive_int, metavar="N")
+    load.add_argument("--min-tps", type=_positive_number, metavar="R")
+    load.add_argument("--max-ttft", type=_positive_number, metavar="S")
     load.add_argument("--ctx", type=_positive_int, metavar="N")
     load.add_argument("--gpu-layers", type=_int_or_auto, metavar="N|auto")
     load.add_argument("--threads", type=_positive_int, metavar="N")
@@ -296,7 +316,14 @@ def _nbollama_parser(*, dashboard: bool) -> tuple[_Parser, dict[str, _Parser]]:
     connect.add_argument("--ca-bundle", metavar="PATH")
     bench = subs["bench"]
     # a remote engine sweeps client concurrency (default 1,2,4,8,16,32); the local one parallel (1,2,4,8)
-    bench.add_argument("--parallel", "--concurrency", dest="parallel", type=_parallel_list, default=None, metavar="N,N,...")
+    bench.add_argument(
+        "--parallel",
+        "--concurrency",
+        dest="parallel",
+        type=_parallel_list,
+        default=None,
+        metavar="N,N,...",
+    )
     bench.add_argument("--prompts", type=_positive_int, default=16, metavar="N")
     bench.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N")
     bench.add_argument("--ctx", type=_positive_int, metavar="N")
@@ -319,6 +346,9 @@ class LoadCall:
     threads: int | None = None
     prefix_cache: bool | None = None
     reproducible: bool | None = None
+    max_parallel: int | None = None
+    min_tps: float | None = None
+    max_ttft: float | None = None
 
     def options(self) -> dict[str, Any]:
         """Keywords for ``session.load``: only those given, so the engine's defaults hold."""
@@ -330,6 +360,9 @@ class LoadCall:
             "threads": self.threads,
             "prefix_cache": self.prefix_cache,
             "reproducible": self.reproducible,
+            "max_parallel": self.max_parallel,
+            "min_tps": self.min_tps,
+            "max_ttft": self.max_ttft,
         }
         return {key: value for key, value in given.items() if value is not None}
 
@@ -406,7 +439,14 @@ class HelpCall:
 
 
 NbollamaCall: TypeAlias = (
-    LoadCall | StatusCall | DashboardCall | BenchCall | UnloadCall | ConnectCall | DisconnectCall | HelpCall
+    LoadCall
+    | StatusCall
+    | DashboardCall
+    | BenchCall
+    | UnloadCall
+    | ConnectCall
+    | DisconnectCall
+    | HelpCall
 )
 
 
@@ -438,6 +478,9 @@ def parse_nbollama(line: str) -> NbollamaCall:
             threads=args.threads,
             prefix_cache=args.prefix_cache,
             reproducible=args.reproducible,
+            max_parallel=args.max_parallel,
+            min_tps=args.min_tps,
+            max_ttft=args.max_ttft,
         )
         _check_load_options("%nbollama load", **call.options())
         return call

@@ -249,6 +249,20 @@ def _known_bytes(value: int | None) -> str:
     return "unknown" if value is None else format_bytes(value)
 
 
+def _adaptive_line(snapshot: EngineSnapshot) -> str:
+    """Adaptive parallelism: its target, the count now of the maximum, and the last few changes."""
+    adaptive = snapshot["adaptive"]
+    assert adaptive is not None
+    start = adaptive["history"][0]["time"] if adaptive["history"] else snapshot["time"]
+    changes = "; ".join(
+        f"+{h['time'] - start:.0f} s → {h['parallel']}" for h in adaptive["history"][-6:]
+    )
+    return (
+        f"target {adaptive['target']}, {snapshot['parallel']} of {snapshot['parallel_max']} slots take requests"
+        + (f"; recent changes: {changes}" if changes else "; no change yet")
+    )
+
+
 def _prefix_cache_line(snapshot: EngineSnapshot) -> str:
     """Whether prompts reuse cached prefixes, and how much of all prompt tokens that saved."""
     cache = snapshot["prefix_cache"]
@@ -283,11 +297,15 @@ class StatusReport:
             where += " (this machine)"
         if not r["reachable"]:
             where += f" — unreachable at the last look: {r['error']}"
-        details = [part for part in (model["arch"], model["size_bytes"] and format_bytes(model["size_bytes"])) if part]
-        rows = "server slots" if r["rows"] == "server slots" else "of this kernel's requests in flight"
-        server_queue = (
-            f"server: {_known(r['server_running'])} running, {_known(r['server_waiting'])} waiting (all clients)"
+        details = [
+            part
+            for part in (model["arch"], model["size_bytes"] and format_bytes(model["size_bytes"]))
+            if part
+        ]
+        rows = (
+            "server slots" if r["rows"] == "server slots" else "of this kernel's requests in flight"
         )
+        server_queue = f"server: {_known(r['server_running'])} running, {_known(r['server_waiting'])} waiting (all clients)"
         kv_text = f"{_known(kv['used'])}/{_known(kv['total'])} tokens"
         if r["kv_usage"] is not None:
             kv_text += f", {r['kv_usage']:.0%} in use"
@@ -309,7 +327,9 @@ class StatusReport:
         totals = s["totals"]
         return {
             "server": where,
-            "model": model["name"] + (f" ({', '.join(details)})" if details else "") + (f" — {model['path']}" if model["path"] else ""),
+            "model": model["name"]
+            + (f" ({', '.join(details)})" if details else "")
+            + (f" — {model['path']}" if model["path"] else ""),
             "parallel": f"{_known(r['server_parallel'])} ({r['parallel_source']})",
             "context": f"{_known(s['ctx_per_slot'])} tokens per request",
             "this kernel": (
@@ -348,12 +368,22 @@ class StatusReport:
         )
         return {
             "model": f"{s['model']['name']} ({s['model']['arch']}, {format_bytes(s['model']['size_bytes'])}) — {s['model']['path']}",
-            "parallel": f"{s['parallel']} slots × {s['ctx_per_slot']} ctx — {s['parallel_reason']}"
-            + (" — reproducible mode (tokens independent of the batch)" if s.get("reproducible") else ""),
+            "parallel": (
+                f"{s['parallel']} of {s['parallel_max']} slots"
+                if s.get("parallel_max", s["parallel"]) != s["parallel"]
+                else f"{s['parallel']} slots"
+            )
+            + f" × {s['ctx_per_slot']} ctx — {s['parallel_reason']}"
+            + (
+                " — reproducible mode (tokens independent of the batch)"
+                if s.get("reproducible")
+                else ""
+            ),
             "queue": f"{s['queue']['length']} waiting (max {s['queue']['max']}), {s['busy_slots']}/{s['parallel']} slots busy",
             "throughput": f"{s['throughput']:.1f} tok/s over the last {s['throughput_window']:.0f} s",
             "KV cache": f"{kv['used']}/{kv['total']} cells used, {format_bytes(kv['bytes'])} ({memory['kv_estimate']})",
             "prefix cache": _prefix_cache_line(s),
+            **({"adaptive": _adaptive_line(s)} if s.get("adaptive") else {}),
             "memory": host
             + (f"; {gpus}" if gpus else "")
             + (f" — {memory['note']}" if memory["note"] else ""),
@@ -368,7 +398,9 @@ class StatusReport:
         unknown = "?"
         for slot in self.snapshot["slots"]:
             busy = slot["state"] != "idle"
-            prefilled = unknown if slot["prefilled_tokens"] is None else str(slot["prefilled_tokens"])
+            prefilled = (
+                unknown if slot["prefilled_tokens"] is None else str(slot["prefilled_tokens"])
+            )
             prompt = unknown if slot["prompt_tokens"] is None else str(slot["prompt_tokens"])
             limit = unknown if slot["max_tokens"] is None else str(slot["max_tokens"])
             preview = slot["prompt_preview"]
@@ -414,7 +446,10 @@ class StatusReport:
 
     def __repr__(self) -> str:
         lines = [f"{self._title}{' (closed)' if self.snapshot['closed'] else ''}"]
-        lines += [f"  {key:<11} {value}" if self.remote else f"  {key:<10} {value}" for key, value in self._lines().items()]
+        lines += [
+            f"  {key:<11} {value}" if self.remote else f"  {key:<10} {value}"
+            for key, value in self._lines().items()
+        ]
         headers = self._headers
         rows = [list(headers), *self._slot_rows()]
         widths = [max(len(row[i]) for row in rows) for i in range(len(headers) - 1)]

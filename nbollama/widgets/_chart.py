@@ -28,7 +28,7 @@ from ._live import DEFAULT_INTERVAL, LiveView, imports_in_progress
 
 __all__ = ["ThroughputChart"]
 
-_THROUGHPUT, _BUSY, _TTFT, _QUEUE_WAIT = range(4)
+_THROUGHPUT, _BUSY, _TTFT, _QUEUE_WAIT, _ACTIVE = range(5)
 _RETRY_SECONDS = 0.2
 
 
@@ -88,6 +88,8 @@ class ThroughputChart(LiveView, widgets.VBox):
     times: List[float] = List()  # time.time() of each point
     throughput: List[float] = List()  # aggregate generated tokens/s (the snapshot's ``throughput``)
     busy: List[int] = List()  # busy slots
+    active: List[int] = List()  # slots taking requests (adaptive parallelism moves it)
+    adaptive = Bool(False)  # whether the engine is adaptive (the active-slots line is shown)
     request_ids: List[int] = List()
     ttft: List[float | None] = List()  # seconds; None when a request ended before its first token
     queue_wait: List[float] = List()
@@ -151,6 +153,19 @@ class ThroughputChart(LiveView, widgets.VBox):
         fig.add_trace(
             go.Bar(x=[], y=[], name="queue wait (s)", marker={"color": "#8d6e63"}), row=2, col=1
         )
+        fig.add_trace(
+            go.Scatter(
+                x=[],
+                y=[],
+                name="active slots (adaptive)",
+                mode="lines",
+                visible=False,
+                line={"color": "#6a1b9a", "shape": "hv", "width": 2, "dash": "dot"},
+            ),
+            row=1,
+            col=1,
+            secondary_y=True,
+        )
         fig.update_layout(
             height=380,
             margin={"l": 50, "r": 50, "t": 40, "b": 30},
@@ -181,7 +196,8 @@ class ThroughputChart(LiveView, widgets.VBox):
         """Empty the chart for a new engine (its request ids start again at 1)."""
         self._seen = set()
         self._requests_drawn = True
-        self.times, self.throughput, self.busy = [], [], []
+        self.times, self.throughput, self.busy, self.active = [], [], [], []
+        self.adaptive = False
         self.request_ids, self.ttft, self.queue_wait = [], [], []
         self.parallel = engine.parallel if engine is not None else 0
         self.engine_closed = False
@@ -203,12 +219,16 @@ class ThroughputChart(LiveView, widgets.VBox):
             if snapshot is None:
                 return
         now = snapshot["time"]
-        self.parallel = snapshot["parallel"]
+        self.parallel = (
+            snapshot.get("parallel_max") or snapshot["parallel"]
+        )  # the axis spans every slot
         start = now - self.window
         keep = next((i for i, t in enumerate(self.times) if t >= start), len(self.times))
         self.times = [*self.times[keep:], now]
         self.throughput = [*self.throughput[keep:], snapshot["throughput"]]
         self.busy = [*self.busy[keep:], snapshot["busy_slots"]]
+        self.active = [*self.active[keep:], snapshot["parallel"]]
+        self.adaptive = self.adaptive or bool(snapshot.get("adaptive"))
         self.last_throughput = snapshot["throughput"]
         self.last_busy = snapshot["busy_slots"]
         fresh = [r for r in snapshot["recent"] if r["id"] not in self._seen]
@@ -242,6 +262,9 @@ class ThroughputChart(LiveView, widgets.VBox):
             data = self.figure.data
             data[_THROUGHPUT].x, data[_THROUGHPUT].y = stamps, self.throughput
             data[_BUSY].x, data[_BUSY].y = stamps, self.busy
+            if self.adaptive:  # each change of the active count is a step in this line
+                data[_ACTIVE].visible = True
+                data[_ACTIVE].x, data[_ACTIVE].y = stamps, self.active
             if not self._requests_drawn:
                 labels = [f"#{i}" for i in self.request_ids]
                 data[_TTFT].x, data[_TTFT].y = labels, self.ttft
@@ -269,4 +292,3 @@ class ThroughputChart(LiveView, widgets.VBox):
             wait.append(request["queue_wait"])
         drop = max(0, len(ids) - self.max_requests)
         self.request_ids, self.ttft, self.queue_wait = ids[drop:], ttft[drop:], wait[drop:]
-

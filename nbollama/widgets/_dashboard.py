@@ -173,9 +173,15 @@ class Dashboard(widgets.VBox):
         self.gpu_layers = snapshot["gpu_layers"]
         self.parallel_reason = snapshot["parallel_reason"]
         self.reproducible = bool(snapshot.get("reproducible"))
+        self.parallel_max = snapshot.get("parallel_max") or snapshot["parallel"]
+        self.adaptive_target = (snapshot.get("adaptive") or {}).get("target", "")
         cache = snapshot.get("prefix_cache")
         self.prefix_cache = (
-            "" if cache is None else f"prefix cache {cache['hit_rate']:.0%} hit" if cache["enabled"] else "prefix cache off"
+            ""
+            if cache is None
+            else f"prefix cache {cache['hit_rate']:.0%} hit"
+            if cache["enabled"]
+            else "prefix cache off"
         )
         self.kind = snapshot.get("kind", "local")
         self.endpoint = snapshot.get("endpoint") or ""
@@ -188,6 +194,9 @@ class Dashboard(widgets.VBox):
     prefix_cache: str = ""
     #: batch-invariant decoding (``%nbollama load --reproducible``)
     reproducible: bool = False
+    #: adaptive parallelism: the reserved slots and the target ("" when parallel is fixed)
+    parallel_max: int = 0
+    adaptive_target: str = ""
 
     def _remote_header(self, pill: str) -> tuple[str, str]:
         """The header of a remote engine: server, model, its parallel and context, this kernel's share."""
@@ -222,7 +231,13 @@ class Dashboard(widgets.VBox):
             f'font-size:11px">{html.escape(self.status)}</span>'
         )
         line = (
-            f"<b>nbollama</b> · <b>{html.escape(self.model_name)}</b> · parallel <b>{self.parallel}</b> · "
+            f"<b>nbollama</b> · <b>{html.escape(self.model_name)}</b> · parallel <b>{self.parallel}</b>"
+            + (
+                f" of {self.parallel_max} (adaptive, {html.escape(self.adaptive_target)})"
+                if self.adaptive_target
+                else ""
+            )
+            + " · "
             f"ctx/slot <b>{self.ctx_per_slot}</b> · n_batch {self.n_batch} · {device}"
             + (" · <b>reproducible</b>" if self.reproducible else "")
             + (f" · {html.escape(self.prefix_cache)}" if self.prefix_cache else "")
@@ -243,7 +258,8 @@ class Dashboard(widgets.VBox):
             )
         return (
             f'<div class="nbollama-header" style="font-size:13px">{line}'
-            f'<div style="color:#757575;font-size:11px">why parallel={self.parallel}: {reason}</div></div>'
+            f'<div style="color:#757575;font-size:11px">'
+            f"{'last change' if self.adaptive_target else f'why parallel={self.parallel}'}: {reason}</div></div>"
         )
 
     def _summary_html(self, snapshot: EngineSnapshot) -> str:
