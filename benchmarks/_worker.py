@@ -19,15 +19,9 @@ from typing import Any
 
 
 def engine_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    import os
-
     from nbollama import Engine
 
-    for key, value in config.pop("env", {}).items():
-        os.environ[key] = value
-    fresh = bool(
-        config.pop("fresh_each_run", False)
-    )  # a new engine every run: nothing learned carries over
+    fresh = bool(config.pop("fresh_each_run", False))  # a new engine every run: nothing learned carries over
     options = {k: v for k, v in config.items() if k != "model"}
     engine = Engine.load(config.get("model"), **options)
     engine.generate(["Warm up."], max_tokens=4, temperature=0.0)

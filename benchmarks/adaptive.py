@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         f"threads={args.threads} rounds={args.rounds} floor={args.floor:g} tok/s",
         flush=True,
     )
-    base = {"ctx": args.ctx, "threads": args.threads}
+    base = {"ctx": args.ctx, "threads": args.threads, "prefix_cache": False}  # rounds repeat the prompts
     workers = {f"static {n}": Worker("engine", {**base, "parallel": n}) for n in args.static}
     adaptive = f"adaptive (max {args.max_parallel}, min_tps {args.floor:g})"
     workers[adaptive] = Worker(

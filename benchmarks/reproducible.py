@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ctx/slot={args.ctx} threads={args.threads} rounds={args.rounds}",
         flush=True,
     )
-    base = {"ctx": args.ctx, "threads": args.threads}
+    base = {"ctx": args.ctx, "threads": args.threads, "prefix_cache": False}  # rounds repeat the prompts
     workers = {
         "normal": Worker("engine", {**base, "parallel": args.parallel}),
         "reproducible": Worker("engine", {**base, "parallel": args.parallel, "reproducible": True}),

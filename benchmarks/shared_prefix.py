@@ -6,7 +6,9 @@ cache carried over from an earlier round):
 * one pass with 16 slots: the 16 prompts fired at once;
 * two passes with 4 slots: the same 16 prompts, then all of them again (a cell run twice).
 
-Systems: the engine with its prefix cache (the default) and without it, and
+Systems: the engine with its prefix cache (the default: a KV stream per
+slot, so sharing copies a whole stream), the same with one unified KV cache
+(sharing is a zero-copy tag), the engine without the cache, and
 llama-server (built from the same llama.cpp) with ``cache_prompt`` on, with
 and without ``--swa-full`` (Gemma 3's sliding-window cache defeats its prompt
 cache without it). Medians over rounds, and the engine against the best server.
@@ -148,7 +150,9 @@ def measure_server(
     return {"wall": wall, "tokens": tokens}
 
 
-def measure_engine(slots: int, passes: int, prefix_cache: bool, args: argparse.Namespace) -> Run:
+def measure_engine(
+    slots: int, passes: int, prefix_cache: bool, args: argparse.Namespace, *, kv_unified: bool = False
+) -> Run:
     worker = Worker(
         "engine",
         {
@@ -157,6 +161,7 @@ def measure_engine(slots: int, passes: int, prefix_cache: bool, args: argparse.N
             "ctx": args.ctx,
             "threads": args.threads,
             "prefix_cache": prefix_cache,
+            "kv_unified": kv_unified,
         },
     )
     try:
@@ -201,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_spec = [("one pass, 16 slots", 16, 1), ("two passes, 4 slots", 4, 2)]
     systems: list[tuple[str, Callable[[int, int], Run]]] = [
         ("engine", lambda s, p: measure_engine(s, p, True, args)),
+        ("engine, unified KV", lambda s, p: measure_engine(s, p, True, args, kv_unified=True)),
         ("engine, no prefix cache", lambda s, p: measure_engine(s, p, False, args)),
         ("llama-server, cache_prompt", lambda s, p: measure_server(model, s, p, False, args)),
         (

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = {"sequential Llama.create_completion": Worker("sequential", {"model": args.model, "ctx": args.ctx, "threads": args.threads})}
     for n in args.parallel:
         workers[f"nbollama engine parallel={n}"] = Worker(
-            "engine", {"model": args.model, "parallel": n, "ctx": args.ctx, "threads": args.threads}
+            "engine", {"model": args.model, "parallel": n, "ctx": args.ctx, "threads": args.threads, "prefix_cache": False}
         )
     try:
         runs = interleave(

@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             ["-np", str(n), "-c", str(args.ctx * n), "-t", str(args.threads), "-tb", str(args.threads),
              "-b", "512", "-ub", "512"],
         ).start()
-        worker = Worker("engine", {"model": args.model, "parallel": n, "ctx": args.ctx, "threads": args.threads})
+        worker = Worker(
+            "engine",
+            # no prefix cache: the server runs without cache_prompt, and rounds repeat the prompts
+            {"model": args.model, "parallel": n, "ctx": args.ctx, "threads": args.threads, "prefix_cache": False},
+        )
         try:
             server_run(server.url, prompts[:n], 4, n)  # warm up
             job: dict[str, Any] = {"prompts": prompts, "max_tokens": args.max_tokens, "temperature": 0.0}

@@ -137,7 +137,11 @@ def test_a_real_burst_raises_the_count_and_every_change_is_in_the_snapshot(
         assert all(h["reason"].startswith(f"parallel={h['parallel']} of 8") for h in history)
 
 
-def test_an_unreachable_floor_shrinks_without_cancelling_anything(model_path: Path) -> None:
+def test_an_unreachable_floor_shrinks_without_cancelling_anything(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # without the timings taken at load it starts at 4, so the floor must bring it down while requests run
+    monkeypatch.setattr(ParallelController, "calibrate", lambda self, timings: None)
     with Engine.load(
         model_path, parallel="adaptive", max_parallel=6, min_tps=10_000, ctx=256
     ) as engine:
@@ -152,3 +156,23 @@ def test_an_unreachable_floor_shrinks_without_cancelling_anything(model_path: Pa
         )  # nothing cancelled to shrink
         assert engine.snapshot()["totals"]["cancelled"] == 0
         assert any("floor 10000" in h["reason"] for h in engine.parallel_history)
+
+
+def test_under_a_steady_real_load_the_count_settles_and_stays_put(model_path: Path) -> None:
+    """Eight requests always in flight for about ten seconds: no change in the last half of the run."""
+    with Engine.load(model_path, parallel="adaptive", max_parallel=8, min_tps=5, ctx=256) as engine:
+        start = time.time()
+        results = engine.generate(PROMPTS[:8] * 6, max_tokens=24, temperature=0.0)
+        end = time.time()
+        assert all(r.ok for r in results)
+        middle = start + (end - start) / 2
+        late = [h for h in engine.parallel_history if h["time"] >= middle]
+        assert engine.parallel == 8  # every slot keeps a floor this low
+        assert not late, f"changed in the last half of a steady run: {late}"
+
+
+def test_a_floor_starts_where_the_steps_timed_at_load_say_it_holds(model_path: Path) -> None:
+    with Engine.load(model_path, parallel="adaptive", max_parallel=8, min_tps=10_000, ctx=256) as engine:
+        assert engine.parallel == 1 and "timed at load" in engine.parallel_reason
+    with Engine.load(model_path, parallel="adaptive", max_parallel=8, min_tps=1, ctx=256) as engine:
+        assert engine.parallel == 8 and "floor 1" in engine.parallel_reason

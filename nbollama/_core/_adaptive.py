@@ -138,6 +138,27 @@ class ParallelController:
         self._below = 0  # consecutive windows under the target
         self._failed: dict[int, float] = {}  # active value -> when it missed its target
         self._comfortable = 0
+        self._draining = False  # this window had more rows than active slots
+
+    def calibrate(self, timings: Sequence[tuple[int, float]]) -> None:
+        """Learn from decode steps timed at load, and start where they say the target holds.
+
+        With a speed floor the starting count is the largest the timings
+        predict to keep it; otherwise the default start stays (demand decides).
+        """
+        for rows, seconds in timings:
+            self.cost.add(rows, seconds)
+        floor = self.target.min_tps
+        if floor is None:
+            return
+        best = self._best_under_floor(floor) or 1
+        step = self.cost.predict(best)
+        self.active = best
+        shown = f"{1.0 / step:.1f}" if step else "?"
+        self.reason = (
+            f"parallel={best} of {self.max_parallel}: starting point, predicted per-request {shown} tok/s "
+            f"from steps timed at load, floor {floor:g}"
+        )
 
     # -- what the engine reports -----------------------------------------------------
 
@@ -145,6 +166,8 @@ class ParallelController:
         """A step decoded ``rows`` generating slots in ``seconds`` (prefill steps do not teach the model)."""
         if self._window_start is None:
             self._window_start = now
+        if rows > self.active:
+            self._draining = True  # slots above a shrunk count still finish: not this count's speed
         if rows > 0:
             self._steps += 1
             self._step_seconds += seconds
@@ -159,16 +182,27 @@ class ParallelController:
     # -- deciding ---------------------------------------------------------------------
 
     def decide(self, now: float, queue_length: int, generating: int) -> Decision | None:
-        """At most once per window: a new active count and why, or None to keep it."""
-        if self._window_start is None or now - self._window_start < WINDOW_SECONDS:
+        """At most once per window: a new active count and why, or None to keep it.
+
+        A queue under a speed floor is answered at once, not at the window's
+        end: as soon as a few decode steps at the current count were timed,
+        the controller may grow (a burst), never shrink (that takes two windows).
+        """
+        if self._window_start is None:
             return None
+        if now - self._window_start < WINDOW_SECONDS:
+            return self._grow_for_queue(now, queue_length)
         per_request = (
             self._steps / self._step_seconds if self._steps else None
         )  # one token per step
         saturated = self._busy_steps >= max(1, self._steps // 2) and generating >= self.active
         demand = queue_length > 0 or saturated
         ttfts, self._ttfts = self._ttfts, []
+        draining, self._draining = self._draining, False
         self._window_start, self._steps, self._step_seconds, self._busy_steps = now, 0, 0.0, 0
+        if draining:
+            self._below = 0
+            return None  # judged once the slots taken away have finished
         if self.target.min_tps is not None:
             choice = self._for_floor(now, per_request, demand, generating)
         elif self.target.max_ttft is not None:
@@ -181,9 +215,29 @@ class ParallelController:
         self.reason = choice.reason
         return choice
 
+    def _grow_for_queue(self, now: float, queue_length: int) -> Decision | None:
+        k = self.active
+        if (
+            self.target.min_tps is None
+            or queue_length == 0
+            or k >= self.max_parallel
+            or self.cost.counts.get(k, 0) < 3
+            or self._steps < 3
+        ):
+            return None
+        choice = self._grow_under_floor(now, None)
+        if choice is None:
+            return None
+        self._window_start, self._steps, self._step_seconds, self._busy_steps = now, 0, 0.0, 0
+        self._ttfts = []
+        self._below = 0
+        self.active = choice.parallel
+        self.reason = choice.reason
+        return choice
+
     def _best_under_floor(self, floor: float) -> int | None:
-        """The largest k whose predicted per-request speed keeps ``floor`` (None if nothing is known)."""
-        best = None
+        """The largest k whose predicted per-request speed keeps ``floor``: 0 if none does, None if nothing is known."""
+        best = 0
         for k in range(1, self.max_parallel + 1):
             seconds = self.cost.predict(k)
             if seconds is None:
@@ -191,6 +245,25 @@ class ParallelController:
             if 1.0 / seconds >= floor * (1 + _FLOOR_MARGIN):
                 best = k
         return best
+
+    def _explore(self, k: int, speed: float | None, floor: float) -> int:
+        """How far to grow past what the cost model has seen, from the speed measured at ``k``.
+
+        Extrapolating a step's cost from small batches is pessimistic (rows get
+        cheaper as batches grow), so at the edge of what was measured the
+        controller tries more slots outright: up to twice as many while the
+        measured speed leaves that much headroom, one at a time when it leaves
+        little, none within twice the hysteresis margin of the floor. A try
+        that misses the floor comes back down after two windows and is not
+        tried again for a while.
+        """
+        if speed is None or speed < floor * (1 + 2 * _FLOOR_MARGIN):
+            return k  # too close to the floor for one more slot to keep it
+        measured = [rows for rows in self.cost.seconds if self.cost.known(rows)]
+        if measured and max(measured) > k:
+            return k  # the model has measured beyond k: trust its interpolation
+        headroom = speed / floor  # tokens/s per request scale roughly as 1 / rows here
+        return min(self.max_parallel, max(k + 1, min(2 * k, math.floor(k * headroom))))
 
     def _for_floor(
         self, now: float, speed: float | None, demand: bool, generating: int
@@ -217,15 +290,22 @@ class ParallelController:
         self._below = 0
         if not demand or k >= top or not self.cost.known(k):
             return None
-        best = self._best_under_floor(floor)
-        if best is None or best <= k:
-            return None
-        new = best
+        return self._grow_under_floor(now, speed)
+
+    def _grow_under_floor(self, now: float, speed: float | None) -> Decision | None:
+        """More slots, as far as the cost model (and exploring past it) says the floor holds."""
+        floor = self.target.min_tps
+        assert floor is not None
+        k, top = self.active, self.max_parallel
+        step = self.cost.predict(k)
+        decode_speed = 1.0 / step if step else None  # decode-only: what a request gets between prefills
+        best = self._best_under_floor(floor) or k
+        new = max(best, self._explore(k, decode_speed, floor))
         while new > k and now - self._failed.get(new, -math.inf) < _FAILED_COOLDOWN:
             new -= 1
         if new <= k:
             return None
-        shown = "?" if speed is None else f"{speed:.1f}"
+        shown = "?" if decode_speed is None else f"{decode_speed:.1f}"
         return Decision(
             new,
             f"parallel={new} of {top}: per-request {shown} tok/s at {k}, floor {floor:g}, more demand",

@@ -9,6 +9,7 @@ the slot that failed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -158,6 +159,26 @@ class ModelRunner:
             if c.ends_prompt:
                 self._sample(outcome, c.slot, index, requests[c.slot])
         return outcome
+
+    def time_decode(self, rows: int) -> float:
+        """Seconds one decode step of ``rows`` sequences takes (throwaway tokens, removed after).
+
+        Adaptive parallelism times a few of these at load, so its first
+        choice rests on this machine's figures rather than a guess.
+        """
+        batch, context = self.batch, self.context
+        batch.clear()
+        ends = [context.sequence_length(seq) for seq in range(rows)]
+        for seq, end in enumerate(ends):
+            batch.add(0, end, seq, True)
+        start = time.perf_counter()
+        status = context.decode(batch)
+        seconds = time.perf_counter() - start
+        for seq, end in enumerate(ends):
+            context.truncate_sequence(seq, end)
+        if status != DECODE_OK:
+            raise RuntimeError(f"llama_decode failed with status {status} while timing {rows} rows")
+        return seconds
 
     def _fill(self, plan: StepPlan, requests: Mapping[int, Request]) -> dict[int, int]:
         """Put the plan in the batch; slot -> batch index of its logits."""
