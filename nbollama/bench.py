@@ -113,11 +113,26 @@ class SweepResult:
             go.Scatter(x=xs, y=[r.mean_gen_tps for r in self.rows], name="per-request tok/s", mode="lines+markers", line={"dash": "dash"}),
             secondary_y=False,
         )
-        fig.add_vline(x=self.recommended, line={"color": "green", "dash": "dash"}, annotation_text=f"recommended: {self.recommended}")
-        fig.update_xaxes(title_text="parallel slots", type="log", tickvals=xs, ticktext=[str(x) for x in xs])
-        fig.update_yaxes(title_text="tokens/s", secondary_y=False)
-        fig.update_yaxes(title_text="seconds", secondary_y=True)
-        fig.update_layout(title="Throughput rises, then flattens; latency keeps growing", height=420)
+        _mark_on_log_axis(
+            fig, self.recommended, f"recommended: {self.recommended}", colour="green", xs=xs
+        )
+        fig.update_xaxes(
+            title_text="parallel slots",
+            type="log",
+            tickvals=xs,
+            ticktext=[str(x) for x in xs],
+            range=_log_range(xs),
+        )
+        fig.update_yaxes(title_text="tokens/s", rangemode="tozero", secondary_y=False)
+        fig.update_yaxes(
+            title_text="seconds", rangemode="tozero", showgrid=False, tickmode="auto", secondary_y=True
+        )
+        fig.update_layout(
+            title="Throughput rises, then flattens; latency keeps growing",
+            height=420,
+            legend={"orientation": "h", "y": -0.22},
+            margin={"b": 70},
+        )
         return fig
 
     def _repr_html_(self) -> str:
@@ -147,6 +162,53 @@ class SweepResult:
             )
         lines.append(f"recommended: parallel={self.recommended} ({self.reason})")
         return "\n".join(lines)
+
+
+def _log_range(xs: Sequence[float], pad: float = 0.12) -> list[float]:
+    """An x range for a log axis, in plotly's units for one (log10), a little wider than ``xs``.
+
+    Left to autorange, a log axis with a single value, or with a shape or
+    annotation placed in data units, can stretch far past the data.
+    """
+    lo, hi = math.log10(min(xs)), math.log10(max(xs))
+    span = max(hi - lo, 0.3)
+    return [lo - pad * span, hi + pad * span]
+
+
+def _mark_on_log_axis(
+    fig: Any, x: float, text: str, *, colour: str, xs: Sequence[float], dash: str = "dash"
+) -> None:
+    """A vertical line at ``x`` on a log x axis, labelled at its top.
+
+    ``add_vline`` puts its label at ``x`` as if the axis were linear, but a
+    log axis places annotations at log10(x): the label of ``recommended: 8``
+    landed at 10^8 and dragged the axis range with it. The line is a shape
+    (data units), the label an annotation at log10(x), on the side of the
+    line with more room (``xs``: the values on the axis).
+    """
+    middle = (math.log10(min(xs)) + math.log10(max(xs))) / 2
+    anchor = "right" if math.log10(x) > middle else "left"
+    fig.add_shape(
+        type="line",
+        xref="x",
+        yref="paper",
+        x0=x,
+        x1=x,
+        y0=0,
+        y1=1,
+        line={"color": colour, "dash": dash},
+    )
+    fig.add_annotation(
+        x=math.log10(x),
+        xref="x",
+        y=1,
+        yref="paper",
+        text=text,
+        showarrow=False,
+        xanchor=anchor,
+        yanchor="bottom",
+        font={"color": colour},
+    )
 
 
 def recommend(rows: Sequence[SweepRow], within: float = 0.9) -> tuple[int, str]:

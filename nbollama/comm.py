@@ -1,7 +1,8 @@
 """The kernel side of the JupyterLab panel: a Jupyter comm named ``nbollama``.
 
 ``%load_ext nbollama`` calls :func:`register`, which registers the comm target
-on the kernel's comm manager; the panel (``labextension/``) opens a comm to it
+on the kernel's comm manager (so does loading an engine from Python in a
+kernel, ``nbollama.load()`` without the magics: :func:`register_in_kernel`); the panel (``labextension/``) opens a comm to it
 for the current notebook's kernel and this module streams engine snapshots
 back. ``%unload_ext nbollama`` calls :func:`unregister`, which closes every
 panel comm (the panel then says to run ``%load_ext nbollama``).
@@ -46,6 +47,7 @@ thread, so every handler here is thread-safe and never raises.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -62,6 +64,7 @@ __all__ = [
     "CommLike",
     "PanelConnection",
     "register",
+    "register_in_kernel",
     "unregister",
     "is_registered",
     "open_connections",
@@ -285,6 +288,30 @@ def register(ipython: Any) -> bool:
     if first:
         _announce()
     return True
+
+
+def register_in_kernel() -> bool:
+    """Register the target on the running IPython kernel, if this code runs in one.
+
+    Called whenever the kernel's engine is set, so a notebook that only calls
+    ``nbollama.load()`` (no ``%load_ext nbollama``) still shows in the panel.
+    IPython is looked up in ``sys.modules``, never imported: a script's
+    engine costs nothing here. Never raises.
+    """
+    ipython_module = sys.modules.get("IPython")
+    get_ipython = getattr(ipython_module, "get_ipython", None)
+    if get_ipython is None:
+        return False
+    try:
+        shell = get_ipython()
+        if shell is None or _comm_manager(shell) is None:
+            return False
+        if is_registered(shell):
+            return True
+        return register(shell)
+    except Exception:
+        logger.debug("nbollama: could not register the panel's comm target", exc_info=True)
+        return False
 
 
 def unregister(ipython: Any) -> None:

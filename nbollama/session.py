@@ -58,11 +58,20 @@ def set_engine(engine: EngineLike | None, *, close_previous: bool = True) -> Non
             previous.close()
         _engine = engine
         listeners = list(_listeners)
+    if engine is not None:
+        _offer_to_panel()
     for listener in listeners:
         try:
             listener(engine)
         except Exception:
             logger.warning("nbollama: an engine-change listener failed", exc_info=True)
+
+
+def _offer_to_panel() -> None:
+    """In a Jupyter kernel, let the side panel find the engine even without ``%load_ext nbollama``."""
+    from .comm import register_in_kernel  # late: nbollama.comm imports this module lazily too
+
+    register_in_kernel()
 
 
 def load(

@@ -1,6 +1,7 @@
 """Look at the teaching notebooks the way a user does: Run All in JupyterLab, in Chromium.
 
     .venv/bin/python scripts/look_in_lab.py [NOTEBOOK ...] [--out DIR] [--full] [--timeout S] [--strict]
+    .venv/bin/python scripts/look_in_lab.py --readme [DIR]   # the README's screenshots, into docs/
 
 Without NOTEBOOK arguments it takes every ``examples/*.ipynb``. The notebooks
 are copied (outputs cleared) into a temporary root, one ``jupyter lab`` serves
@@ -14,7 +15,8 @@ takes screenshots:
   notebook's height, so nothing is left below the fold);
 * ``<out>/<name>-cellNN.png``: the output area of each code cell NN (1-based
   position among all cells, as in JupyterLab's status bar) holding a widget,
-  a plotly chart or ``%%generate`` cards.
+  a plotly chart or ``%%generate`` cards;
+* ``<out>/<name>-panel.png``: the nbollama side panel after the run.
 
 It then scans every output area's DOM for problems: stderr, errors and
 tracebacks, plotly charts without a single point (or with no size), widgets
@@ -24,6 +26,11 @@ errors in the page. Charts and widgets cut off on the right (drawn wider
 than their box) are reported as warnings; ``--strict`` counts them as
 problems. A report per notebook is printed (``<out>/report.json`` holds the
 full texts); the exit status is 1 if any problem was found.
+
+``--readme`` takes the README's two screenshots instead, from real runs: a
+``%%generate --background`` cell streaming eight prompts into four slots with
+the side panel open (``jupyterlab-generate-and-panel.png``), and the inline
+dashboard while four slots generate (``dashboard.png``).
 
 A dev tool (nothing here is imported by nbollama); the browser test
 ``tests/test_quickstart_browser.py`` imports it by path.
@@ -538,6 +545,18 @@ _JS_MISSING_HEIGHT = f"""() => {{
 }}"""
 
 
+# the side panel down to its last visible part (the panel itself is as tall as the page)
+_JS_PANEL_BOX = """() => {
+    const panel = document.querySelector('#nbollama-panel');
+    const box = panel.getBoundingClientRect();
+    let bottom = box.top;
+    for (const part of panel.children) {
+        if (!part.hidden) bottom = Math.max(bottom, part.getBoundingClientRect().bottom);
+    }
+    return {x: box.left, y: box.top, width: box.width, height: Math.max(24, bottom - box.top + 8)};
+}"""
+
+
 def stretch_to_notebook(page: Any) -> None:
     """Make the viewport as tall as the notebook (scrolled to its top), so one screenshot holds it.
 
@@ -605,6 +624,11 @@ def look_at(
             path = out / f"{stem}-cell{cell['index']:02d}.png"
             code.nth(k).locator(".jp-Cell-outputArea").screenshot(path=str(path))
             report.screenshots.append(path)
+        panel = page.locator("#nbollama-panel")
+        if panel.count() and panel.is_visible():
+            path = out / f"{stem}-panel.png"
+            page.screenshot(path=str(path), clip=page.evaluate(_JS_PANEL_BOX))
+            report.screenshots.append(path)
     finally:
         page.set_viewport_size(VIEWPORT)
     report.problems = _dedupe(report.problems + judge(cells))
@@ -658,6 +682,149 @@ def look_in_lab(
     return reports
 
 
+# -- the README's screenshots --------------------------------------------------------------
+
+README_PROMPTS = [
+    "Name a colour.",
+    "Name a fruit.",
+    "Name a planet.",
+    "Name a river.",
+    "Name a mountain.",
+    "Name a tree.",
+    "Name a bird.",
+    "Name a metal.",
+]
+README_GENERATE = [
+    "%load_ext nbollama",
+    "%nbollama load --parallel 4 --ctx 512",
+    "%%generate --background --max-tokens 96 --temperature 0.7 --seed 1\n"
+    + "\n---\n".join(README_PROMPTS),
+]
+README_DASHBOARD = [
+    "%load_ext nbollama",
+    "%nbollama load --parallel 4 --ctx 512",
+    "%nbollama dashboard",
+    "%%generate --background --max-tokens 96 --temperature 0.7 --seed 2\n"
+    "Explain continuous batching in one sentence.\n---\nWrite a haiku about GPUs.\n---\n"
+    "Give three uses of a hash table.\n---\nThe capital of Australia is\n---\n"
+    "Name three rivers.\n---\nWhat is a compiler?\n---\nWrite a limerick about tea.\n---\n"
+    "Why is the sky blue?",
+]
+
+# at least ``n`` slot rows generating, one of them at ``tokens`` decoded or more
+_JS_GENERATING = """([root, n, tokens]) => {
+    const scope = document.querySelector(root);
+    if (!scope) return false;
+    const rows = [...scope.querySelectorAll('.nbollama-slot-row')];
+    const busy = rows.filter(r => r.dataset.state === 'generating'
+        || r.querySelector('.nbollama-badge-generating'));
+    const decoded = rows.map(r => Number((r.textContent.match(/(\\d+)\\/96/) || [0, 0])[1]));
+    return busy.length >= n && Math.max(0, ...decoded) >= tokens;
+}"""
+
+
+def write_notebook(path: Path, cells: list[str]) -> None:
+    """A notebook of code cells, no outputs, on the python3 kernel."""
+    path.write_text(
+        json.dumps(
+            {
+                "cells": [
+                    {
+                        "cell_type": "code",
+                        "execution_count": None,
+                        "id": f"cell{i}",
+                        "metadata": {},
+                        "outputs": [],
+                        "source": source,
+                    }
+                    for i, source in enumerate(cells)
+                ],
+                "metadata": {
+                    "kernelspec": {
+                        "display_name": "Python 3 (ipykernel)",
+                        "language": "python",
+                        "name": "python3",
+                    },
+                    "language_info": {"name": "python"},
+                },
+                "nbformat": 4,
+                "nbformat_minor": 5,
+            },
+            indent=1,
+        )
+    )
+
+
+def readme_screenshots(out: Path, echo: Callable[[str], None] = print) -> list[Path]:
+    """The README's two screenshots, from real runs of the bundled model (see the module doc)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shots: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="look-in-lab-readme-") as tmp:
+        base = Path(tmp)
+        root = base / "root"
+        root.mkdir()
+        write_notebook(root / "generate.ipynb", README_GENERATE)
+        write_notebook(root / "dashboard.ipynb", README_DASHBOARD)
+        with (
+            lab_server(root, base, quick=False, log=base / "jupyter-lab.log") as lab,
+            chromium() as browser,
+        ):
+            for name, take in (
+                ("generate.ipynb", _shot_generate_and_panel),
+                ("dashboard.ipynb", _shot_dashboard),
+            ):
+                echo(f"-- {name} ...")
+                context = browser.new_context(viewport={"width": 1400, "height": 900})
+                page = context.new_page()
+                page.set_default_timeout(120_000)
+                try:
+                    page.goto(f"{lab.url}/lab/workspaces/readme-{Path(name).stem}/tree/{name}?token={lab.token}")
+                    page.locator(f"{_PANEL} .jp-Notebook .jp-Cell").first.wait_for()
+                    wait_kernel_idle(page, 120)
+                    page.wait_for_timeout(500)
+                    path = take(page, out)
+                    shots.append(path)
+                    echo(f"   screenshot {_shown(path)}")
+                finally:
+                    context.close()
+                    with contextlib.suppress(Exception):
+                        lab.shutdown_kernels()
+    return shots
+
+
+def _shot_generate_and_panel(page: Any, out: Path) -> Path:
+    open_panel(page)
+    run_all(page)
+    page.wait_for_function(_JS_GENERATING, arg=["#nbollama-panel", 4, 12], timeout=300_000, polling=100)
+    # the last code cell in view: the prompts and the first cards beside the panel
+    page.locator(f"{_PANEL} .jp-Notebook .jp-CodeCell").nth(2).scroll_into_view_if_needed()
+    page.mouse.move(0, 0)
+    path = out / "jupyterlab-generate-and-panel.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+# the dashboard's count of finished requests, and its TTFT bars drawn
+_JS_DONE = """([root, n]) => {
+    const scope = document.querySelector(root);
+    const monitor = scope && scope.querySelector('.nbollama-slot-monitor');
+    const done = monitor ? Number((monitor.textContent.match(/(\\d+) done/) || [0, 0])[1]) : 0;
+    return done >= n && scope.querySelectorAll('.barlayer .point').length >= n;
+}"""
+
+
+def _shot_dashboard(page: Any, out: Path) -> Path:
+    run_all(page)
+    board = f"{_PANEL} .nbollama-dashboard"
+    # the first four answered (their TTFT bars drawn), the next four generating
+    page.wait_for_function(_JS_DONE, arg=[board, 4], timeout=600_000, polling=200)
+    page.wait_for_function(_JS_GENERATING, arg=[board, 4, 24], timeout=300_000, polling=100)
+    page.wait_for_timeout(1500)  # the chart redraws once a second while busy
+    path = out / "dashboard.png"
+    page.locator(board).screenshot(path=str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: examples/*.ipynb")
@@ -671,11 +838,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strict", action="store_true", help="count layout warnings (cut-off charts) as problems"
     )
+    parser.add_argument(
+        "--readme",
+        nargs="?",
+        type=Path,
+        const=REPO / "docs",
+        default=None,
+        metavar="DIR",
+        help="take the README's screenshots instead (default DIR: docs/)",
+    )
     args = parser.parse_args(argv)
     missing = missing_browser()
     if missing:
         print("look_in_lab needs " + " and ".join(missing), file=sys.stderr)
         return 2
+    if args.readme is not None:
+        readme_screenshots(args.readme.resolve())
+        return 0
     notebooks = args.notebooks or sorted(EXAMPLES.glob("*.ipynb"))
     for nb in notebooks:
         if not nb.is_file():

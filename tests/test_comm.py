@@ -445,3 +445,120 @@ def test_register_outside_a_kernel_does_nothing() -> None:
     assert nbcomm.register(TerminalShell()) is False
     assert nbcomm.is_registered(TerminalShell()) is False
     nbcomm.unregister(TerminalShell())
+
+
+# -- found without %load_ext -----------------------------------------------------------
+
+
+def test_setting_an_engine_in_a_kernel_registers_the_target(
+    comm_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``nbollama.load()`` from Python (no ``%load_ext``) still gives the panel its target."""
+    import comm as comm_package
+    import IPython
+
+    announced: list[dict[str, Any]] = []
+    monkeypatch.setattr(comm_package, "create_comm", lambda **kw: announced.append(kw))
+    shell = FakeShell()
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
+    previous = nbollama.current_engine()
+    try:
+        nbollama.set_engine(None, close_previous=False)
+        assert not nbcomm.is_registered(shell), "no engine: nothing registered"
+        nbollama.set_engine(comm_engine, close_previous=False)
+        assert nbcomm.is_registered(shell)
+        assert announced == [{"target_name": "nbollama", "data": {"v": 1, "type": "hello"}}]
+        nbollama.set_engine(comm_engine, close_previous=False)
+        assert len(announced) == 1, "set again: not announced again"
+
+        # a panel that opens the comm now sees the engine
+        comm = FakeComm()
+        shell.kernel.comm_manager.targets["nbollama"](comm, {"content": {"data": {"v": 1}}})
+        assert comm.messages("snapshot")[0]["engine"]["parallel"] == 2
+    finally:
+        nbcomm.unregister(shell)
+        nbollama.set_engine(previous, close_previous=False)
+
+
+def test_outside_a_kernel_setting_an_engine_registers_nothing(
+    comm_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import IPython
+
+    class TerminalShell:  # IPython in a terminal: no kernel, no comm manager
+        pass
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: TerminalShell())
+    assert nbcomm.register_in_kernel() is False
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)  # plain Python
+    assert nbcomm.register_in_kernel() is False
+    previous = nbollama.current_engine()
+    try:
+        nbollama.set_engine(comm_engine, close_previous=False)  # must not raise
+    finally:
+        nbollama.set_engine(previous, close_previous=False)
+
+
+@pytest.mark.timeout(180)
+def test_a_real_kernel_answers_the_panel_after_nbollama_load_alone() -> None:
+    """In an ipykernel: before any engine the panel's comm is refused (closed at once); after
+    ``nbollama.load()``, with no ``%load_ext``, the kernel announces the target and answers
+    the panel's comm with a snapshot of the engine."""
+    import queue as queue_module
+
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        seen: list[dict[str, Any]] = []
+
+        def execute(code: str) -> None:
+            msg_id = kc.execute(code)
+            reply = kc.get_shell_msg(timeout=120)
+            while reply["parent_header"].get("msg_id") != msg_id:
+                reply = kc.get_shell_msg(timeout=120)
+            assert reply["content"]["status"] == "ok", reply["content"]
+
+        def drain(until: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any] | None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    msg = kc.get_iopub_msg(timeout=0.5)
+                except queue_module.Empty:
+                    continue
+                seen.append(msg)
+                if until(msg):
+                    return msg
+            return None
+
+        def open_panel_comm(comm_id: str) -> None:
+            msg = kc.session.msg(
+                "comm_open",
+                {"comm_id": comm_id, "target_name": "nbollama", "data": {"v": 1, "client": "test"}},
+            )
+            kc.shell_channel.send(msg)
+
+        def ours(msg: dict[str, Any], comm_id: str, kind: str) -> bool:
+            return msg["msg_type"] == kind and msg["content"].get("comm_id") == comm_id
+
+        execute("import nbollama")
+        open_panel_comm("before")
+        closed = drain(lambda m: ours(m, "before", "comm_close"), 30)
+        assert closed is not None, "without an engine (and no %load_ext) the comm is refused"
+
+        execute("engine = nbollama.load(parallel=1, ctx=256)")
+        hello = drain(lambda m: m["msg_type"] == "comm_open", 20)
+        assert hello is not None and hello["content"]["target_name"] == "nbollama", (
+            "loading an engine announces the target to panels that looked before"
+        )
+        assert hello["content"]["data"] == {"v": 1, "type": "hello"}
+
+        open_panel_comm("after")
+        answer = drain(lambda m: ours(m, "after", "comm_msg") or ours(m, "after", "comm_close"), 30)
+        assert answer is not None and answer["msg_type"] == "comm_msg", answer
+        data = answer["content"]["data"]
+        assert data["type"] == "snapshot" and data["engine"] is not None
+        assert data["engine"]["parallel"] == 1 and data["engine"]["ctx_per_slot"] == 256
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

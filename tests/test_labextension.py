@@ -38,6 +38,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: the code cells of the notebook in view (a restored workspace can hold other, hidden ones)
+CODE_CELLS = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell"
 
 EIGHT_PROMPTS = [
     "Name a colour.",
@@ -247,9 +249,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
 
 def _run_cell(page: Any, index: int) -> None:
     """Select code cell ``index`` and run it (Shift+Enter), as a person would."""
-    cell = page.locator(".jp-Notebook .jp-CodeCell").nth(index)
+    cell = page.locator(CODE_CELLS).nth(index)
     cell.locator(".jp-InputArea-editor").click()
     page.keyboard.press("Shift+Enter")
+
+
+def _accept_kernel_dialog(page: Any) -> None:
+    """Take the preselected kernel if JupyterLab asks (on a busy machine it can open the
+    notebook before it has read the kernel specs, and then asks which kernel to start)."""
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count() and "Select Kernel" in dialog.first.inner_text():
+        dialog.first.locator(".jp-mod-accept").click()
+        dialog.first.wait_for(state="detached", timeout=30_000)
 
 
 def _run_first_cell(page: Any) -> None:
@@ -264,6 +275,7 @@ def _run_first_cell(page: Any) -> None:
         timeout=120_000
     )
     for _ in range(3):
+        _accept_kernel_dialog(page)
         _run_cell(page, 0)
         try:
             _wait_cell_done(page, 0, timeout_ms=30_000)
@@ -275,7 +287,7 @@ def _run_first_cell(page: Any) -> None:
 
 def _wait_cell_done(page: Any, index: int, timeout_ms: int = 120_000) -> None:
     """Until cell ``index`` shows an execution count (not ``[*]``)."""
-    prompt = page.locator(".jp-Notebook .jp-CodeCell").nth(index).locator(".jp-InputArea-prompt")
+    prompt = page.locator(CODE_CELLS).nth(index).locator(".jp-InputArea-prompt")
     page.wait_for_function(
         "el => /\\[\\d+\\]/.test(el.textContent)", arg=prompt.element_handle(), timeout=timeout_ms
     )
@@ -283,7 +295,7 @@ def _wait_cell_done(page: Any, index: int, timeout_ms: int = 120_000) -> None:
 
 def _cell_output(page: Any, index: int) -> str:
     return str(
-        page.locator(".jp-Notebook .jp-CodeCell").nth(index).locator(".jp-OutputArea").inner_text()
+        page.locator(CODE_CELLS).nth(index).locator(".jp-OutputArea").inner_text()
     )
 
 
@@ -302,7 +314,7 @@ def test_panel_follows_the_engine_and_cancels_a_slot(lab: LabServer) -> None:
             page.set_default_timeout(60_000)
             page.goto(f"{lab.url}/lab/tree/panel.ipynb?token={lab.token}")
 
-            page.locator(".jp-Notebook .jp-CodeCell").first.wait_for()
+            page.locator(CODE_CELLS).first.wait_for()
             panel = page.locator("#nbollama-panel")
             tab = page.locator('.lm-TabBar-tab[data-id="nbollama-panel"]')
             tab.click()
@@ -419,6 +431,112 @@ def test_panel_follows_the_engine_and_cancels_a_slot(lab: LabServer) -> None:
     assert not ours, ours
 
 
+# -- adaptive, reproducible, the prefix cache; no %load_ext -------------------------------------
+
+SYSTEM = (
+    "You are a patient tutor for a first course in chemistry. Answer in two short sentences, "
+    "with concrete numbers and units where they help, and correct misconceptions kindly. "
+) * 4
+MODES_CELLS = [
+    # no %load_ext nbollama: loading an engine from Python is enough for the panel
+    "import nbollama\n"
+    'engine = nbollama.load(parallel="adaptive", max_parallel=6, ctx=512, reproducible=True)\n'
+    "print('LOADED', engine.parallel, engine.parallel_max)",
+    f"SYSTEM = {SYSTEM!r}\n"
+    "warm = engine.generate([SYSTEM + 'What is a mole?'], max_tokens=2, temperature=0)\n"
+    "long = engine.submit(SYSTEM + 'What is an ion? Explain at length.', max_tokens=200, temperature=0)",
+    "r = long.result(timeout=300)\nprint('LONG', r.finish_reason)",
+]
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+def test_panel_shows_adaptive_reproducible_and_cache_hits_after_a_python_load(
+    lab: LabServer,
+) -> None:
+    """A notebook that only calls ``nbollama.load()``: the panel finds the engine, says
+    "parallel 4 of 6", adaptive with its target and last change, reproducible, and tags the
+    slot whose prompt came from the prefix cache; the footer gives the hit rate."""
+    from playwright.sync_api import expect, sync_playwright
+
+    _write_notebook(lab.root / "modes.ipynb", MODES_CELLS)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 950})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.set_default_timeout(60_000)
+            # its own workspace: the other tests' default one does not reopen this notebook
+            page.goto(f"{lab.url}/lab/workspaces/modes/tree/modes.ipynb?token={lab.token}")
+            page.locator(CODE_CELLS).first.wait_for()
+            panel = page.locator("#nbollama-panel")
+            page.locator('.lm-TabBar-tab[data-id="nbollama-panel"]').click()
+            expect(panel).to_be_visible()
+            expect(panel.locator(".nbollama-hint-code")).to_have_text(
+                "%load_ext nbollama", timeout=90_000
+            )
+
+            page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').first.wait_for(
+                timeout=120_000
+            )
+            _accept_kernel_dialog(page)
+            _run_cell(page, 0)
+            _wait_cell_done(page, 0, timeout_ms=180_000)
+            assert "LOADED 4 6" in _cell_output(page, 0), _cell_output(page, 0)
+            expect(panel.locator(".nbollama-live")).to_be_visible(timeout=30_000)
+            expect(panel.locator(".nbollama-slot-row")).to_have_count(6)
+            expect(panel.locator(".nbollama-meta")).to_contain_text("parallel 4 of 6")
+            expect(panel.locator(".nbollama-mode-adaptive")).to_have_text("adaptive · throughput")
+            expect(panel.locator(".nbollama-mode-reproducible")).to_be_visible()
+            expect(panel.locator(".nbollama-adaptive-change")).to_contain_text(
+                "last change: parallel=4 of 6"
+            )
+            expect(panel.locator(".nbollama-prefix-cache")).to_contain_text("prefix cache 0% hit")
+            expect(panel).to_have_attribute("data-adaptive", "yes")
+
+            _run_cell(page, 1)
+            tag = panel.locator(".nbollama-slot-row .nbollama-cache-hit:not([hidden])")
+            expect(tag).to_have_count(1, timeout=180_000)
+            expect(tag).to_have_text(re.compile(r"^cached \d+/\d+$"))
+            cached, total = map(int, re.findall(r"\d+", tag.inner_text()))
+            assert 0 < cached < total, (cached, total)
+            expect(panel.locator(".nbollama-prefix-cache")).to_contain_text(
+                re.compile(r"prefix cache [1-9]\d*% hit · [\d,]+ tokens reused")
+            )
+            panel.screenshot(path=str(ARTIFACTS / "panel-modes.png"))
+
+            # the tag goes with the request: once it ended and the slot is idle, no tag
+            _run_cell(page, 2)
+            _wait_cell_done(page, 2, timeout_ms=300_000)
+            assert "LONG" in _cell_output(page, 2), _cell_output(page, 2)
+            expect(tag).to_have_count(0, timeout=30_000)
+        except Exception:
+            for opened in browser.contexts[0].pages if browser.contexts else []:
+                opened.screenshot(path=str(ARTIFACTS / "panel-modes-failure.png"))
+            raise
+        finally:
+            browser.close()
+            _shut_down_kernel(lab, "modes.ipynb")  # its engine must not slow the next tests
+    ours = [e for e in errors if "nbollama" in e.lower()]
+    assert not ours, ours
+
+
+def _shut_down_kernel(lab: LabServer, notebook: str) -> None:
+    """Delete the notebook's session (and so its kernel) through the server's REST API."""
+    headers = {"Authorization": f"token {lab.token}"}
+    request = urllib.request.Request(f"{lab.url}/api/sessions", headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        sessions = json.loads(response.read())
+    for session in sessions:
+        if session.get("path", "").endswith(notebook):
+            delete = urllib.request.Request(
+                f"{lab.url}/api/sessions/{session['id']}", method="DELETE", headers=headers
+            )
+            urllib.request.urlopen(delete, timeout=30).close()
+
+
 # -- a remote engine in the panel ------------------------------------------------------------
 
 
@@ -467,8 +585,8 @@ def test_panel_shows_a_remote_engines_slots(lab: LabServer, model_path: Path) ->
                 page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 page.set_default_timeout(60_000)
-                page.goto(f"{lab.url}/lab/tree/remote.ipynb?token={lab.token}")
-                page.locator(".jp-Notebook .jp-CodeCell").first.wait_for()
+                page.goto(f"{lab.url}/lab/workspaces/remote/tree/remote.ipynb?token={lab.token}")
+                page.locator(CODE_CELLS).first.wait_for()
                 panel = page.locator("#nbollama-panel")
                 page.locator('.lm-TabBar-tab[data-id="nbollama-panel"]').click()
                 expect(panel).to_be_visible()

@@ -206,6 +206,93 @@ def test_browser_messages_wait_for_a_redraw_in_progress() -> None:
         chart.close()
 
 
+def test_the_chart_fills_its_box() -> None:
+    """plotly's widget draws at 700 px before it is on the page; the chart must follow its box."""
+    from nbollama.widgets._chart import FitToBox
+
+    chart = ThroughputChart()
+    try:
+        layout = chart.figure.layout
+        assert layout.width is None, "a fixed width is cut off in a narrow notebook"
+        assert chart.figure._config.get("responsive") is True, "plotly resizes only when responsive"
+        fitters = [c for c in chart.children if isinstance(c, FitToBox)]
+        assert len(fitters) == 1 and chart.children[0] is chart.figure
+        assert "nbollama-fit-box" in chart._dom_classes
+        assert fitters[0].layout.display == "none", "the fitter takes no room"
+        esm = fitters[0]._esm
+        assert "ResizeObserver" in esm and "nbollama-fit-box" in esm
+        assert "_responsiveChartHandler" in esm
+    finally:
+        chart.close()
+
+
+def test_the_chart_marks_adaptive_parallel_changes(idle_engine: Engine) -> None:
+    """Each change of the active slots is a step of the dotted line and a marker with the new count."""
+    chart = ThroughputChart()
+    try:
+        chart.reset(idle_engine)
+        base = idle_engine.snapshot()
+        assert base["adaptive"] is None
+        chart.update(base)
+        assert not chart.adaptive and chart.figure.data[5].visible is False
+        now = base["time"]
+        changes = [
+            {"time": now - 600, "parallel": 2, "reason": "parallel=2 of 4: long ago"},  # out of the window
+            {"time": now - 20, "parallel": 4, "reason": "parallel=4 of 4: per-request 40.0 tok/s at 2, floor 15, more demand"},
+            {"time": now - 5, "parallel": 3, "reason": "parallel=3 of 4: per-request 12.0 tok/s at 4, floor 15"},
+        ]
+        adaptive = {
+            **base,
+            "time": now + 0.25,
+            "seq": base["seq"] + 1,
+            "parallel": 3,
+            "parallel_max": 4,
+            "adaptive": {"target": "min_tps=15", "history": changes},
+        }
+        chart.update(adaptive)  # type: ignore[arg-type]
+        assert chart.adaptive and chart.active[-1] == 3 and chart.parallel == 4
+        assert chart.changes == [(c["time"], c["parallel"], c["reason"]) for c in changes[1:]]
+        active, marks = chart.figure.data[4], chart.figure.data[5]
+        assert active.visible is True and list(active.y)[-1] == 3
+        assert marks.visible is True and list(marks.y) == [4, 3]
+        assert list(marks.text) == ["→4", "→3"]
+        assert list(marks.hovertext) == [c["reason"] for c in changes[1:]]
+        assert marks.yaxis == "y2", "the markers sit on the slots axis"
+    finally:
+        chart.close()
+
+
+def test_the_sweep_figure_marks_the_recommendation_where_it_is() -> None:
+    """On the log x axis the line is at x and its label at log10(x); the axes stay in range."""
+    import math
+
+    from nbollama.bench import SweepResult, SweepRow
+
+    def row(parallel: int, throughput: float, ttft: float, tps: float) -> SweepRow:
+        return SweepRow(parallel, 16, 512, 10.0, throughput, ttft, ttft * 2, tps, 1 << 30, "host", 1 << 20)
+
+    sweep = SweepResult(
+        rows=[row(1, 18.0, 0.2, 18.0), row(2, 30.0, 0.5, 15.0), row(4, 44.0, 1.1, 11.0), row(8, 46.0, 2.5, 6.0)],
+        recommended=4,
+        reason="test",
+    )
+    fig = sweep.figure()
+    (line,) = fig.layout.shapes
+    assert line.x0 == line.x1 == 4 and line.xref == "x" and line.yref == "paper"
+    (label,) = [a for a in fig.layout.annotations if "recommended" in a.text]
+    assert label.text == "recommended: 4"
+    assert label.x == pytest.approx(math.log10(4)), "annotations on a log axis are placed at log10(x)"
+    low, high = fig.layout.xaxis.range
+    assert low < 0 < math.log10(8) < high < 1.2, "the x range hugs the values swept"
+    assert fig.layout.xaxis.type == "log" and list(fig.layout.xaxis.tickvals) == [1, 2, 4, 8]
+    assert fig.layout.yaxis.rangemode == "tozero" and fig.layout.yaxis2.rangemode == "tozero", (
+        "no negative tick on either y axis"
+    )
+    one = SweepResult(rows=[row(2, 30.0, 0.5, 15.0)], recommended=2, reason="only one").figure()
+    low, high = one.layout.xaxis.range
+    assert low < math.log10(2) < high and high - low < 1
+
+
 def test_closing_stops_updates(idle_engine: Engine) -> None:
     engine = idle_engine
     closed_board, stopped_board = dashboard(engine), dashboard(engine, compact=True)
@@ -285,8 +372,15 @@ def test_follows_the_session_engine(idle_engine: Engine) -> None:
         set_engine(idle_engine, close_previous=False)
         assert board.status == "live" and board.engine is idle_engine
         assert len(board.slots.rows) == idle_engine.parallel and board.updates >= 1
+        seq = board.snapshot_seq
         set_engine(None, close_previous=False)
         assert board.status == "no engine" and board.engine is None and not board.live
+        # the last engine's figures stay (a saved notebook keeps the run it watched), said so
+        assert len(board.slots.rows) == idle_engine.parallel and board.snapshot_seq == seq
+        assert "No engine is loaded now" in board._header.value
+        assert idle_engine.model_name in board._header.value
+        set_engine(idle_engine, close_previous=False)  # a new engine: shown afresh
+        assert board.status == "live" and "No engine" not in board._header.value
     finally:
         board.close()
         set_engine(previous, close_previous=False)

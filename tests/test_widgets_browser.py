@@ -12,6 +12,7 @@ from test_labextension import (  # noqa: F401  (``lab`` is a fixture, used by na
     ARTIFACTS,
     CHROMIUM,
     CHROMIUM_ARGS,
+    CODE_CELLS,
     LabServer,
     _run_cell,
     _run_first_cell,
@@ -38,6 +39,17 @@ CELLS = [
 ]
 
 
+# the plotly chart's drawing is as wide as its box (plotly's widget first draws at 700 px)
+CHART_FITS = """() => {
+    const gd = document.querySelector('.nbollama-dashboard .nbollama-throughput-chart .js-plotly-plot');
+    const svg = gd && gd.querySelector('.main-svg');
+    return !!svg && gd.clientWidth > 100
+        && Math.abs(svg.getBoundingClientRect().width - gd.clientWidth) <= 2;
+}"""
+CHART_WIDTH = """() => document.querySelector(
+    '.nbollama-dashboard .nbollama-throughput-chart .js-plotly-plot .main-svg').getBoundingClientRect().width"""
+
+
 @pytest.mark.browser
 @pytest.mark.timeout(600)
 def test_dashboard_renders_and_follows_a_generation(lab: LabServer) -> None:  # noqa: F811
@@ -52,7 +64,7 @@ def test_dashboard_renders_and_follows_a_generation(lab: LabServer) -> None:  # 
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.set_default_timeout(60_000)
             page.goto(f"{lab.url}/lab/tree/dashboard.ipynb?token={lab.token}")
-            page.locator(".jp-Notebook .jp-CodeCell").first.wait_for()
+            page.locator(CODE_CELLS).first.wait_for()
             _run_first_cell(page)
             for index in (1, 2):
                 _run_cell(page, index)
@@ -67,6 +79,19 @@ def test_dashboard_renders_and_follows_a_generation(lab: LabServer) -> None:  # 
             expect(board.locator(".nbollama-memory")).to_contain_text("KV = parallel x ctx/slot")
             chart = board.locator(".nbollama-throughput-chart .js-plotly-plot")
             expect(chart).to_be_visible(timeout=90_000)
+
+            # the chart is as wide as its box, and stays so when the side panel narrows the notebook
+            page.wait_for_function(CHART_FITS, timeout=30_000)
+            wide = page.evaluate(CHART_WIDTH)
+            page.locator('.lm-TabBar-tab[data-id="nbollama-panel"]').click()
+            page.locator("#nbollama-panel").wait_for(state="visible")
+            page.wait_for_function(
+                f"() => ({CHART_FITS})() && ({CHART_WIDTH})() < {wide} - 50", timeout=30_000
+            )
+            page.locator('.lm-TabBar-tab[data-id="nbollama-panel"]').click()  # closed again
+            page.wait_for_function(
+                f"() => ({CHART_FITS})() && ({CHART_WIDTH})() > {wide} - 5", timeout=30_000
+            )
 
             # the generation blocks the cell; the dashboard still moves (monitor thread -> IOPub)
             _run_cell(page, 3)
@@ -84,7 +109,7 @@ def test_dashboard_renders_and_follows_a_generation(lab: LabServer) -> None:  # 
             _wait_cell_done(page, 3, timeout_ms=300_000)
             assert (
                 "DONE"
-                in page.locator(".jp-Notebook .jp-CodeCell")
+                in page.locator(CODE_CELLS)
                 .nth(3)
                 .locator(".jp-OutputArea")
                 .inner_text()

@@ -40,7 +40,9 @@ export interface ISlotSnapshot {
   prompt_preview: string;
   /** null: unknown (a remote server does not say) */
   prompt_tokens: number | null;
+  /** prompt tokens already in the KV cache, cached ones included */
   prefilled_tokens: number | null;
+  /** of those, taken from the prefix cache instead of computed (absent from older kernels) */
   cached_tokens?: number | null;
   decoded_tokens: number;
   max_tokens: number | null;
@@ -89,6 +91,31 @@ export interface ITotals {
   errors: number;
   prompt_tokens: number;
   generated_tokens: number;
+  /** prompt tokens reused from the prefix cache (absent from older kernels) */
+  cached_tokens?: number;
+}
+
+/** The prefix cache's figures (`PrefixCacheFigures` in `_snapshot.py`). */
+export interface IPrefixCacheFigures {
+  /** null: unknown (a remote server that does not say) */
+  enabled: boolean | null;
+  /** cached / prompt tokens over the engine's life, 0..1 */
+  hit_rate: number | null;
+  /** prefixes computed once and copied to other slots; null: unknown remotely */
+  shared_prefills: number | null;
+}
+
+/** One change of the active slot count by adaptive parallelism. */
+export interface IParallelChange {
+  time: number;
+  parallel: number;
+  reason: string;
+}
+
+/** Adaptive parallelism's target and its last changes, oldest first. */
+export interface IAdaptiveFigures {
+  target: string;
+  history: IParallelChange[];
 }
 
 export interface IModelSnapshot {
@@ -141,7 +168,12 @@ export interface IEngineSnapshot {
   /** a remote engine's URL, credentials redacted */
   endpoint?: string | null;
   model: IModelSnapshot;
+  /** slots taking requests now (adaptive parallelism moves it) */
   parallel: number;
+  /** slots whose KV is reserved; equals parallel unless adaptive (absent from older kernels) */
+  parallel_max?: number;
+  /** batch-invariant decoding: tokens do not depend on what else runs */
+  reproducible?: boolean;
   ctx_per_slot: number | null;
   n_batch: number | null;
   gpu_layers: number | null;
@@ -155,6 +187,10 @@ export interface IEngineSnapshot {
   memory: IMemoryFigures;
   totals: ITotals;
   recent: unknown[];
+  /** absent from older kernels */
+  prefix_cache?: IPrefixCacheFigures | null;
+  /** null unless parallel="adaptive" */
+  adaptive?: IAdaptiveFigures | null;
   /** only in a remote engine's snapshot */
   remote?: IRemoteFigures | null;
 }
@@ -214,6 +250,32 @@ function isSlot(value: unknown): value is ISlotSnapshot {
   );
 }
 
+function isPrefixCache(value: unknown): value is IPrefixCacheFigures | null | undefined {
+  if (value === undefined || value === null) {
+    return true;
+  }
+  return (
+    isRecord(value) &&
+    (value.enabled === null || typeof value.enabled === 'boolean') &&
+    isNumberOrNull(value.hit_rate) &&
+    isNumberOrNull(value.shared_prefills ?? null)
+  );
+}
+
+function isAdaptive(value: unknown): value is IAdaptiveFigures | null | undefined {
+  if (value === undefined || value === null) {
+    return true;
+  }
+  return (
+    isRecord(value) &&
+    typeof value.target === 'string' &&
+    Array.isArray(value.history) &&
+    value.history.every(
+      c => isRecord(c) && isNumber(c.parallel) && typeof c.reason === 'string'
+    )
+  );
+}
+
 function isRemote(value: unknown): value is IRemoteFigures | null | undefined {
   if (value === undefined || value === null) {
     return true;
@@ -261,6 +323,9 @@ export function isEngineSnapshot(value: unknown): value is IEngineSnapshot {
     isNumber(totals.generated_tokens) &&
     Array.isArray(slots) &&
     slots.every(isSlot) &&
+    (value.parallel_max === undefined || isNumber(value.parallel_max)) &&
+    isPrefixCache(value.prefix_cache) &&
+    isAdaptive(value.adaptive) &&
     isRemote(value.remote)
   );
 }
@@ -393,6 +458,29 @@ export interface ISlotRowView {
   cancellable: boolean;
   /** `another client` on a shared server's slot serving someone else's request */
   origin: SlotOrigin;
+  /**
+   * A prefix-cache hit: `cached 380/412` (prompt tokens reused of the prompt's),
+   * or '' (no hit, an idle slot, or unknown remotely).
+   */
+  cacheText: string;
+  /** the same in words, for a tooltip */
+  cacheTitle: string;
+}
+
+/**
+ * The cache tag of a slot, as the dashboard's: shown while the slot serves (or
+ * just finished) a request that took prompt tokens from the prefix cache.
+ */
+export function cacheTag(slot: ISlotSnapshot): { text: string; title: string } {
+  const cached = slot.cached_tokens;
+  if (!isNumber(cached) || cached <= 0 || slot.badge === 'idle') {
+    return { text: '', title: '' };
+  }
+  const of = known(slot.prompt_tokens);
+  return {
+    text: `cached ${formatCount(cached)}/${isNumber(slot.prompt_tokens) ? formatCount(slot.prompt_tokens) : of}`,
+    title: `${cached} of ${of} prompt tokens reused from the prefix cache (not computed again)`
+  };
 }
 
 /** One row per slot, in slot order. */
@@ -426,6 +514,7 @@ export function slotRows(snapshot: IEngineSnapshot): ISlotRowView[] {
           ? `another client: ${slot.prompt_preview}`
           : 'another client'
         : slot.prompt_preview;
+      const cache = other ? { text: '', title: '' } : cacheTag(slot);
       return {
         slot: slot.id,
         state: slot.state,
@@ -437,7 +526,9 @@ export function slotRows(snapshot: IEngineSnapshot): ISlotRowView[] {
         progress: idleWithoutHistory ? 0 : progress,
         tpsText,
         cancellable: busy && !other,
-        origin: other ? 'another client' : 'this kernel'
+        origin: other ? 'another client' : 'this kernel',
+        cacheText: cache.text,
+        cacheTitle: cache.title
       };
     });
 }
@@ -698,10 +789,99 @@ export function remoteView(snapshot: IEngineSnapshot): IRemoteView | null {
   };
 }
 
+/** Adaptive parallelism as the panel words it. */
+export interface IAdaptiveView {
+  /** `adaptive · min_tps=15` */
+  text: string;
+  /** what that means, for a tooltip */
+  title: string;
+  /** the reason of the last change: `parallel=6 of 16: per-request 15.2 tok/s, floor 15` */
+  lastChange: string;
+  /** every change kept, oldest first, one per line (a tooltip) */
+  historyText: string;
+  changes: number;
+}
+
+/**
+ * `parallel 6 of 16` while adaptive parallelism runs fewer slots than it
+ * reserved (or at all), else `parallel 4`; a missing `parallel_max` (an older
+ * kernel) reads as `parallel`.
+ */
+export function parallelText(snapshot: IEngineSnapshot): string {
+  const max = isNumber(snapshot.parallel_max) ? snapshot.parallel_max : snapshot.parallel;
+  const adaptive = snapshot.adaptive !== undefined && snapshot.adaptive !== null;
+  return max > snapshot.parallel || adaptive
+    ? `parallel ${snapshot.parallel} of ${max}`
+    : `parallel ${snapshot.parallel}`;
+}
+
+function clockTime(epochSeconds: number): string {
+  if (!isNumber(epochSeconds)) {
+    return '?';
+  }
+  const d = new Date(epochSeconds * 1000);
+  const two = (n: number): string => String(n).padStart(2, '0');
+  return `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
+}
+
+/** The target and the last change of adaptive parallelism, or null when parallel is fixed. */
+export function adaptiveView(snapshot: IEngineSnapshot): IAdaptiveView | null {
+  const adaptive = snapshot.adaptive;
+  if (adaptive === undefined || adaptive === null) {
+    return null;
+  }
+  const history = adaptive.history ?? [];
+  const last = history.length > 0 ? history[history.length - 1] : null;
+  return {
+    text: `adaptive · ${adaptive.target || '?'}`,
+    title: `adaptive parallelism, target ${adaptive.target || '?'}: the engine moves the slots in use (now ${snapshot.parallel}) to meet it`,
+    lastChange: last !== null ? last.reason : snapshot.parallel_reason ?? '',
+    historyText: history.map(c => `${clockTime(c.time)} ${c.reason}`).join('\n'),
+    changes: history.length
+  };
+}
+
+/**
+ * The prefix cache in one line: `prefix cache 42% hit · 1,234 tokens reused ·
+ * 3 shared prefills`, `prefix cache off`, `prefix cache ?` (a server that does
+ * not say); null for a kernel whose snapshot has no prefix-cache figures.
+ */
+export function prefixCacheText(snapshot: IEngineSnapshot): string | null {
+  const cache = snapshot.prefix_cache;
+  if (cache === undefined || cache === null) {
+    return null;
+  }
+  if (cache.enabled === false) {
+    return 'prefix cache off';
+  }
+  if (cache.enabled === null) {
+    return 'prefix cache ?';
+  }
+  const rate = isNumber(cache.hit_rate) ? `${Math.round(cache.hit_rate * 100)}% hit` : '? hit';
+  const parts = [`prefix cache ${rate}`];
+  const reused = snapshot.totals.cached_tokens;
+  if (isNumber(reused) && reused > 0) {
+    parts.push(`${formatCount(reused)} tokens reused`);
+  }
+  const shared = cache.shared_prefills;
+  parts.push(
+    isNumber(shared)
+      ? `${formatCount(shared)} shared prefill${shared === 1 ? '' : 's'}`
+      : 'shared prefills ?'
+  );
+  return parts.join(' · ');
+}
+
 export interface IEngineView {
   model: string;
   meta: string;
   parallelReason: string;
+  /** adaptive parallelism's target and last change, or null */
+  adaptive: IAdaptiveView | null;
+  /** batch-invariant decoding (`--reproducible`) */
+  reproducible: boolean;
+  /** see `prefixCacheText` */
+  prefixCache: string | null;
   closed: boolean;
   rows: ISlotRowView[];
   queueLength: number;
@@ -729,12 +909,15 @@ export function engineView(
   const ctx = isNumber(snapshot.ctx_per_slot) ? formatCount(snapshot.ctx_per_slot) : '?';
   const meta =
     remote === null
-      ? `parallel ${snapshot.parallel} · ctx ${ctx}/slot${closed}`
+      ? `${parallelText(snapshot)} · ctx ${ctx}/slot${closed}`
       : `${snapshot.kind ?? 'remote'} · server parallel ${known(remote.server_parallel)} · ctx ${ctx}${closed}`;
   return {
     model: snapshot.model.name,
     meta,
     parallelReason: snapshot.parallel_reason ?? '',
+    adaptive: adaptiveView(snapshot),
+    reproducible: snapshot.reproducible === true,
+    prefixCache: prefixCacheText(snapshot),
     closed: snapshot.closed,
     rows: slotRows(snapshot),
     queueLength: snapshot.queue.length,

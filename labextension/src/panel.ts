@@ -48,6 +48,7 @@ interface IRowNodes {
   row: HTMLDivElement;
   badge: HTMLSpanElement;
   preview: HTMLDivElement;
+  cache: HTMLSpanElement;
   fill: HTMLDivElement;
   progress: HTMLSpanElement;
   tps: HTMLSpanElement;
@@ -72,6 +73,14 @@ export class NbollamaPanel extends Widget {
     const header = el('div', 'nbollama-header', this._live);
     this._model = el('div', 'nbollama-model', header);
     this._meta = el('div', 'nbollama-meta', header);
+    // modes that change what the figures mean: adaptive parallelism, reproducible decoding
+    this._modes = el('div', 'nbollama-modes', header);
+    this._adaptiveMode = el('span', 'nbollama-mode nbollama-mode-adaptive', this._modes);
+    this._reproducibleMode = el('span', 'nbollama-mode nbollama-mode-reproducible', this._modes);
+    this._reproducibleMode.textContent = 'reproducible';
+    this._reproducibleMode.title =
+      "batch-invariant decoding: a request's tokens do not depend on what else runs";
+    this._lastChange = el('div', 'nbollama-adaptive-change', header);
 
     // a remote engine's server: where, this kernel's share, what the server says
     this._remote = el('div', 'nbollama-remote', this._live);
@@ -87,6 +96,7 @@ export class NbollamaPanel extends Widget {
     this._queue = el('span', 'nbollama-queue', summary);
     this._throughput = el('span', 'nbollama-throughput', summary);
     this._total = el('div', 'nbollama-total-tokens', this._live);
+    this._prefixCache = el('div', 'nbollama-prefix-cache', this._live);
 
     const spark = document.createElementNS(SVG_NS, 'svg');
     spark.setAttribute('class', 'nbollama-sparkline');
@@ -161,6 +171,20 @@ export class NbollamaPanel extends Widget {
     setText(this._model, view.model);
     setText(this._meta, view.meta);
     this._meta.title = view.parallelReason;
+    const adaptive = view.adaptive;
+    this._adaptiveMode.hidden = adaptive === null;
+    this._reproducibleMode.hidden = !view.reproducible;
+    this._modes.hidden = adaptive === null && !view.reproducible;
+    this._lastChange.hidden = adaptive === null || adaptive.lastChange === '';
+    this.node.dataset.adaptive = adaptive === null ? 'no' : 'yes';
+    this.node.dataset.reproducible = view.reproducible ? 'yes' : 'no';
+    if (adaptive !== null) {
+      setText(this._adaptiveMode, adaptive.text);
+      this._adaptiveMode.title = adaptive.title;
+      setText(this._lastChange, `last change: ${adaptive.lastChange}`);
+      this._lastChange.title = adaptive.historyText || adaptive.lastChange;
+      this._lastChange.dataset.changes = String(adaptive.changes);
+    }
     this.node.dataset.kind = view.remote === null ? 'local' : view.remote.kind;
     if (view.remote === null) {
       this._remote.hidden = true;
@@ -180,6 +204,8 @@ export class NbollamaPanel extends Widget {
     setText(this._throughput, view.throughputText);
     setText(this._total, view.totalTokensText);
     this._total.dataset.value = String(view.totalTokens);
+    this._prefixCache.hidden = view.prefixCache === null;
+    setText(this._prefixCache, view.prefixCache ?? '');
     this._sparkPath.setAttribute('d', view.sparkline);
 
     const mem = view.memory;
@@ -205,7 +231,7 @@ export class NbollamaPanel extends Widget {
       if (this._slots.children[rows.indexOf(view)] !== nodes.row) {
         this._slots.insertBefore(nodes.row, this._slots.children[rows.indexOf(view)] ?? null);
       }
-      const { row, badge, preview, fill, progress, tps, cancel } = nodes;
+      const { row, badge, preview, cache, fill, progress, tps, cancel } = nodes;
       row.dataset.state = view.state;
       row.dataset.badge = view.badge;
       row.dataset.request = view.requestId === null ? '' : String(view.requestId);
@@ -214,6 +240,9 @@ export class NbollamaPanel extends Widget {
       badge.style.backgroundColor = view.badgeColour;
       setText(preview, view.preview);
       preview.title = view.preview;
+      cache.hidden = view.cacheText === '';
+      setText(cache, view.cacheText);
+      cache.title = view.cacheTitle;
       fill.style.width = `${(view.progress * 100).toFixed(1)}%`;
       fill.style.backgroundColor = view.badgeColour;
       setText(progress, view.progressText);
@@ -240,6 +269,8 @@ export class NbollamaPanel extends Widget {
     const progress = el('span', 'nbollama-progress', row);
     const main = el('div', 'nbollama-slot-main', row);
     const line = el('div', 'nbollama-slot-line', main);
+    const cache = el('span', 'nbollama-cache-hit', line);
+    cache.hidden = true;
     const preview = el('div', 'nbollama-preview', line);
     const tps = el('span', 'nbollama-tps', line);
     const track = el('div', 'nbollama-progressbar', main);
@@ -253,7 +284,7 @@ export class NbollamaPanel extends Widget {
     cancel.addEventListener('click', () => {
       this._link.cancel(slot);
     });
-    return { row, badge, preview, fill, progress, tps, cancel };
+    return { row, badge, preview, cache, fill, progress, tps, cancel };
   }
 
   private _link: KernelLink;
@@ -263,6 +294,10 @@ export class NbollamaPanel extends Widget {
   private _live: HTMLDivElement;
   private _model: HTMLDivElement;
   private _meta: HTMLDivElement;
+  private _modes: HTMLDivElement;
+  private _adaptiveMode: HTMLSpanElement;
+  private _reproducibleMode: HTMLSpanElement;
+  private _lastChange: HTMLDivElement;
   private _remote: HTMLDivElement;
   private _remoteEndpoint: HTMLDivElement;
   private _remoteClient: HTMLDivElement;
@@ -272,6 +307,7 @@ export class NbollamaPanel extends Widget {
   private _queue: HTMLSpanElement;
   private _throughput: HTMLSpanElement;
   private _total: HTMLDivElement;
+  private _prefixCache: HTMLDivElement;
   private _sparkPath: SVGPathElement;
   private _memLabel: HTMLDivElement;
   private _memUsed: HTMLDivElement;

@@ -56,7 +56,7 @@ def default_loaded_for_bench_message(summary: str) -> str:
 
 def applied_message(parallel: int, summary: str) -> str:
     """What ``%nbollama bench --apply`` prints once the engine runs at the recommended value."""
-    return f"nbollama: applied parallel={parallel}: {summary}"
+    return f"nbollama: applied parallel={parallel}: {summary.removeprefix('nbollama: ')}"
 
 
 def applied_inflight_message(n: int, url: str) -> str:

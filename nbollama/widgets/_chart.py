@@ -8,6 +8,11 @@ Redraws happen on the engine's monitor thread, while plotly's answers from
 the browser (the trace and layout deltas it sends after every redraw, a
 zoom) are handled on the kernel's main thread; one lock keeps the two from
 editing the figure at the same time.
+
+The chart fills its box: plotly's widget draws once, before it is on the
+page, and so at plotly's default 700 px; a tiny companion widget (``FitToBox``)
+watches the box and has plotly resize whenever its width changes (a side
+panel opened, the window resized).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import threading
 from datetime import datetime
 from typing import Any
 
+import anywidget
 import ipywidgets as widgets
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -26,10 +32,72 @@ from .._core._snapshot import CompletedRequest, EngineSnapshot
 from .._logging import logger
 from ._live import DEFAULT_INTERVAL, LiveView, imports_in_progress
 
-__all__ = ["ThroughputChart"]
+__all__ = ["ThroughputChart", "FitToBox"]
 
-_THROUGHPUT, _BUSY, _TTFT, _QUEUE_WAIT, _ACTIVE = range(5)
+_THROUGHPUT, _BUSY, _TTFT, _QUEUE_WAIT, _ACTIVE, _CHANGES = range(6)
 _RETRY_SECONDS = 0.2
+_ADAPTIVE_COLOUR = "#6a1b9a"
+
+#: The browser side of ``FitToBox``: find the chart's box, watch its size, and
+#: when a plotly chart in it is not as wide as the box, call plotly's own
+#: resize handler (present because the figure has ``responsive: true``).
+_FIT_ESM = """
+function fit(box) {
+  for (const gd of box.querySelectorAll('.js-plotly-plot')) {
+    const svg = gd.querySelector('.main-svg');
+    const want = gd.clientWidth;
+    if (!svg || want < 10) continue;
+    if (Math.abs(svg.getBoundingClientRect().width - want) < 2) continue;
+    if (typeof gd._responsiveChartHandler === 'function') gd._responsiveChartHandler();
+  }
+}
+export default {
+  render({ el }) {
+    let observer = null;
+    let pending = null;
+    let tries = 0;
+    const timers = [];
+    const later = (f, ms) => timers.push(setTimeout(f, ms));
+    const attach = () => {
+      const box = el.closest('.nbollama-fit-box');
+      if (box === null) {
+        if (tries++ < 150) later(attach, 200);
+        return;
+      }
+      observer = new ResizeObserver(() => {
+        if (pending === null) {
+          pending = setTimeout(() => { pending = null; fit(box); }, 80);
+        }
+      });
+      observer.observe(box);
+      // plotly may draw after this view: look again while it settles
+      for (const ms of [50, 300, 1000, 3000]) later(() => fit(box), ms);
+    };
+    attach();
+    return () => {
+      if (observer !== null) observer.disconnect();
+      if (pending !== null) clearTimeout(pending);
+      timers.forEach(clearTimeout);
+    };
+  }
+};
+"""
+
+
+class FitToBox(anywidget.AnyWidget):  # type: ignore[misc]
+    """Keeps the plotly charts of its container (class ``nbollama-fit-box``) as wide as the container.
+
+    Invisible; put it beside a ``FigureWidget`` whose ``_config`` has
+    ``responsive: True``. plotly's widget has no resize observer of its own
+    (it resizes on window resizes only), so a chart drawn before it was on
+    the page, or in a box that later narrowed, would keep its first width.
+    """
+
+    _esm = _FIT_ESM
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("layout", widgets.Layout(display="none"))
+        super().__init__(**kwargs)
 
 
 class GuardedFigureWidget(go.FigureWidget):  # type: ignore[misc]
@@ -90,6 +158,8 @@ class ThroughputChart(LiveView, widgets.VBox):
     busy: List[int] = List()  # busy slots
     active: List[int] = List()  # slots taking requests (adaptive parallelism moves it)
     adaptive = Bool(False)  # whether the engine is adaptive (the active-slots line is shown)
+    #: adaptive parallelism's changes in the window: (time.time(), parallel, reason), oldest first
+    changes: List[tuple[float, int, str]] = List()
     request_ids: List[int] = List()
     ttft: List[float | None] = List()  # seconds; None when a request ended before its first token
     queue_wait: List[float] = List()
@@ -104,12 +174,15 @@ class ThroughputChart(LiveView, widgets.VBox):
         #: held while the figure is edited, by our redraws and by the browser's messages
         self.figure_lock = threading.RLock()
         self.figure = GuardedFigureWidget(self._base_figure(), self.figure_lock)
+        # plotly resizes only with ``responsive``; ``FitToBox`` tells it when the box changed
+        self.figure._config = {**(self.figure._config or {}), "responsive": True}
         self._seen: set[int] = set()
         self._requests_drawn = True
         self._retry: threading.Timer | None = None
         kwargs.setdefault("layout", widgets.Layout(width="100%"))
-        super().__init__([self.figure], **kwargs)
+        super().__init__([self.figure, FitToBox()], **kwargs)
         self.add_class("nbollama-throughput-chart")
+        self.add_class("nbollama-fit-box")
         self._follow(engine, interval)
 
     @staticmethod
@@ -160,7 +233,30 @@ class ThroughputChart(LiveView, widgets.VBox):
                 name="active slots (adaptive)",
                 mode="lines",
                 visible=False,
-                line={"color": "#6a1b9a", "shape": "hv", "width": 2, "dash": "dot"},
+                line={"color": _ADAPTIVE_COLOUR, "shape": "hv", "width": 2, "dash": "dot"},
+            ),
+            row=1,
+            col=1,
+            secondary_y=True,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=[],
+                y=[],
+                name="parallel changes",
+                mode="markers+text",
+                visible=False,
+                text=[],
+                textposition="top center",
+                textfont={"color": _ADAPTIVE_COLOUR, "size": 11},
+                cliponaxis=False,
+                hovertemplate="%{hovertext}<extra></extra>",
+                marker={
+                    "color": _ADAPTIVE_COLOUR,
+                    "symbol": "diamond",
+                    "size": 10,
+                    "line": {"color": "white", "width": 1},
+                },
             ),
             row=1,
             col=1,
@@ -198,6 +294,7 @@ class ThroughputChart(LiveView, widgets.VBox):
         self._requests_drawn = True
         self.times, self.throughput, self.busy, self.active = [], [], [], []
         self.adaptive = False
+        self.changes = []
         self.request_ids, self.ttft, self.queue_wait = [], [], []
         self.parallel = engine.parallel if engine is not None else 0
         self.engine_closed = False
@@ -228,7 +325,14 @@ class ThroughputChart(LiveView, widgets.VBox):
         self.throughput = [*self.throughput[keep:], snapshot["throughput"]]
         self.busy = [*self.busy[keep:], snapshot["busy_slots"]]
         self.active = [*self.active[keep:], snapshot["parallel"]]
-        self.adaptive = self.adaptive or bool(snapshot.get("adaptive"))
+        adaptive = snapshot.get("adaptive")
+        self.adaptive = self.adaptive or bool(adaptive)
+        if adaptive:
+            self.changes = [
+                (c["time"], c["parallel"], c["reason"])
+                for c in adaptive["history"]
+                if c["time"] >= start
+            ]
         self.last_throughput = snapshot["throughput"]
         self.last_busy = snapshot["busy_slots"]
         fresh = [r for r in snapshot["recent"] if r["id"] not in self._seen]
@@ -262,9 +366,16 @@ class ThroughputChart(LiveView, widgets.VBox):
             data = self.figure.data
             data[_THROUGHPUT].x, data[_THROUGHPUT].y = stamps, self.throughput
             data[_BUSY].x, data[_BUSY].y = stamps, self.busy
-            if self.adaptive:  # each change of the active count is a step in this line
+            if self.adaptive:  # each change of the active count is a step in this line...
                 data[_ACTIVE].visible = True
                 data[_ACTIVE].x, data[_ACTIVE].y = stamps, self.active
+                # ...and a marker with the new count, its reason on hover
+                marks = data[_CHANGES]
+                marks.visible = True
+                marks.x = [datetime.fromtimestamp(t) for t, _, _ in self.changes]
+                marks.y = [p for _, p, _ in self.changes]
+                marks.text = [f"→{p}" for _, p, _ in self.changes]
+                marks.hovertext = [reason for _, _, reason in self.changes]
             if not self._requests_drawn:
                 labels = [f"#{i}" for i in self.request_ids]
                 data[_TTFT].x, data[_TTFT].y = labels, self.ttft

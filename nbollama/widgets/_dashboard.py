@@ -43,6 +43,16 @@ _HINT = (
 )
 
 
+def _gone_hint(model: str) -> str:
+    """The header once the kernel's engine was unloaded: what is shown is the last engine's."""
+    return (
+        '<div class="nbollama-hint" style="padding:6px 8px;border-left:3px solid #9e9e9e;background:#f5f5f5;'
+        f'font-size:12px">No engine is loaded now. Below: the last one\'s figures (<b>{html.escape(model)}</b>), '
+        "as it left them. Run <code>%nbollama load</code> (or <code>nbollama.load()</code>) and this "
+        "dashboard shows the new engine.</div>"
+    )
+
+
 class Dashboard(widgets.VBox):
     """Header, slot monitor, throughput chart and memory panel of one engine, updated live.
 
@@ -121,6 +131,12 @@ class Dashboard(widgets.VBox):
     # -- called with the link's lock held ------------------------------------------------
 
     def _on_engine(self, engine: EngineLike | None) -> None:
+        if engine is None and self.snapshot_seq >= 0:
+            # Unloaded after showing an engine: keep its last figures (a saved notebook's
+            # dashboard keeps the run it watched) and say they are the last engine's.
+            self.status = "no engine"
+            self._header.value = _gone_hint(self.model_name)
+            return
         self.slots.reset(engine)
         if self.chart is not None:
             self.chart.reset(engine)
@@ -179,6 +195,8 @@ class Dashboard(widgets.VBox):
         self.prefix_cache = (
             ""
             if cache is None
+            else "prefix cache ?"  # a server that does not say
+            if cache["enabled"] is None
             else f"prefix cache {cache['hit_rate']:.0%} hit"
             if cache["enabled"]
             else "prefix cache off"

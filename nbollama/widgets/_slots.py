@@ -49,8 +49,8 @@ def _cache_tag(cached: int) -> str:
     """A small mark for a prefix-cache hit: the prompt tokens that were not computed again."""
     return (
         f'<span class="nbollama-cache-hit" title="{cached} prompt tokens reused from the prefix cache" '
-        'style="float:left;margin-right:4px;padding:0 4px;border-radius:6px;background:#e8f5e9;'
-        f'color:#2e7d32;font-size:11px">cache {cached}</span>'
+        'style="display:inline-block;margin-right:4px;padding:0 4px;border-radius:6px;background:#e8f5e9;'
+        f'color:#2e7d32;font-size:11px;line-height:1.5">cache {cached}</span>'
     )
 
 
@@ -90,9 +90,11 @@ class SlotRow(widgets.HBox):
         self._badge = widgets.HTML(
             badge_html("idle"), layout=widgets.Layout(width="8em", flex="0 0 auto")
         )
+        # flex-basis 0 and overflow hidden: a long prompt is cut with an ellipsis inside its own
+        # box instead of widening it over the figures beside it
         self._preview = widgets.HTML(
             self._preview_html(""),
-            layout=widgets.Layout(flex="1 1 auto", width="auto", min_width="8em"),
+            layout=widgets.Layout(flex="1 1 0%", width="auto", min_width="8em", overflow="hidden"),
         )
         # the figures ride on the bar's description: one message per row per update
         self._progress = widgets.IntProgress(
@@ -114,16 +116,20 @@ class SlotRow(widgets.HBox):
         self.add_class("nbollama-slot-row")
 
     @staticmethod
-    def _preview_html(preview: str, origin: str = "this kernel", busy: bool = False) -> str:
+    def _preview_html(
+        preview: str, origin: str = "this kernel", busy: bool = False, tag: str = ""
+    ) -> str:
         text = html.escape(preview) if preview else '<span style="color:#9e9e9e">-</span>'
         title = html.escape(preview)
         if origin == "another client" and busy:
             tag = '<span class="nbollama-origin" style="color:#6a1b9a;font-style:italic">another client</span>'
             text = f"{tag} {html.escape(preview)}" if preview else tag
             title = "a request from another client of this server" + (f": {title}" if preview else "")
+        # width 0 / min-width 100%: the line takes its box's width, not its text's, so a long
+        # prompt ends in an ellipsis instead of running under the figures beside it
         return (
-            f'<div title="{title}" style="white-space:nowrap;overflow:hidden;'
-            f'text-overflow:ellipsis;font-size:12px">{text}</div>'
+            f'<div title="{title}" style="white-space:nowrap;overflow:hidden;text-overflow:ellipsis;'
+            f'width:0;min-width:100%;font-size:12px">{tag}{text}</div>'
         )
 
     def _stats_text(self) -> str:
@@ -163,9 +169,13 @@ class SlotRow(widgets.HBox):
         if self.badges_seen[-1] != slot["badge"]:
             self.badges_seen = [*self.badges_seen[-(BADGE_HISTORY - 1) :], slot["badge"]]
         self._badge.value = badge_html(slot["badge"])
-        preview = self._preview_html(slot["prompt_preview"], self.origin, slot["state"] != "idle")
         hit = self.cached_tokens and slot["badge"] != "idle"
-        self._preview.value = _cache_tag(self.cached_tokens) + preview if hit else preview
+        self._preview.value = self._preview_html(
+            slot["prompt_preview"],
+            self.origin,
+            slot["state"] != "idle",
+            tag=_cache_tag(self.cached_tokens) if hit else "",
+        )
         with self._progress.hold_sync():
             limit = slot["max_tokens"] or slot["decoded_tokens"]  # no limit known: a full bar
             self._progress.max = max(1, limit)  # before value, which max caps

@@ -1,5 +1,10 @@
 /** Snapshots shaped like the kernel's (nbollama/_core/_snapshot.py), for the specs. */
-import { IEngineSnapshot, IRemoteFigures, ISlotSnapshot } from '../model';
+import {
+  IAdaptiveFigures,
+  IEngineSnapshot,
+  IRemoteFigures,
+  ISlotSnapshot
+} from '../model';
 
 export const GiB = 1024 ** 3;
 export const MiB = 1024 ** 2;
@@ -13,6 +18,7 @@ export function slot(id: number, extra: Partial<ISlotSnapshot> = {}): ISlotSnaps
     prompt_preview: '',
     prompt_tokens: 0,
     prefilled_tokens: 0,
+    cached_tokens: 0,
     decoded_tokens: 0,
     max_tokens: 0,
     tps: 0,
@@ -35,6 +41,8 @@ export function snapshot(extra: Partial<IEngineSnapshot> = {}): IEngineSnapshot 
       n_params: 268000000
     },
     parallel: 4,
+    parallel_max: 4,
+    reproducible: false,
     ctx_per_slot: 2048,
     n_batch: 512,
     gpu_layers: 0,
@@ -62,11 +70,42 @@ export function snapshot(extra: Partial<IEngineSnapshot> = {}): IEngineSnapshot 
       cancelled: 0,
       errors: 0,
       prompt_tokens: 0,
-      generated_tokens: 0
+      generated_tokens: 0,
+      cached_tokens: 0
     },
     recent: [],
+    prefix_cache: { enabled: true, hit_rate: 0, shared_prefills: 0 },
+    adaptive: null,
     ...extra
   };
+}
+
+/**
+ * An adaptive engine (`parallel="adaptive"`, 16 slots reserved, 6 in use) that
+ * changed its parallel twice, the last time down to 6.
+ */
+export function adaptiveSnapshot(
+  extra: Partial<IEngineSnapshot> = {},
+  adaptive: Partial<IAdaptiveFigures> = {}
+): IEngineSnapshot {
+  const slots = Array.from({ length: 16 }, (_, i) => slot(i));
+  return snapshot({
+    parallel: 6,
+    parallel_max: 16,
+    parallel_reason: 'parallel=6 of 16: per-request 15.2 tok/s at 8, floor 15',
+    slots,
+    kv: { used: 0, total: 16 * 512, bytes: 288 * MiB },
+    ctx_per_slot: 512,
+    adaptive: {
+      target: 'min_tps=15',
+      history: [
+        { time: 1700000000, parallel: 8, reason: 'parallel=8 of 16: per-request 40.1 tok/s at 4, floor 15, more demand' },
+        { time: 1700000012, parallel: 6, reason: 'parallel=6 of 16: per-request 15.2 tok/s at 8, floor 15' }
+      ],
+      ...adaptive
+    },
+    ...extra
+  });
 }
 
 /** A remote engine's snapshot (a llama-server with 4 slots): unknown figures are null. */
@@ -84,6 +123,7 @@ export function remoteSnapshot(
     n_batch: null,
     gpu_layers: null,
     parallel_reason: "the server's slots",
+    prefix_cache: { enabled: null, hit_rate: 0, shared_prefills: null },
     kv: { used: null, total: 2048, bytes: null },
     memory: {
       source: 'remote',

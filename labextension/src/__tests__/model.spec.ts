@@ -1,6 +1,8 @@
 import {
   HISTORY_LENGTH,
+  adaptiveView,
   badgeColour,
+  cacheTag,
   cancelNotice,
   engineView,
   formatBytes,
@@ -9,7 +11,9 @@ import {
   hintView,
   isEngineSnapshot,
   memoryView,
+  parallelText,
   parseKernelMessage,
+  prefixCacheText,
   pushHistory,
   remoteView,
   slotRows,
@@ -17,7 +21,7 @@ import {
   statusView
 } from '../model';
 
-import { GiB, MiB, remoteSnapshot, slot, snapshot } from './fixtures';
+import { GiB, MiB, adaptiveSnapshot, remoteSnapshot, slot, snapshot } from './fixtures';
 
 describe('parseKernelMessage', () => {
   it('accepts a snapshot with an engine', () => {
@@ -433,5 +437,157 @@ describe('a remote engine', () => {
 
   it('gives the sent badge its own colour', () => {
     expect(badgeColour('sent')).not.toBe(badgeColour('idle'));
+  });
+});
+
+describe('adaptive parallelism', () => {
+  it('shows "parallel 6 of 16", the target and the reason of the last change', () => {
+    const snap = adaptiveSnapshot();
+    expect(isEngineSnapshot(snap)).toBe(true);
+    expect(parallelText(snap)).toBe('parallel 6 of 16');
+    const view = engineView(snap, []);
+    expect(view.meta).toBe('parallel 6 of 16 · ctx 512/slot');
+    expect(view.rows).toHaveLength(16);
+    expect(view.adaptive).toMatchObject({
+      text: 'adaptive · min_tps=15',
+      lastChange: 'parallel=6 of 16: per-request 15.2 tok/s at 8, floor 15',
+      changes: 2
+    });
+    expect(view.adaptive?.title).toContain('min_tps=15');
+    // the tooltip lists every change, oldest first, one a line
+    const lines = view.adaptive?.historyText.split('\n') ?? [];
+    expect(lines).toHaveLength(2);
+    expect(lines[0]).toMatch(/^\d\d:\d\d:\d\d parallel=8 of 16: .*more demand$/);
+    expect(lines[1]).toMatch(/parallel=6 of 16: per-request 15\.2 tok\/s at 8, floor 15$/);
+  });
+
+  it('says "of N" at every active count once adaptive, and the starting reason before any change', () => {
+    const full = adaptiveSnapshot({ parallel: 16 }, { history: [] });
+    expect(parallelText(full)).toBe('parallel 16 of 16');
+    expect(adaptiveView(full)).toMatchObject({
+      lastChange: 'parallel=6 of 16: per-request 15.2 tok/s at 8, floor 15',
+      changes: 0,
+      historyText: ''
+    });
+    // fewer slots in use than reserved reads "of N" even without the adaptive block
+    expect(parallelText(snapshot({ parallel: 2, parallel_max: 4 }))).toBe('parallel 2 of 4');
+  });
+
+  it('keeps the plain wording for a fixed parallel and for older kernels', () => {
+    expect(parallelText(snapshot())).toBe('parallel 4');
+    expect(adaptiveView(snapshot())).toBeNull();
+    const old = snapshot();
+    delete old.parallel_max;
+    delete old.adaptive;
+    delete old.reproducible;
+    delete old.prefix_cache;
+    expect(isEngineSnapshot(old)).toBe(true);
+    const view = engineView(old, []);
+    expect(view.meta).toBe('parallel 4 · ctx 2,048/slot');
+    expect(view).toMatchObject({ adaptive: null, reproducible: false, prefixCache: null });
+  });
+
+  it('rejects a malformed adaptive block', () => {
+    const bad = adaptiveSnapshot({}, { history: [{ time: 1, parallel: 'six', reason: 'x' }] as never });
+    expect(isEngineSnapshot(bad)).toBe(false);
+    expect(isEngineSnapshot(snapshot({ parallel_max: 'x' as unknown as number }))).toBe(false);
+  });
+});
+
+describe('reproducible mode', () => {
+  it('is shown when the snapshot says so', () => {
+    expect(engineView(snapshot({ reproducible: true }), []).reproducible).toBe(true);
+    expect(engineView(snapshot(), []).reproducible).toBe(false);
+    expect(engineView(remoteSnapshot(), []).reproducible).toBe(false);
+  });
+});
+
+describe('prefix cache', () => {
+  it('tags a slot that reused cached prompt tokens, compactly', () => {
+    const snap = snapshot({
+      slots: [
+        slot(0, {
+          state: 'generating',
+          badge: 'generating',
+          request_id: 3,
+          prompt_preview: 'You are a tutor. Question 1',
+          prompt_tokens: 412,
+          prefilled_tokens: 412,
+          cached_tokens: 380,
+          decoded_tokens: 4,
+          max_tokens: 32,
+          tps: 20
+        }),
+        slot(1, {
+          state: 'prefill',
+          badge: 'prefill',
+          request_id: 4,
+          prompt_preview: 'New prompt',
+          prompt_tokens: 1200,
+          prefilled_tokens: 64,
+          cached_tokens: 0,
+          max_tokens: 32
+        }),
+        slot(2, { badge: 'done', request_id: 2, prompt_preview: 'x', prompt_tokens: 2048, cached_tokens: 1500, decoded_tokens: 8, max_tokens: 8 }),
+        // idle: it keeps its cached prefix, but no request shows a hit
+        slot(3, { request_id: 1, prompt_tokens: 400, cached_tokens: 380 })
+      ]
+    });
+    const rows = slotRows(snap);
+    expect(rows[0].cacheText).toBe('cached 380/412');
+    expect(rows[0].cacheTitle).toBe('380 of 412 prompt tokens reused from the prefix cache (not computed again)');
+    expect(rows[1].cacheText).toBe('');
+    expect(rows[2].cacheText).toBe('cached 1,500/2,048');
+    expect(rows[3].cacheText).toBe('');
+  });
+
+  it('reads unknown remote figures as "?" and never crashes on them', () => {
+    expect(
+      cacheTag(slot(0, { state: 'generating', badge: 'generating', cached_tokens: 12, prompt_tokens: null })).text
+    ).toBe('cached 12/?');
+    expect(cacheTag(slot(0, { state: 'generating', badge: 'generating', cached_tokens: null })).text).toBe('');
+    const noField = slot(0, { state: 'generating', badge: 'generating' });
+    delete noField.cached_tokens;
+    expect(cacheTag(noField).text).toBe('');
+    // another client's request on a shared server: not this kernel's cache figures
+    const shared = remoteSnapshot({
+      slots: [slot(0, { state: 'generating', badge: 'generating', cached_tokens: 50, prompt_tokens: 60, origin: 'another client' })]
+    });
+    expect(slotRows(shared)[0].cacheText).toBe('');
+  });
+
+  it('gives the hit rate, the tokens reused and the shared prefills; "off" when disabled', () => {
+    const base = snapshot();
+    const warm = snapshot({
+      prefix_cache: { enabled: true, hit_rate: 0.4234, shared_prefills: 3 },
+      totals: { ...base.totals, prompt_tokens: 2914, cached_tokens: 1234 }
+    });
+    expect(prefixCacheText(warm)).toBe('prefix cache 42% hit · 1,234 tokens reused · 3 shared prefills');
+    expect(engineView(warm, []).prefixCache).toBe(prefixCacheText(warm));
+    expect(prefixCacheText(snapshot({ prefix_cache: { enabled: true, hit_rate: 0, shared_prefills: 1 } }))).toBe(
+      'prefix cache 0% hit · 1 shared prefill'
+    );
+    expect(prefixCacheText(snapshot({ prefix_cache: { enabled: false, hit_rate: 0, shared_prefills: 0 } }))).toBe(
+      'prefix cache off'
+    );
+  });
+
+  it('says "?" for what a remote server does not tell', () => {
+    expect(prefixCacheText(remoteSnapshot())).toBe('prefix cache ?');
+    const llamaServer = remoteSnapshot({ prefix_cache: { enabled: true, hit_rate: 0.5, shared_prefills: null } });
+    expect(prefixCacheText(llamaServer)).toBe('prefix cache 50% hit · shared prefills ?');
+    expect(prefixCacheText(snapshot({ prefix_cache: { enabled: true, hit_rate: null, shared_prefills: null } }))).toBe(
+      'prefix cache ? hit · shared prefills ?'
+    );
+    // the remote view keeps its own wording for parallel
+    expect(engineView(remoteSnapshot(), []).meta).toBe('llama-server · server parallel 4 · ctx 512');
+    expect(engineView(remoteSnapshot(), []).adaptive).toBeNull();
+  });
+
+  it('accepts the kernel message with these parts', () => {
+    const snap = adaptiveSnapshot({ reproducible: true, prefix_cache: { enabled: true, hit_rate: 0.1, shared_prefills: 2 } });
+    expect(parseKernelMessage({ v: 1, type: 'snapshot', engine: snap })).toEqual({ v: 1, type: 'snapshot', engine: snap });
+    const bad = snapshot({ prefix_cache: { enabled: 'yes' } as never });
+    expect(parseKernelMessage({ v: 1, type: 'snapshot', engine: bad })).toEqual({ invalid: 'malformed engine snapshot' });
   });
 });
