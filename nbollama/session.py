@@ -167,10 +167,22 @@ def _engine_or_default() -> EngineLike:
         return engine
 
 
-def generate(prompts: str | Iterable[str], **params: Any) -> list[Result]:
-    """Generate with the kernel's engine, loading the bundled model first if none is loaded."""
-    return _engine_or_default().generate(prompts, **params)
+def generate(
+    prompts: str | Iterable[str], *, progress: bool = False, **params: Any
+) -> list[Result]:
+    """Generate with the kernel's engine, loading the bundled model first if none is loaded.
+
+    Any number of prompts: they are fed into the engine's queue as it drains,
+    results come back in input order. ``progress=True`` shows a progress bar (a
+    live display in a notebook, a line on stderr elsewhere). Ctrl-C cancels what
+    has not finished; the ``KeyboardInterrupt`` carries ``.results``, every
+    prompt's ``Result`` so far (``sys.last_value.results`` after an interrupted cell).
+    """
+    return _engine_or_default().generate(prompts, progress=progress, **params)
 
 
-async def agenerate(prompts: str | Iterable[str], **params: Any) -> list[Result]:
-    return await _engine_or_default().agenerate(prompts, **params)
+async def agenerate(
+    prompts: str | Iterable[str], *, progress: bool = False, **params: Any
+) -> list[Result]:
+    """``generate`` for event loops; cancelling the task cancels what has not finished."""
+    return await _engine_or_default().agenerate(prompts, progress=progress, **params)

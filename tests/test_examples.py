@@ -72,6 +72,15 @@ assert len(class_answers) == len(questions) and all(r.ok for r in class_answers)
 assert len(quiz) == 1 and quiz[0].ok
 assert result.finish_reason == "cancelled" and 10 <= result.completion_tokens < 400
 """,
+    "10_dataset.ipynb": """
+assert len(labels) == len(reviews) == N_ROWS and labels.ok, labels
+assert labels.index == tuple(reviews.index)  # --each over a DataFrame keeps its row labels
+assert list(labelled.index) == list(reviews.index) and list(labelled["review"]) == list(reviews["review"])
+assert all(p.endswith(r + "\\nSentiment:") for p, r in zip(labelled["prompt"], reviews["review"]))
+assert accuracy > 0.75 and labelled["predicted"].notna().all(), labelled["text"].head()
+assert len(labels._repr_html_()) < 20_000  # a summary, not every row
+assert len(from_python) == 100 and all(r.ok for r in from_python)
+""",
     "08_tune_a_server.ipynb": """
 assert len(first) == 4 and all(r.ok and r.text for r in first)
 assert [r.concurrency for r in sweep.rows] == CONCURRENCY

@@ -97,6 +97,7 @@ class RecordingClient(NotebookClient):
                         "type": msg["msg_type"],
                         "display_id": transient.get("display_id"),
                         "html": msg["content"].get("data", {}).get("text/html", ""),
+                        "bytes": len(json.dumps(msg["content"])),
                     }
                 )
             return msg
@@ -118,11 +119,15 @@ class RecordingClient(NotebookClient):
                     "data": copy.deepcopy(msg["content"].get("data", {})),
                 }
             )
+            tags = cell.metadata.get("tags", [])
+            html_data = msg["content"]["data"].get("text/html", "")
             if (
                 msg_type == "update_display_data"
-                and "interrupt" in cell.metadata.get("tags", [])
                 and self.interrupted_at is None
-                and _texts(msg["content"]["data"].get("text/html", ""))[0]
+                and (
+                    ("interrupt" in tags and _texts(html_data)[0])
+                    or ("interrupt-big" in tags and _progress_done(html_data) >= 40)
+                )
             ):
                 self.interrupted_at = cell_index
                 asyncio.get_running_loop().call_later(
@@ -140,6 +145,15 @@ _CARD = re.compile(
     r'.*?<div class="nbollama-text"[^>]*>(?P<text>.*?)</div>',
     re.S,
 )
+
+
+_DONE = re.compile(r"<b>(\d+)/(\d+)</b> done")
+
+
+def _progress_done(html_text: str) -> int:
+    """How many prompts a big cell's progress view says are done (0 if it is no such view)."""
+    match = _DONE.search(html_text)
+    return int(match.group(1)) if match else 0
 
 
 def _cards(html_text: str) -> list[tuple[str, str]]:
@@ -314,3 +328,125 @@ def test_interrupt_cancels_and_the_next_cell_generates(
 def test_written_notebook_is_valid(executed: tuple[NotebookNode, RecordingClient]) -> None:
     nb, _ = executed
     nbformat.validate(nb)
+
+
+# -- a 1,000-prompt cell ---------------------------------------------------------------------
+
+N_BIG = 1000
+BIG_PROMPTS = [f"Item {i}:" for i in range(N_BIG)]
+BIG_CELLS: list[tuple[str, list[str]]] = [
+    ("%load_ext nbollama", []),
+    ("%nbollama load --parallel 8 --ctx 128", []),
+    (f"prompts = [f'Item {{i}}:' for i in range({N_BIG})]", []),
+    (  # 3: the big cell
+        "%%generate --lines --max-tokens 2 --temperature 0 --out big\n" + "\n".join(BIG_PROMPTS),
+        [],
+    ),
+    (  # 4: the same prompts through engine.generate()
+        "import json, sys\nfrom nbollama import current_engine\n"
+        "direct = current_engine().generate(prompts, max_tokens=2, temperature=0)\n"
+        "print(json.dumps({'n': len(big), 'order': [r.prompt for r in big] == prompts,"
+        " 'ok': big.ok, 'differ': [i for i, (a, b) in enumerate(zip(big, direct)) if a.text != b.text]}))",
+        [],
+    ),
+    (  # 5: interrupted by the test once 40 are done
+        "%%generate --lines --max-tokens 3 --out cut\n"
+        + "\n".join(f"Story {i}:" for i in range(N_BIG)),
+        ["interrupt-big", "raises-exception"],
+    ),
+    (  # 6
+        "snap = current_engine().snapshot()\n"
+        "print(json.dumps({'n': len(cut), 'ok': sum(r.ok for r in cut),"
+        " 'reasons': cut.finish_reasons(), 'busy': snap['busy_slots'], 'queue': snap['queue']['length'],"
+        " 'attached': getattr(sys.last_value, 'results', None) is cut}))",
+        [],
+    ),
+    (  # 7: Python's progress bar in a notebook
+        "quick = current_engine().generate(prompts[:50], max_tokens=1, progress=True)\nlen(quick)",
+        [],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def big_executed(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[NotebookNode, RecordingClient]:
+    tmp = tmp_path_factory.mktemp("big-cell")
+    kernels = tmp / "jupyter" / "kernels" / "python3"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "nbollama tests",
+                "language": "python",
+                "interrupt_mode": "signal",
+            }
+        )
+    )
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(source, metadata={"tags": tags}) for source, tags in BIG_CELLS
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(tmp / "jupyter"))
+        client = RecordingClient(
+            nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp)}}
+        )
+        client.execute()
+    return nb, client
+
+
+def test_a_1000_prompt_cell_keeps_a_small_output(
+    big_executed: tuple[NotebookNode, RecordingClient],
+) -> None:
+    nb, client = big_executed
+    stored = len(json.dumps(nb.cells[3].outputs))
+    mine = [w for w in client.wire if w["parent"] == client.cell_msg_ids[3]]
+    sizes = [w["bytes"] for w in mine]
+    print(
+        f"1000-prompt cell: stored output {stored} bytes; {len(sizes)} display messages, max {max(sizes)} bytes"
+    )
+    assert stored < 100_000
+    assert max(sizes) < 50_000 and len(sizes) >= 3
+    assert all("nbollama-card" not in w["html"] for w in mine)
+    assert _progress_done(mine[-1]["html"]) == N_BIG
+    result = next(o for o in nb.cells[3].outputs if o["output_type"] == "execute_result")
+    assert "990 more rows" in result["data"]["text/html"]
+
+
+def test_a_1000_prompt_cell_is_engine_generate_on_its_prompts(
+    big_executed: tuple[NotebookNode, RecordingClient],
+) -> None:
+    nb, _ = big_executed
+    state = _printed(nb.cells[4])
+    assert state["n"] == N_BIG and state["order"] and state["ok"]
+    assert state["differ"] == [], f"{len(state['differ'])} texts differ from engine.generate()"
+
+
+def test_ctrl_c_in_a_1000_prompt_cell_keeps_the_finished_and_frees_the_slots(
+    big_executed: tuple[NotebookNode, RecordingClient],
+) -> None:
+    nb, client = big_executed
+    assert client.interrupted_at == 5
+    assert [o["ename"] for o in nb.cells[5].outputs if o["output_type"] == "error"] == [
+        "KeyboardInterrupt"
+    ]
+    state = _printed(nb.cells[6])
+    assert state["n"] == N_BIG and state["ok"] >= 40 and state["reasons"]["cancelled"] > 500
+    assert state["busy"] == 0 and state["queue"] == 0
+    assert state["attached"], "the KeyboardInterrupt carries the results (sys.last_value.results)"
+    kept = next(o for o in nb.cells[5].outputs if o["output_type"] == "display_data")
+    assert "stopped" in kept["data"]["text/html"]
+
+
+def test_generate_progress_in_a_notebook(
+    big_executed: tuple[NotebookNode, RecordingClient],
+) -> None:
+    nb, _ = big_executed
+    view = next(o for o in nb.cells[7].outputs if o["output_type"] == "display_data")
+    assert "nbollama-progress" in view["data"]["text/html"]
+    assert _progress_done(view["data"]["text/html"]) == 50
+    value = next(o for o in nb.cells[7].outputs if o["output_type"] == "execute_result")
+    assert value["data"]["text/plain"] == "50"

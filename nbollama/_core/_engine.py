@@ -512,32 +512,38 @@ class Engine:
             handle._finish("error", error=message, exception=PromptTooLongError(message))
         return request
 
-    def generate(self, prompts: str | Iterable[str], **params: Any) -> list[Result]:
-        """Submit every prompt at once and wait; results come in input order.
+    def generate(
+        self, prompts: str | Iterable[str], *, progress: bool = False, **params: Any
+    ) -> list[Result]:
+        """Generate for any number of prompts and wait; results come in input order.
 
-        Ctrl-C (KeyboardInterrupt) cancels this call's requests and frees their slots.
+        The prompts are fed into the queue as it drains (at most
+        ``max(4 x parallel, 64)`` of them inside the engine, never more than
+        ``max_queue``), in big chunks, so a greedy call gives the same texts as
+        one ``submit_many`` of them all. ``progress=True`` shows a progress bar
+        (a live display in a notebook, a line on stderr elsewhere). Ctrl-C
+        cancels what has not finished and raises ``KeyboardInterrupt``, whose
+        ``.results`` holds every prompt's ``Result`` (finished ones whole).
         """
         if threading.current_thread() is self._thread:
             raise EngineError(
                 "generate() cannot wait from the engine's own thread (a done-callback); use submit()"
             )
-        handles = self.submit_many([prompts] if isinstance(prompts, str) else prompts, **params)
-        try:
-            return [h.result() for h in handles]
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
+        from .._feed import feed_generate, window_of
 
-    async def agenerate(self, prompts: str | Iterable[str], **params: Any) -> list[Result]:
+        window = window_of(self)
+        return feed_generate(self.submit_many, prompts, params, window=window, progress=progress)
+
+    async def agenerate(
+        self, prompts: str | Iterable[str], *, progress: bool = False, **params: Any
+    ) -> list[Result]:
         """``generate`` for event loops (asyncio, trio, anyio); cancelling the task cancels the requests."""
-        handles = self.submit_many([prompts] if isinstance(prompts, str) else prompts, **params)
-        try:
-            return [await h.wait() for h in handles]
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
+        from .._feed import feed_agenerate, window_of
+
+        window = window_of(self)
+        return await feed_agenerate(
+            self.submit_many, prompts, params, window=window, progress=progress
+        )
 
     # -- cancelling -----------------------------------------------------------------
 

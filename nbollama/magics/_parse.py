@@ -9,10 +9,12 @@ is a one-line ``UsageError`` and never costs a model load.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
 import keyword
 import re
 import shlex
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -251,6 +253,7 @@ def _generate_parser(*, line: bool) -> _GenerateParser:
     add("-b", "--background", action="store_true")
     add("--markdown", action="store_true")
     add("--quiet", action="store_true")
+    add("--cards", action="store_true")
     if _widgets_available():
         add("--watch", action="store_true")
     return _GenerateParser(parser, frozenset(valued))
@@ -559,6 +562,10 @@ class GenerateCall:
     chat: bool = False
     system: str | None = None
     priority: int = 0
+    #: ``--cards``: one card per prompt whatever their number (else above ``CARDS_MAX``, one compact view).
+    cards: bool = False
+    #: With ``--each`` over a pandas Series or DataFrame: each prompt's row label, for ``Results.to_pandas()``.
+    index: tuple[Any, ...] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         # a read-only view: the call is a value, its params must not change after checking
@@ -566,13 +573,53 @@ class GenerateCall:
             object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
 
-def _each_items(prog: str, name: str, namespace: Mapping[str, Any]) -> list[Any]:
-    """The items of ``--each VAR``: a non-empty list-like notebook variable, not a string."""
+@dataclass(frozen=True)
+class _Each:
+    """What ``--each VAR`` fans out: one mapping of template fields per item, and their labels."""
+
+    fields: list[dict[str, Any]]
+    index: list[Any] | None  # pandas row labels; None for a list
+    columns: tuple[str, ...] | None  # a DataFrame's columns
+
+
+def _is_pandas(value: object, kind: str) -> bool:
+    """``isinstance(value, pandas.<kind>)`` without importing pandas when it is not loaded."""
+    module = sys.modules.get("pandas")
+    return module is not None and isinstance(value, getattr(module, kind))
+
+
+def _each_items(prog: str, name: str, namespace: Mapping[str, Any]) -> _Each:
+    """The items of ``--each VAR``: a non-empty list, tuple, pandas Series or DataFrame (not a string).
+
+    A DataFrame gives one item per row, its columns as ``{column}`` fields and
+    its row label as ``{index}``; a Series its values as ``{item}`` and labels as ``{index}``.
+    """
     if name not in namespace:
         raise UsageError(f"{prog}: --each {name}: there is no variable {name!r} in the notebook")
     value = namespace[name]
+    if _is_pandas(value, "DataFrame"):
+        if value.empty:
+            raise UsageError(f"{prog}: --each {name}: the DataFrame {name} has no rows")
+        columns = tuple(str(c) for c in value.columns)
+        labels = list(value.index)
+        rows = value.to_dict("records")
+        fields = [
+            {"index": label, **{str(k): v for k, v in row.items()}}
+            for label, row in zip(labels, rows)
+        ]
+        return _Each(fields, labels, columns)
+    if _is_pandas(value, "Series"):
+        if value.empty:
+            raise UsageError(f"{prog}: --each {name}: the Series {name} is empty")
+        labels = list(value.index)
+        return _Each(
+            [{"item": v, "index": label} for label, v in zip(labels, value.tolist())],
+            labels,
+            None,
+        )
     wrong_type = UsageError(
-        f"{prog}: --each {name}: wants a list of items, but {name} is of type {type(value).__name__}"
+        f"{prog}: --each {name}: wants a list of items, but {name} is of type "
+        f"{type(value).__name__} (a list, tuple, pandas Series or DataFrame)"
     )
     if isinstance(value, (str, bytes)):
         raise wrong_type
@@ -582,7 +629,27 @@ def _each_items(prog: str, name: str, namespace: Mapping[str, Any]) -> list[Any]
         raise wrong_type from None
     if not items:
         raise UsageError(f"{prog}: --each {name}: {name} is empty")
-    return items
+    return _Each([{"item": item} for item in items], None, None)
+
+
+def _check_columns(
+    prog: str, name: str, each: _Each, templates: list[str], namespace: Mapping[str, Any]
+) -> None:
+    """With a DataFrame, a ``{field}`` that is no column (nor a notebook variable) is a typo: say so now."""
+    if each.columns is None:
+        return
+    known = set(each.columns) | {"index"} | set(namespace)
+    for template in templates:
+        for match in _FIELD.finditer(template):
+            field_name = match.group(1)
+            if field_name in known:
+                continue
+            close = difflib.get_close_matches(field_name, each.columns, n=1)
+            hint = f" (did you mean {{{close[0]}}}?)" if close else ""
+            raise UsageError(
+                f"{prog}: --each {name}: the template uses {{{field_name}}}, which is not a column of "
+                f"{name}{hint}; its columns: {', '.join(each.columns)}"
+            )
 
 
 def _no_expansion(line: str) -> str:
@@ -627,9 +694,14 @@ def parse_generate(
     if not templates:
         where = "a prompt after the options" if cell is None else "a prompt in the cell"
         raise UsageError(f"{prog}: nothing to generate: write {where}")
+    index: tuple[Any, ...] | None = None
     if args.each is not None:
-        items = _each_items(prog, args.each, namespace)
-        prompts = [interpolate(t, fill_from, {"item": item}) for item in items for t in templates]
+        each = _each_items(prog, args.each, namespace)
+        if not args.no_format:
+            _check_columns(prog, args.each, each, templates, namespace)
+        prompts = [interpolate(t, fill_from, item) for item in each.fields for t in templates]
+        if each.index is not None:
+            index = tuple(label for label in each.index for _ in templates)
     else:
         prompts = [interpolate(t, fill_from) for t in templates]
 
@@ -666,4 +738,6 @@ def parse_generate(
         chat=bool(request["chat"]),
         system=request["system"],
         priority=request["priority"],
+        cards=args.cards,
+        index=index,
     )

@@ -11,17 +11,22 @@ import html
 import re
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .._palette import BADGE_COLOURS
+from .._progress import ProgressState, progress_bundle, progress_html, progress_text, short
 from ..engine import EngineSnapshot, Handle, Result
 from ..memory import format_bytes
+from ..results import Results
 from ._parse import GenerateHelpCall, HelpCall
 
 __all__ = [
     "StatusReport",
+    "CARDS_MAX",
     "live_bundle",
     "final_bundle",
+    "big_live_bundle",
+    "big_final_bundle",
     "nbollama_help",
     "generate_help",
     "default_loaded_message",
@@ -39,6 +44,9 @@ _FINAL_STATUS = {"stop": "done", "length": "done", "cancelled": "cancelled", "er
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]<>()#+\-.!|])")
 
 NO_ENGINE_MESSAGE = "nbollama: no engine is loaded (%nbollama load loads one)"
+#: A cell with more prompts than this shows one compact progress view, not a card per prompt
+#: (``--cards`` forces the cards): its output stays a few KB whatever the number of prompts.
+CARDS_MAX = 16
 
 
 # -- printed lines -----------------------------------------------------------------------------
@@ -97,6 +105,7 @@ class _View:
     text: str
     figures: str
     error: str | None = None
+    elide: int = 0  # leading prompt characters every prompt of the cell shares
 
 
 def _figures(result: Result) -> str:
@@ -112,7 +121,7 @@ def _figures(result: Result) -> str:
     return " · ".join(parts)
 
 
-def _final_view(number: int, result: Result) -> _View:
+def _final_view(number: int, result: Result, elide: int = 0) -> _View:
     return _View(
         number=number,
         prompt=result.prompt,
@@ -121,30 +130,36 @@ def _final_view(number: int, result: Result) -> _View:
         text=result.text,
         figures=_figures(result),
         error=result.error if result.finish_reason == "error" else None,
+        elide=elide,
     )
 
 
-def _live_view(number: int, handle: Handle) -> _View:
-    if handle.done():
-        return _final_view(number, handle.result())
+def _live_view(number: int, item: Handle | Result | str, elide: int = 0) -> _View:
+    """A prompt's area: from its result, its handle, or (not sent yet) its prompt alone."""
+    if isinstance(item, Result):
+        return _final_view(number, item, elide)
+    if isinstance(item, str):
+        return _View(number, item, "queued", None, "", "not sent yet", elide=elide)
+    if item.done():
+        return _final_view(number, item.result(), elide)
     return _View(
         number=number,
-        prompt=handle.prompt,
-        status=handle.status,
-        slot=handle.slot,
-        text=handle.text,
-        figures=f"{handle.completion_tokens}/{handle.max_tokens} tokens",
+        prompt=item.prompt,
+        status=item.status,
+        slot=item.slot,
+        text=item.text,
+        figures=f"{item.completion_tokens}/{item.max_tokens} tokens",
+        elide=elide,
     )
 
 
-def _preview(prompt: str) -> str:
-    folded = " ".join(prompt.split())
-    return folded if len(folded) <= _PREVIEW_CHARS else folded[: _PREVIEW_CHARS - 1] + "…"
+def _preview(prompt: str, elide: int = 0) -> str:
+    return short(prompt, _PREVIEW_CHARS, elide)
 
 
 def _head_text(view: _View) -> str:
     slot = "–" if view.slot is None else str(view.slot)
-    return f"#{view.number} [{view.status} · slot {slot}] {_preview(view.prompt)}"
+    return f"#{view.number} [{view.status} · slot {slot}] {_preview(view.prompt, view.elide)}"
 
 
 def _card_html(view: _View) -> str:
@@ -162,10 +177,10 @@ def _card_html(view: _View) -> str:
         '<div class="nbollama-head" style="display:flex;gap:6px;align-items:baseline;'
         'font-size:12px;color:var(--jp-ui-font-color2,#555)">'
         f'<b>#{view.number}</b><span class="nbollama-badge" style="background:{colour};color:#fff;'
-        f'border-radius:8px;padding:0 6px">{view.status}</span><span>slot {slot}</span>'
+        f'border-radius:8px;padding:0 6px">{view.status}</span><span style="white-space:nowrap">slot {slot}</span>'
         f'<span title="{html.escape(view.prompt[:_TITLE_CHARS], quote=True)}" style="flex:1;'
         f'min-width:0;overflow:hidden;text-overflow:ellipsis;white-space:nowrap">'
-        f"{html.escape(_preview(view.prompt))}</span></div>"
+        f"{html.escape(_preview(view.prompt, view.elide))}</span></div>"
         '<div class="nbollama-text" style="white-space:pre-wrap;word-break:break-word;'
         "font-family:var(--jp-code-font-family,monospace);font-size:var(--jp-code-font-size,13px);"
         f'margin:4px 0;max-height:24em;overflow-y:auto">{html.escape(view.text)}</div>'
@@ -202,18 +217,53 @@ def _markdown(views: Sequence[_View]) -> str:
     return "\n\n---\n\n".join(parts)
 
 
-def live_bundle(handles: Sequence[Handle]) -> dict[str, str]:
-    """The display of a cell's prompts while they run: HTML cards and their plain-text twin."""
-    views = [_live_view(i + 1, h) for i, h in enumerate(handles)]
+def live_bundle(items: Sequence[Handle | Result | str], *, elide: int = 0) -> dict[str, str]:
+    """The display of a cell's prompts while they run: HTML cards and their plain-text twin.
+
+    Each item is a prompt's handle, its result once finished, or the prompt
+    itself while it waits to be sent; ``elide`` leading characters every
+    prompt shares are shown as "…" in the headers.
+    """
+    views = [_live_view(i + 1, item, elide) for i, item in enumerate(items)]
     return {"text/html": _html(views), "text/plain": _plain(views)}
 
 
-def final_bundle(results: Sequence[Result], *, markdown: bool) -> dict[str, str]:
+def final_bundle(results: Sequence[Result], *, markdown: bool, elide: int = 0) -> dict[str, str]:
     """The display a cell keeps: each prompt's text and figures (as Markdown with ``--markdown``)."""
-    views = [_final_view(i + 1, r) for i, r in enumerate(results)]
+    views = [_final_view(i + 1, r, elide) for i, r in enumerate(results)]
     if markdown:
         return {"text/markdown": _markdown(views), "text/plain": _plain(views)}
     return {"text/html": _html(views), "text/plain": _plain(views)}
+
+
+# -- a big cell: one compact view -----------------------------------------------------------------
+
+
+def big_live_bundle(state: ProgressState) -> dict[str, str]:
+    """A big cell while it runs: the progress bar, the slots' prompts, the latest results."""
+    return progress_bundle(state)
+
+
+def big_final_bundle(
+    state: ProgressState, results: Results, *, out: str | None, table: bool
+) -> dict[str, str]:
+    """What a big cell keeps: the finished bar and, with ``table``, the results' summary table.
+
+    The summary (finish reasons, percentiles, first and last rows) is the
+    cell's value in the foreground, so it is shown here only for a background
+    cell. Every row stays in ``--out VAR`` and ``Results.to_pandas()``.
+    """
+    state = replace(state, running=(), latest=())
+    where = f"<code>{html.escape(out)}</code>" if out else "the cell's value"
+    reasons = ", ".join(f"{n} {reason}" for reason, n in results.finish_reasons().items())
+    note = (
+        f'<div style="font-size:12px;color:var(--jp-ui-font-color2,#666)">{html.escape(reasons)}; '
+        f"every result is in {where} (<code>.to_pandas()</code>)</div>"
+    )
+    body = progress_html(state) + note + (results._repr_html_() if table else "")
+    text = progress_text(state) + f"\n{reasons}" + (f"\n{results!r}" if table else "")
+    html_out = f'<div class="nbollama-generate nbollama-generate-big">{body}</div>'
+    return {"text/html": html_out, "text/plain": text}
 
 
 # -- help ----------------------------------------------------------------------------------------
@@ -462,11 +512,14 @@ class StatusReport:
 
     def _repr_html_(self) -> str:
         facts = "".join(
-            f'<tr><th style="text-align:left;padding-right:1em">{html.escape(key)}</th>'
+            f'<tr><th style="text-align:left;padding-right:1em;white-space:nowrap;vertical-align:top">'
+            f"{html.escape(key)}</th>"
             f'<td style="text-align:left">{html.escape(value)}</td></tr>'
             for key, value in self._lines().items()
         )
-        head = "".join(f'<th style="text-align:left">{h}</th>' for h in self._headers)
+        head = "".join(
+            f'<th style="text-align:left;white-space:nowrap">{h}</th>' for h in self._headers
+        )
         body = []
         for row in self._slot_rows():
             colour = BADGE_COLOURS.get(row[1], "#9e9e9e")
@@ -480,7 +533,8 @@ class StatusReport:
             )
         closed = " (closed)" if self.snapshot["closed"] else ""
         return (
-            f'<div class="nbollama-status"><b>{html.escape(self._title)}{closed}</b>'
+            '<div class="nbollama-status"><div style="font-weight:bold;white-space:nowrap">'
+            f"{html.escape(self._title)}{closed}</div>"
             f'<table class="nbollama-status-facts">{facts}</table>'
             f'<table class="nbollama-status-slots"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>"

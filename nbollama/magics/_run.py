@@ -1,17 +1,23 @@
-"""Running a checked call: loading, queueing a cell's prompts, streaming them into its display.
+"""Running a checked call: loading, feeding a cell's prompts, streaming them into its display.
 
-A cell's prompts are queued in one step (``engine.submit_many``), so the same
-greedy cell at the same ``parallel`` forms the same batches, and gives the
-same texts, every time. Its display is refreshed at most every
-``REFRESH_SECONDS`` from the cell's thread (foreground) or from a thread of
-its own (``--background``), never once per token.
+A cell's prompts go through a ``Feeder`` (``nbollama._feed``), exactly as
+``engine.generate`` does: as many as fit in one ``submit_many``, the rest as
+the queue drains, in big chunks. So a cell of any size flows through the
+engine's bounded queue, and the same greedy cell at the same ``parallel``
+gives the same texts as ``engine.generate()`` on its prompts, every time.
+The cell's thread (foreground) or a thread of its own (``--background``)
+feeds, and refreshes the display at most every ``REFRESH_SECONDS``, never
+once per token: a card per prompt up to ``CARDS_MAX`` prompts, one compact
+progress view above (``--cards`` forces the cards).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -20,17 +26,22 @@ from IPython.core.error import UsageError
 from IPython.display import DisplayHandle, display
 
 from .. import session
+from .._feed import Feeder, window_of
 from .._logging import logger
+from .._progress import elide_prefix, progress_state
 from ..bench import SweepResult, sweep
-from ..engine import Engine, EngineLike, Handle
+from ..engine import Engine, EngineLike, Handle, Result
 from ..exceptions import ModelError, NbollamaError
 from ..remote import RemoteEngine
 from ..remote._bench import DEFAULT_CONCURRENCY, RemoteSweepResult, remote_sweep
 from ..results import BackgroundGeneration, Results
 from ._parse import BenchCall, ConnectCall, GenerateCall, LoadCall
 from ._render import (
+    CARDS_MAX,
     applied_inflight_message,
     applied_message,
+    big_final_bundle,
+    big_live_bundle,
     default_loaded_for_bench_message,
     default_loaded_message,
     final_bundle,
@@ -132,44 +143,71 @@ def _kernel_engine_or_default(prog: str) -> EngineLike:
 
 
 class CellRun:
-    """The requests of one ``%%generate`` cell and the display that shows them."""
+    """The prompts of one ``%%generate`` cell, fed to the engine, and the display that shows them.
+
+    Everything here runs on one thread, the one that calls ``pump`` (the
+    cell's, or a background cell's own): feeding, tokenizing and rendering.
+    """
 
     def __init__(
-        self, shell: Any, handles: Sequence[Handle], *, live: bool, markdown: bool
+        self,
+        shell: Any,
+        feeder: Feeder,
+        *,
+        live: bool,
+        markdown: bool,
+        cards: bool = False,
+        out: str | None = None,
+        index: Sequence[Any] | None = None,
     ) -> None:
         self.shell = shell
-        self.handles = list(handles)
+        self.feeder = feeder
         self.live = live
         self.markdown = markdown
+        self.cards = cards or feeder.total <= CARDS_MAX
+        self.out = out
+        self.index = index
+        self.elide = elide_prefix(feeder.prompts) if feeder.total <= 100_000 else 0
         self.display: DisplayHandle | None = None
         self.origin: dict[str, Any] | None = None  # the header of the cell that made the display
-        self.all_done = threading.Event()
-        self._remaining = len(self.handles)
-        self._lock = threading.Lock()
-        self._shown: tuple[object, ...] | None = None
-        if not self.handles:
-            self.all_done.set()
-        for handle in self.handles:
-            handle.add_done_callback(self._one_done)
+        self.all_done = threading.Event()  # set once the results are collected
+        self._shown: object = None
+        self._shown_at = 0.0
 
-    def _one_done(self, _handle: Handle) -> None:  # the engine's thread: keep it short
-        with self._lock:
-            self._remaining -= 1
-            if self._remaining <= 0:
-                self.all_done.set()
+    @property
+    def handles(self) -> list[Handle]:
+        """The cell's requests inside the engine now (queued or running)."""
+        return self.feeder.handles
 
-    def _state(self) -> tuple[object, ...]:
-        return tuple((h.status, h.slot, h.completion_tokens, h.done()) for h in self.handles)
+    def _items(self) -> list[Handle | Result | str]:
+        return [
+            self.feeder.prompts[i] if item is None else item
+            for i, item in enumerate(self.feeder.items)
+        ]
+
+    def _state(self) -> object:
+        if self.cards:
+            return tuple(
+                (h.status, h.slot, h.completion_tokens, h.done()) if isinstance(h, Handle) else h
+                for h in self.feeder.items
+            )
+        return progress_state(self.feeder, elide=self.elide).key()
+
+    def _bundle(self) -> dict[str, str]:
+        if self.cards:
+            return live_bundle(self._items(), elide=self.elide)
+        return big_live_bundle(progress_state(self.feeder, elide=self.elide))
 
     def show(self) -> None:
         """The first display, from the cell's own thread so it belongs to that cell."""
         if not self.live:
             return
         self._shown = self._state()
+        self._shown_at = time.monotonic()
         publisher = getattr(self.shell, "display_pub", None)
         if hasattr(publisher, "set_thread_parent"):
             self.origin = dict(publisher.parent_header)
-        self.display = display(live_bundle(self.handles), raw=True, display_id=True)
+        self.display = display(self._bundle(), raw=True, display_id=True)
 
     def _update(self, bundle: dict[str, str]) -> None:
         """``update_display_data`` that reaches the display from any thread, in any frontend.
@@ -195,107 +233,148 @@ class CellRun:
             self.display.update(bundle, raw=True)
 
     def refresh(self) -> None:
-        """Update the display if anything changed since the last update."""
+        """Update the display if anything changed since the last update (the big view's
+        clock, ETA and tok/s move on at least once a second)."""
         if self.display is None:
             return
         state = self._state()
-        if state == self._shown:
+        now = time.monotonic()
+        if state == self._shown and (self.cards or now - self._shown_at < _CLOCK_SECONDS):
             return
         self._shown = state
-        self._update(live_bundle(self.handles))
+        self._shown_at = now
+        self._update(self._bundle())
 
     def pump(self) -> None:
-        """Refresh at most every REFRESH_SECONDS until every request finished."""
-        while not self.all_done.wait(REFRESH_SECONDS):
-            self.refresh()
+        """Feed and refresh (at most every REFRESH_SECONDS) until every prompt finished."""
+        self.feeder.run(self.refresh, REFRESH_SECONDS)
 
-    def collect(self, timeout: float | None = None) -> Results:
-        return Results(h.result(timeout) for h in self.handles)
+    def collect(self) -> Results:
+        """Every prompt's result, in prompt order (call it once ``pump`` returned or after ``cancel``)."""
+        return Results(self.feeder.results(), index=self.index)
 
-    def show_final(self, results: Results) -> None:
+    def show_final(self, results: Results, *, table: bool = False) -> None:
         if self.display is None:
             return
-        self._update(final_bundle(results, markdown=self.markdown))
+        if self.cards:
+            self._update(final_bundle(results, markdown=self.markdown, elide=self.elide))
+        else:
+            state = progress_state(self.feeder, elide=self.elide)
+            self._update(big_final_bundle(state, results, out=self.out, table=table))
 
-    def cancel(self) -> None:
-        for handle in self.handles:
-            handle.cancel()
+    def cancel(self, timeout: float = 10.0) -> Results:
+        """Send nothing more, cancel what is in the engine, wait for it; every prompt's result."""
+        self.feeder.cancel(timeout)
+        return self.collect()
 
 
-def _queue_prompts(engine: EngineLike, call: GenerateCall) -> list[Handle]:
-    """Queue every prompt of the cell in one step, or none: a full queue stops the whole cell."""
+#: A big cell's view updates at least this often while anything runs (its clock and ETA).
+_CLOCK_SECONDS = 1.0
+
+
+def _feeder(engine: EngineLike, call: GenerateCall) -> Feeder:
+    """The cell's prompts, fed to the engine; the first chunk goes now, so an engine's
+    refusal (a closed engine, a parameter it does not take) is a UsageError before any display."""
+    feeder = Feeder(call.prompts, engine.submit_many, call.params, window=window_of(engine))
     try:
-        return engine.submit_many(call.prompts, **call.params)
+        feeder.feed()
     except NbollamaError as exc:
         raise UsageError(f"{call.prog}: {exc}") from None
+    return feeder
 
 
-def _freeze_when_done(handles: Sequence[Handle], board: Any) -> None:
+def _freeze_when_done(run: CellRun, board: Any) -> None:
     """A ``--watch`` dashboard stops updating (keeping its last state) once its cell's requests end."""
     try:
-        for handle in handles:
-            handle.result()
+        run.all_done.wait()
         board.stop()
     except Exception:  # a thread's traceback would land in whatever cell runs now
         logger.exception("nbollama: freezing a --watch dashboard failed")
 
 
-def _watch(engine: EngineLike, handles: Sequence[Handle]) -> None:
+def _watch(engine: EngineLike, run: CellRun) -> None:
     """``--watch``: a compact dashboard above the cell's outputs, frozen when its requests end."""
     widgets = importlib.import_module("nbollama.widgets")
     board = widgets.dashboard(engine, compact=True)
     display(board)
     threading.Thread(
-        target=_freeze_when_done, args=(handles, board), name="nbollama-watch", daemon=True
+        target=_freeze_when_done, args=(run, board), name="nbollama-watch", daemon=True
     ).start()
 
 
 def start_cell(shell: Any, call: GenerateCall) -> CellRun:
-    """Queue the cell's prompts on the kernel's engine (loading the bundled model if none is)."""
+    """Start feeding the cell's prompts to the kernel's engine (loading the bundled model if none is)."""
     engine = _kernel_engine_or_default(call.prog)
-    handles = _queue_prompts(engine, call)
+    feeder = _feeder(engine, call)
+    run = CellRun(
+        shell,
+        feeder,
+        live=not call.quiet,
+        markdown=call.markdown,
+        cards=call.cards,
+        out=call.out,
+        index=call.index,
+    )
     if call.watch:
         try:
-            _watch(engine, handles)
+            _watch(engine, run)
         except BaseException:
-            for handle in handles:
-                handle.cancel()
+            feeder.stop()
             raise
-    return CellRun(shell, handles, live=not call.quiet, markdown=call.markdown)
+    return run
 
 
 def run_in_foreground(run: CellRun, store: Callable[[Results], None]) -> Results:
-    """Stream until done. Ctrl-C cancels the requests, keeps (and stores) their partial text, re-raises."""
+    """Feed and stream until done. Ctrl-C cancels what has not finished, keeps (and stores) every
+    result so far, the partial texts included, then re-raises with them as ``.results``."""
     try:
         run.show()
         run.pump()
     except KeyboardInterrupt:
-        run.cancel()
         try:
-            results = run.collect(timeout=10)
+            results = run.cancel(timeout=10)
         except TimeoutError:
             logger.warning("nbollama: cancelled requests did not finish within 10 s")
             raise KeyboardInterrupt from None
+        finally:
+            run.all_done.set()
         run.show_final(results)
         store(results)
+        _attach_results(results)
+        raise
+    except BaseException:
+        run.feeder.stop()
+        run.all_done.set()
         raise
     results = run.collect()
+    run.all_done.set()
     run.show_final(results)
     store(results)
     return results
 
 
+def _attach_results(results: Results) -> None:
+    """The re-raised KeyboardInterrupt carries the results too, as ``generate()``'s does
+    (``sys.last_value.results`` after the cell)."""
+    exc = sys.exc_info()[1]
+    if exc is not None:
+        exc.results = results  # type: ignore[attr-defined]
+
+
 def _drive_in_background(
     run: CellRun, job: BackgroundGeneration, store: Callable[[Results], None]
 ) -> None:
-    """The background thread of a ``--background`` cell: refresh, then finish the job."""
+    """The background thread of a ``--background`` cell: feed and refresh, then finish the job."""
     try:
         run.pump()
     except Exception:
-        logger.exception("nbollama: updating a background cell's display failed")
+        logger.exception("nbollama: feeding a background cell failed; its requests are cancelled")
+        run.feeder.stop()
+        _wait_quietly(run)
     results = run.collect()
+    run.all_done.set()
     try:
-        run.show_final(results)
+        run.show_final(results, table=True)
     except Exception:
         logger.exception("nbollama: the final update of a background cell's display failed")
     try:
@@ -305,16 +384,23 @@ def _drive_in_background(
     job._complete(results)
 
 
+def _wait_quietly(run: CellRun) -> None:
+    try:
+        run.feeder.cancel(timeout=30)
+    except Exception:
+        logger.exception("nbollama: a background cell's requests did not end")
+
+
 def run_in_background(
     run: CellRun, out: str | None, store: Callable[[Results | BackgroundGeneration], None]
 ) -> BackgroundGeneration:
-    """Return at once; a thread streams the display and stores the ``Results`` when done."""
-    job = BackgroundGeneration(run.handles, out=out)
+    """Return at once; a thread feeds, streams the display and stores the ``Results`` when done."""
+    job = BackgroundGeneration(out=out, feeder=run.feeder)
     store(job)  # the handle now; the Results replace it when done
     try:
         run.show()
     except BaseException:
-        run.cancel()
+        run.feeder.stop()
         raise
     thread = threading.Thread(
         target=_drive_in_background,
@@ -354,7 +440,9 @@ def run_remote_bench(engine: RemoteEngine, call: BenchCall) -> RemoteSweepResult
         raise UsageError(f"%nbollama bench: {exc}") from None
     _show_figure(result.figure())
     if call.apply:
-        engine.set_max_inflight(result.recommended_inflight, reason="set by %nbollama bench --apply")
+        engine.set_max_inflight(
+            result.recommended_inflight, reason="set by %nbollama bench --apply"
+        )
         print(applied_inflight_message(result.recommended_inflight, engine.url))
     return result
 

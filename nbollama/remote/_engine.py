@@ -427,27 +427,27 @@ class RemoteEngine:
             handle._finish("error", error="the prompt is empty", exception=InvalidParamsError("empty prompt"))
         return request
 
-    def generate(self, prompts: str | Iterable[str], **params: Any) -> list[Result]:
-        """Submit every prompt at once and wait; results in input order. Ctrl-C cancels them."""
+    def generate(self, prompts: str | Iterable[str], *, progress: bool = False, **params: Any) -> list[Result]:
+        """Any number of prompts, fed through nbollama's queue as it drains; results in input order.
+
+        As ``Engine.generate``: ``progress=True`` shows a progress bar; Ctrl-C
+        cancels what has not finished and raises ``KeyboardInterrupt`` with ``.results``.
+        """
         if threading.current_thread() is self._thread:
             raise EngineError("generate() cannot wait on the engine's own thread (a done-callback); use submit()")
-        handles = self.submit_many([prompts] if isinstance(prompts, str) else prompts, **params)
-        try:
-            return [h.result() for h in handles]
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
+        from .._feed import feed_generate, window_of
 
-    async def agenerate(self, prompts: str | Iterable[str], **params: Any) -> list[Result]:
+        window = window_of(self)
+        return feed_generate(self.submit_many, prompts, params, window=window, progress=progress)
+
+    async def agenerate(
+        self, prompts: str | Iterable[str], *, progress: bool = False, **params: Any
+    ) -> list[Result]:
         """``generate`` for event loops; cancelling the task cancels the requests."""
-        handles = self.submit_many([prompts] if isinstance(prompts, str) else prompts, **params)
-        try:
-            return [await h.wait() for h in handles]
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
+        from .._feed import feed_agenerate, window_of
+
+        window = window_of(self)
+        return await feed_agenerate(self.submit_many, prompts, params, window=window, progress=progress)
 
     # -- the event loop --------------------------------------------------------------------
 
