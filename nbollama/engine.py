@@ -7,10 +7,17 @@ from ``nbollama``), never from ``_core``.
 from __future__ import annotations
 
 from ._core._config import DEFAULT_MAX_QUEUE, MAX_QUEUE_ENV, NUM_PARALLEL_ENV, LoadOptions
-from ._core._engine import Engine, check_request_params
+from ._core._engine import Engine
 from ._core._monitor import EngineLink, Subscription
 from ._core._protocol import EngineLike
-from ._core._requests import FinishReason, Handle, RequestStatus, Result, SamplingParams
+from ._core._requests import (
+    FinishReason,
+    Handle,
+    RequestStatus,
+    Result,
+    SamplingParams,
+    check_request_params,
+)
 from ._core._snapshot import SNAPSHOT_VERSION, EngineSnapshot, SlotSnapshot
 
 __all__ = [

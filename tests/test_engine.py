@@ -120,7 +120,7 @@ def test_queue_full_raises_and_leaves_the_engine_working(engine: Engine) -> None
             small.submit("c", max_tokens=4)
         # a batch that does not fit is refused whole: nothing of it is queued
         with pytest.raises(QueueFullError, match="2 more do not fit"):
-            small.generate(["c", "d"], max_tokens=4)
+            small.submit_many(["c", "d"], max_tokens=4)
         assert small.snapshot()["queue"]["length"] == 2
         running.cancel()
         assert all(h.result(timeout=30).finish_reason in ("stop", "length") for h in waiting)
@@ -369,10 +369,14 @@ def test_close_from_two_threads_at_once_releases_the_weights_once(engine: Engine
     ].ok  # a double release would free them
 
 
-def test_a_batch_larger_than_the_queue_is_refused_with_the_reason(engine: Engine) -> None:
+def test_a_batch_larger_than_the_queue_is_refused_by_submit_many_and_fed_by_generate(
+    engine: Engine,
+) -> None:
     with engine.spawn(parallel=1, ctx=128, max_queue=3) as small:
         with pytest.raises(QueueFullError, match="4 prompts at once are more than the queue holds"):
-            small.generate(["a"] * 4, max_tokens=2)
+            small.submit_many(["a"] * 4, max_tokens=2)
+        results = small.generate([f"{n}" for n in range(6)], max_tokens=2)  # fed as the queue drains
+        assert [r.prompt for r in results] == [f"{n}" for n in range(6)] and all(r.ok for r in results)
     with pytest.raises(InvalidParamsError, match="max_queue=0"):
         engine.spawn(parallel=1, max_queue=0)
 

@@ -64,7 +64,8 @@ assert set(cost.columns) >= {"normal tok/s", "reproducible tok/s"} and (cost["re
     "09_adaptive_parallelism.ipynb": """
 assert list(table.index) == list(runs) and (table["tok/s (aggregate)"] > 0).all()
 assert all(r.ok for results, _, _ in runs.values() for r in results)
-assert changes and all(c["reason"].startswith(f"parallel={c['parallel']} of 16") for c in changes)
+assert "timed at load" in started and started.startswith("parallel="), started
+assert all(c["reason"].startswith(f"parallel={c['parallel']} of 16") for c in changes)
 assert table.loc["static 16", "tok/s (aggregate)"] > table.loc["static 1", "tok/s (aggregate)"]
 """,
     "05_classroom.ipynb": """

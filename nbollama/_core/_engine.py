@@ -54,16 +54,15 @@ from ._llama import (
 )
 from ._monitor import Monitor, Subscription
 from ._prefix import common_prefix
-from ._requests import FinishReason, Handle, Result, SamplingParams
+from ._requests import FinishReason, Handle, Result, SamplingParams, check_request_params
 from ._runner import INVARIANT_ROWS, ModelRunner, StepOutcome
 from ._scheduler import Scheduler, plan_step
-from ._slots import Request, Slot
+from ._slots import BADGE_SECONDS, Request, Slot
 from ._snapshot import (
     SNAPSHOT_VERSION,
     CompletedRequest,
     EngineSnapshot,
     ParallelChange,
-    SlotSnapshot,
 )
 from ._text import TextStream
 
@@ -73,11 +72,8 @@ _PREVIEW_CHARS = 80
 #: Reproducible mode cuts prompts at multiples of this many tokens from position 0,
 #: so a prompt's chunks, and the prefixes that can be reused, depend on it alone.
 REPRODUCIBLE_CHUNK = 128
-_BADGE_SECONDS = 2.0  # how long a slot shows how its last request ended
 _RECENT = 64
 _HISTORY = 32  # adaptive parallelism's changes kept for views
-_SAMPLING_FIELDS = frozenset(f for f in SamplingParams.__dataclass_fields__ if f != "stop")
-_REQUEST_FIELDS = frozenset({"priority", "chat", "system", "stop"})
 
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -91,37 +87,6 @@ def _close_all_engines() -> None:
         except Exception:
             pass
     silence_llama_log()  # C++ teardown may log after Python is gone
-
-
-def check_request_params(params: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
-    """Split and check ``submit`` keywords before anything runs: (sampling, request options).
-
-    Raises ``InvalidParamsError`` naming a misspelt or out-of-range parameter.
-    """
-    unknown = set(params) - _SAMPLING_FIELDS - _REQUEST_FIELDS
-    if unknown:
-        raise InvalidParamsError(
-            f"unknown parameter(s) {sorted(unknown)}; known: {sorted(_SAMPLING_FIELDS | _REQUEST_FIELDS)}"
-        )
-    stop = params.get("stop", ())
-    sampling = SamplingParams(
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        **{k: v for k, v in params.items() if k in _SAMPLING_FIELDS},
-    )
-    options = {
-        "priority": params.get("priority", 0),
-        "chat": params.get("chat", False),
-        "system": params.get("system"),
-    }
-    if not isinstance(options["priority"], int) or isinstance(options["priority"], bool):
-        raise InvalidParamsError(f"priority={options['priority']!r}: must be a whole number")
-    if options["system"] is not None and not isinstance(options["system"], str):
-        raise InvalidParamsError(f"system={options['system']!r}: must be a string")
-    if options["system"] and not options["chat"]:
-        raise InvalidParamsError(
-            "system= needs chat=True (the system message goes through the chat template)"
-        )
-    return sampling, options
 
 
 class _Totals:
@@ -282,7 +247,10 @@ class Engine:
         self._thread = threading.Thread(
             target=self._run, name=f"nbollama-engine-{self.id}", daemon=True
         )
+        self._calibrated = threading.Event()
         self._thread.start()
+        if self._controller is not None:
+            self._calibrated.wait()  # engine.parallel is the controller's first choice once load returns
         _live_engines.add(self)
 
     def spawn(
@@ -584,7 +552,28 @@ class Engine:
 
     # -- the loop (engine thread): schedule, run, postprocess --------------------------
 
+    def _calibrate(self) -> None:
+        """Time a few decode steps for adaptive parallelism, on this (the engine's) thread.
+
+        Only the engine's thread decodes: a decode on another thread while the
+        engine's OpenMP team exists measured 10-200x slower, so timings taken
+        there would say nothing about the engine.
+        """
+        try:
+            if self._controller is None:
+                return
+            self._runner.time_decode(self.parallel_max)  # warm-up: the first decode allocates
+            timings = [
+                (rows, self._runner.time_decode(rows)) for rows in _calibration_rows(self.parallel_max)
+            ]
+            self._controller.calibrate(timings)
+        except Exception:  # the controller then starts from its default and learns as it runs
+            logger.warning("nbollama: timing decode steps for adaptive parallelism failed", exc_info=True)
+        finally:
+            self._calibrated.set()
+
     def _run(self) -> None:
+        self._calibrate()
         try:
             while True:
                 with self._lock:
@@ -888,7 +877,7 @@ class Engine:
         now_mono = time.monotonic()
         now_perf = time.perf_counter()
         with self._lock:
-            slots = [self._slot_snapshot(s, now_mono, now_perf) for s in self._slots]
+            slots = [s.snapshot(now_mono, now_perf) for s in self._slots]
             queue_length = len(self._scheduler.queue)
             totals = self._totals.as_dict()
             seq = self._seq
@@ -941,45 +930,6 @@ class Engine:
             else {"target": str(self._controller.target), "history": history},
         )
 
-    @staticmethod
-    def _slot_snapshot(s: Slot, now_mono: float, now_perf: float) -> SlotSnapshot:
-        r = s.request
-        if r is not None:
-            first = r.handle.timing.first_token
-            elapsed = now_perf - first if first is not None else 0.0
-            return SlotSnapshot(
-                id=s.id,
-                state=s.state,
-                badge=s.state,
-                request_id=r.handle.id,
-                prompt_preview=r.preview,
-                prompt_tokens=r.prompt_len,
-                prefilled_tokens=r.n_prefilled,
-                cached_tokens=r.cached_tokens,
-                decoded_tokens=r.completion_tokens,
-                max_tokens=r.params.max_tokens,
-                tps=round(r.completion_tokens / elapsed, 2) if elapsed > 0.05 else 0.0,
-                kv_used=s.n_past,
-                origin="this kernel",
-            )
-        recent = now_mono - s.last_finished < _BADGE_SECONDS and s.last_request_id is not None
-        prompt, cached, decoded, max_tokens = s.last_counts
-        return SlotSnapshot(
-            id=s.id,
-            state="idle",
-            badge=s.last_badge if recent else "idle",
-            request_id=s.last_request_id,
-            prompt_preview=s.last_preview,
-            prompt_tokens=prompt,
-            prefilled_tokens=prompt,
-            cached_tokens=cached,
-            decoded_tokens=decoded,
-            max_tokens=max_tokens,
-            tps=0.0,
-            kv_used=len(s.cache),
-            origin="this kernel",
-        )
-
     def subscribe(
         self, callback: Callable[[EngineSnapshot], object], *, interval: float = 0.25
     ) -> Subscription:
@@ -995,7 +945,7 @@ class Engine:
             for s in self._slots
             if s.request is None
             and s.last_request_id is not None
-            and now - s.last_finished < _BADGE_SECONDS
+            and now - s.last_finished < BADGE_SECONDS
         )
         return (self._seq, round(self._meter.rate(), 1), badges, self._closed)
 
@@ -1039,6 +989,11 @@ class Engine:
             self._weights.release()
             _live_engines.discard(self)
             self._close_done.set()
+
+
+def _calibration_rows(max_parallel: int) -> list[int]:
+    """Decode steps adaptive parallelism times at load: 1 row and every slot, 3 each."""
+    return [rows for rows in sorted({1, max_parallel}) for _ in range(3)]
 
 
 def _next_pow2(n: int) -> int:

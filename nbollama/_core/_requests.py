@@ -21,6 +21,7 @@ import sniffio
 from ..exceptions import InvalidParamsError, NbollamaError, RequestFailedError
 
 __all__ = [
+    "check_request_params",
     "FinishReason",
     "RequestStatus",
     "SamplingParams",
@@ -383,3 +384,38 @@ def _call_quietly(callback: Callable[[Handle], object], handle: Handle) -> None:
         import logging
 
         logging.getLogger("nbollama").exception("done-callback of request %s failed", handle.id)
+
+
+_SAMPLING_FIELDS = frozenset(f for f in SamplingParams.__dataclass_fields__ if f != "stop")
+_REQUEST_FIELDS = frozenset({"priority", "chat", "system", "stop"})
+
+
+def check_request_params(params: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
+    """Split and check ``submit`` keywords before anything runs: (sampling, request options).
+
+    Raises ``InvalidParamsError`` naming a misspelt or out-of-range parameter.
+    """
+    unknown = set(params) - _SAMPLING_FIELDS - _REQUEST_FIELDS
+    if unknown:
+        raise InvalidParamsError(
+            f"unknown parameter(s) {sorted(unknown)}; known: {sorted(_SAMPLING_FIELDS | _REQUEST_FIELDS)}"
+        )
+    stop = params.get("stop", ())
+    sampling = SamplingParams(
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        **{k: v for k, v in params.items() if k in _SAMPLING_FIELDS},
+    )
+    options = {
+        "priority": params.get("priority", 0),
+        "chat": params.get("chat", False),
+        "system": params.get("system"),
+    }
+    if not isinstance(options["priority"], int) or isinstance(options["priority"], bool):
+        raise InvalidParamsError(f"priority={options['priority']!r}: must be a whole number")
+    if options["system"] is not None and not isinstance(options["system"], str):
+        raise InvalidParamsError(f"system={options['system']!r}: must be a string")
+    if options["system"] and not options["chat"]:
+        raise InvalidParamsError(
+            "system= needs chat=True (the system message goes through the chat template)"
+        )
+    return sampling, options

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._requests import FinishReason, Handle, SamplingParams
-from ._snapshot import SlotBadge, SlotState
+from ._snapshot import SlotBadge, SlotSnapshot, SlotState
 
 if TYPE_CHECKING:
     from ._llama import Sampler
@@ -24,7 +24,10 @@ if TYPE_CHECKING:
 
 _NO_TOKENS: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
 
-__all__ = ["Request", "Slot", "BADGE_FOR_REASON"]
+__all__ = ["Request", "Slot", "BADGE_FOR_REASON", "BADGE_SECONDS"]
+
+#: How long a slot shows how its last request ended.
+BADGE_SECONDS = 2.0
 
 BADGE_FOR_REASON: dict[FinishReason, SlotBadge] = {
     "stop": "done",
@@ -153,3 +156,43 @@ class Slot:
         self.cache = _NO_TOKENS
         if self.request is None:
             self.n_past = 0
+
+    def snapshot(self, now_mono: float, now_perf: float) -> SlotSnapshot:
+        """What views show of this slot: its request now, or how the last one ended."""
+        s = self
+        r = s.request
+        if r is not None:
+            first = r.handle.timing.first_token
+            elapsed = now_perf - first if first is not None else 0.0
+            return SlotSnapshot(
+                id=s.id,
+                state=s.state,
+                badge=s.state,
+                request_id=r.handle.id,
+                prompt_preview=r.preview,
+                prompt_tokens=r.prompt_len,
+                prefilled_tokens=r.n_prefilled,
+                cached_tokens=r.cached_tokens,
+                decoded_tokens=r.completion_tokens,
+                max_tokens=r.params.max_tokens,
+                tps=round(r.completion_tokens / elapsed, 2) if elapsed > 0.05 else 0.0,
+                kv_used=s.n_past,
+                origin="this kernel",
+            )
+        recent = now_mono - s.last_finished < BADGE_SECONDS and s.last_request_id is not None
+        prompt, cached, decoded, max_tokens = s.last_counts
+        return SlotSnapshot(
+            id=s.id,
+            state="idle",
+            badge=s.last_badge if recent else "idle",
+            request_id=s.last_request_id,
+            prompt_preview=s.last_preview,
+            prompt_tokens=prompt,
+            prefilled_tokens=prompt,
+            cached_tokens=cached,
+            decoded_tokens=decoded,
+            max_tokens=max_tokens,
+            tps=0.0,
+            kv_used=len(s.cache),
+            origin="this kernel",
+        )

@@ -43,9 +43,8 @@ from httpx_sse import aconnect_sse
 
 from .. import memory as _memory
 from .._core._config import DEFAULT_MAX_QUEUE, MAX_QUEUE_ENV
-from .._core._engine import check_request_params
 from .._core._monitor import Subscription
-from .._core._requests import FinishReason, Handle, Result, SamplingParams
+from .._core._requests import FinishReason, Handle, Result, SamplingParams, check_request_params
 from .._core._snapshot import (
     SNAPSHOT_VERSION,
     CompletedRequest,
