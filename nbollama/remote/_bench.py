@@ -116,17 +116,23 @@ class RemoteSweepResult:
             go.Scatter(x=xs, y=[r.ttft_p95 for r in self.rows], name="TTFT p95 (s)", mode="lines+markers", line={"dash": "dash"}),
             secondary_y=True,
         )
+        from ..bench import _log_range, _mark_on_log_axis  # add_vline labels land at 10**x on a log axis
+
         if self.inferred_parallel is not None:
-            fig.add_vline(
-                x=self.inferred_parallel,
-                line={"color": "#c62828", "dash": "dot"},
-                annotation_text=f"server runs {self.inferred_parallel} at once",
-                annotation_position="top left",
+            _mark_on_log_axis(
+                fig, self.inferred_parallel, f"server runs {self.inferred_parallel} at once",
+                colour="#c62828", xs=xs, dash="dot",
             )
-        fig.add_vline(x=self.recommended, line={"color": "green", "dash": "dash"}, annotation_text=f"recommended: {self.recommended}")
-        fig.update_xaxes(title_text="requests in flight (client concurrency)", type="log", tickvals=xs, ticktext=[str(x) for x in xs])
-        fig.update_yaxes(title_text="tokens/s", secondary_y=False)
-        fig.update_yaxes(title_text="seconds to first token", secondary_y=True)
+        _mark_on_log_axis(fig, self.recommended, f"recommended: {self.recommended}", colour="green", xs=xs)
+        fig.update_xaxes(
+            title_text="requests in flight (client concurrency)", type="log", tickvals=xs,
+            ticktext=[str(x) for x in xs], range=_log_range(xs),
+        )
+        fig.update_yaxes(title_text="tokens/s", rangemode="tozero", secondary_y=False)
+        fig.update_yaxes(
+            title_text="seconds to first token", rangemode="tozero", showgrid=False, tickmode="auto",
+            secondary_y=True,
+        )
         fig.update_layout(title=f"{self.kind} at {self.url}: throughput and TTFT against concurrency", height=420)
         return fig
 
