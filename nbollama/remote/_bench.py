@@ -116,7 +116,10 @@ class RemoteSweepResult:
             go.Scatter(x=xs, y=[r.ttft_p95 for r in self.rows], name="TTFT p95 (s)", mode="lines+markers", line={"dash": "dash"}),
             secondary_y=True,
         )
-        from ..bench import _log_range, _mark_on_log_axis  # add_vline labels land at 10**x on a log axis
+        from ..bench import (  # add_vline labels land at 10**x on a log axis
+            _log_range,
+            _mark_on_log_axis,
+        )
 
         if self.inferred_parallel is not None:
             _mark_on_log_axis(
