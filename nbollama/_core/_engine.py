@@ -63,6 +63,7 @@ from ._snapshot import (
     CompletedRequest,
     EngineSnapshot,
     ParallelChange,
+    completed_request,
 )
 from ._text import TextStream
 
@@ -834,20 +835,7 @@ class Engine:
         result = request.handle._finish(
             reason, tail=tail, error=error, exception=exception, token_ids=tuple(request.output_ids)
         )
-        self._recent.append(
-            CompletedRequest(
-                id=result.id,
-                slot=result.slot,
-                finish_reason=result.finish_reason,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                ttft=result.ttft,
-                tpot=result.tpot,
-                queue_wait=result.queue_wait,
-                total_time=result.total_time,
-                finished_at=time.time(),
-            )
-        )
+        self._recent.append(completed_request(result))
 
     def _shut_down(self) -> None:
         """The loop's last act: fail or cancel whatever is still queued or running."""

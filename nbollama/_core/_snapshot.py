@@ -12,9 +12,14 @@ engine always fills them. Only a remote snapshot has the ``remote`` block.
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+import time
+from typing import TYPE_CHECKING, Literal, TypedDict
+
+if TYPE_CHECKING:
+    from ._requests import Result
 
 __all__ = [
+    "completed_request",
     "SNAPSHOT_VERSION",
     "SlotState",
     "SlotBadge",
@@ -123,6 +128,22 @@ class CompletedRequest(TypedDict):
     queue_wait: float
     total_time: float
     finished_at: float  # time.time()
+
+
+def completed_request(result: Result) -> CompletedRequest:
+    """The line a finished request leaves in a snapshot's ``recent`` (either kind of engine)."""
+    return CompletedRequest(
+        id=result.id,
+        slot=result.slot,
+        finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        ttft=result.ttft,
+        tpot=result.tpot,
+        queue_wait=result.queue_wait,
+        total_time=result.total_time,
+        finished_at=time.time(),
+    )
 
 
 class Totals(TypedDict):

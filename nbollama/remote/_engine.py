@@ -52,6 +52,7 @@ from .._core._snapshot import (
     MemoryFigures,
     RemoteFigures,
     SlotSnapshot,
+    completed_request,
 )
 from .._logging import logger
 from ..exceptions import (
@@ -685,20 +686,7 @@ class RemoteEngine:
                     max_tokens=request.max_tokens,
                     at=time.monotonic(),
                 )
-            self._recent.append(
-                CompletedRequest(
-                    id=result.id,
-                    slot=result.slot,
-                    finish_reason=result.finish_reason,
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
-                    ttft=result.ttft,
-                    tpot=result.tpot,
-                    queue_wait=result.queue_wait,
-                    total_time=result.total_time,
-                    finished_at=time.time(),
-                )
-            )
+            self._recent.append(completed_request(result))
             self._seq += 1
 
     # -- cancelling ----------------------------------------------------------------------
