@@ -36,6 +36,7 @@ from .exceptions import (
     RemoteError,
     RequestError,
     RequestFailedError,
+    RequestTimeoutError,
 )
 from .session import (
     agenerate,
@@ -82,6 +83,7 @@ __all__ = [
     "PromptTooLongError",
     "InvalidParamsError",
     "RequestFailedError",
+    "RequestTimeoutError",
     "__version__",
 ]
 
@@ -92,6 +94,19 @@ def dashboard(engine: Engine | None = None, *, compact: bool = False) -> Any:
     from .widgets import dashboard as _dashboard
 
     return _dashboard(engine, compact=compact)
+
+
+def _offer_to_panel(engine: Any) -> None:
+    """In a Jupyter kernel, let the side panel find an engine even without ``%load_ext nbollama``.
+
+    Hooked here, at the top of the package, so that ``session`` imports no view."""
+    if engine is not None:
+        from .comm import register_in_kernel
+
+        register_in_kernel()
+
+
+on_engine_change(_offer_to_panel)
 
 
 def _jupyter_labextension_paths() -> list[dict[str, str]]:

@@ -21,7 +21,7 @@ __all__ = ["logger", "BACKGROUND_THREAD_PREFIX"]
 BACKGROUND_THREAD_PREFIX = "nbollama-"
 
 
-class _CallerThreadHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _CallerThreadHandler(logging.StreamHandler):
     """stderr for warnings from the caller's own thread, when the application configured no logging."""
 
     def __init__(self) -> None:
@@ -30,7 +30,8 @@ class _CallerThreadHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.setFormatter(logging.Formatter("%(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.threadName.startswith(BACKGROUND_THREAD_PREFIX) or (
+        thread_name = record.threadName  # None when logging.logThreads is off
+        if (thread_name is not None and thread_name.startswith(BACKGROUND_THREAD_PREFIX)) or (
             threading.current_thread().name.startswith(BACKGROUND_THREAD_PREFIX)
         ):
             return

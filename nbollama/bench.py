@@ -13,43 +13,18 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import memory as _memory
+from ._api.metrics import summarize
+from ._api.sweep import DEFAULT_PROMPTS, log_range, mark_on_log_axis, sweep_progress
 from ._core._engine import Engine
-from .metrics import summarize
+from .exceptions import InvalidParamsError
 
 __all__ = ["DEFAULT_PROMPTS", "SweepRow", "SweepResult", "sweep", "recommend"]
 
-#: Short, varied prompts so answers differ in length, as real traffic does.
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "Explain in two sentences why the sky looks blue.",
-    "Write a haiku about a GPU running out of memory.",
-    "List three differences between a list and a tuple in Python.",
-    "Summarize the plot of Romeo and Juliet in one paragraph.",
-    "What is the derivative of x squared times sine of x?",
-    "Give a short definition of continuous batching.",
-    "Write a Python function that reverses a string.",
-    "Name four planets and one fact about each.",
-    "Why do neural networks need non-linear activations?",
-    "Describe the water cycle for a ten-year-old.",
-    "Write a limerick about a cat who learns to code.",
-    "What are the main causes of the French Revolution?",
-    "Explain what a hash table is and when to use one.",
-    "Give three tips for writing a clear abstract.",
-    "What is the difference between latency and throughput?",
-    "Explain the Pythagorean theorem with an example.",
-    "Write a SQL query that counts orders per customer.",
-    "What does a key-value cache store in a transformer?",
-    "Suggest a name for a coffee shop run by robots.",
-    "Describe how a bicycle stays upright.",
-    "What is photosynthesis, in one paragraph?",
-    "Give an example of a recursive function.",
-    "Why is the ocean salty?",
-    "Explain what a compiler does.",
-)
 
 
 @dataclass(frozen=True)
@@ -82,10 +57,8 @@ class SweepResult:
         return [asdict(r) for r in self.rows]
 
     def to_pandas(self) -> Any:
-        try:
-            import pandas as pd
-        except ImportError:
-            raise ImportError("to_pandas() needs pandas: pip install pandas") from None
+        import pandas as pd  # here, not at the top: `import nbollama` stays light
+
         return pd.DataFrame(self.to_records()).set_index("parallel")
 
     def speedup(self, parallel: int, over: int | None = None) -> float:
@@ -113,7 +86,7 @@ class SweepResult:
             go.Scatter(x=xs, y=[r.mean_gen_tps for r in self.rows], name="per-request tok/s", mode="lines+markers", line={"dash": "dash"}),
             secondary_y=False,
         )
-        _mark_on_log_axis(
+        mark_on_log_axis(
             fig, self.recommended, f"recommended: {self.recommended}", colour="green", xs=xs
         )
         fig.update_xaxes(
@@ -121,7 +94,7 @@ class SweepResult:
             type="log",
             tickvals=xs,
             ticktext=[str(x) for x in xs],
-            range=_log_range(xs),
+            range=log_range(xs),
         )
         fig.update_yaxes(title_text="tokens/s", rangemode="tozero", secondary_y=False)
         fig.update_yaxes(
@@ -162,53 +135,6 @@ class SweepResult:
             )
         lines.append(f"recommended: parallel={self.recommended} ({self.reason})")
         return "\n".join(lines)
-
-
-def _log_range(xs: Sequence[float], pad: float = 0.12) -> list[float]:
-    """An x range for a log axis, in plotly's units for one (log10), a little wider than ``xs``.
-
-    Left to autorange, a log axis with a single value, or with a shape or
-    annotation placed in data units, can stretch far past the data.
-    """
-    lo, hi = math.log10(min(xs)), math.log10(max(xs))
-    span = max(hi - lo, 0.3)
-    return [lo - pad * span, hi + pad * span]
-
-
-def _mark_on_log_axis(
-    fig: Any, x: float, text: str, *, colour: str, xs: Sequence[float], dash: str = "dash"
-) -> None:
-    """A vertical line at ``x`` on a log x axis, labelled at its top.
-
-    ``add_vline`` puts its label at ``x`` as if the axis were linear, but a
-    log axis places annotations at log10(x): the label of ``recommended: 8``
-    landed at 10^8 and dragged the axis range with it. The line is a shape
-    (data units), the label an annotation at log10(x), on the side of the
-    line with more room (``xs``: the values on the axis).
-    """
-    middle = (math.log10(min(xs)) + math.log10(max(xs))) / 2
-    anchor = "right" if math.log10(x) > middle else "left"
-    fig.add_shape(
-        type="line",
-        xref="x",
-        yref="paper",
-        x0=x,
-        x1=x,
-        y0=0,
-        y1=1,
-        line={"color": colour, "dash": dash},
-    )
-    fig.add_annotation(
-        x=math.log10(x),
-        xref="x",
-        y=1,
-        yref="paper",
-        text=text,
-        showarrow=False,
-        xanchor=anchor,
-        yanchor="bottom",
-        font={"color": colour},
-    )
 
 
 def recommend(rows: Sequence[SweepRow], within: float = 0.9) -> tuple[int, str]:
@@ -259,38 +185,6 @@ class _PeakMemory:
         self.peak = max(self.peak, self._read())
 
 
-def _progress(total: int) -> Callable[[str], None]:
-    """A widget progress bar in a notebook kernel, a printed line elsewhere."""
-    try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-        if shell is not None and getattr(shell, "kernel", None) is not None:
-            import ipywidgets as widgets
-            from IPython.display import display
-
-            bar = widgets.IntProgress(value=0, min=0, max=total, description="sweep", bar_style="info")
-            label = widgets.Label("starting")
-            display(widgets.HBox([bar, label]))
-
-            def step(text: str) -> None:
-                bar.value = min(total, bar.value + 1)
-                label.value = text
-                if bar.value >= total:
-                    bar.bar_style = "success"
-
-            return step
-    except ImportError:
-        pass
-    count = [0]
-
-    def step_text(text: str) -> None:
-        count[0] += 1
-        print(f"[{count[0]}/{total}] {text}", flush=True)
-
-    return step_text
-
-
 def sweep(
     engine: Engine | None = None,
     *,
@@ -306,16 +200,23 @@ def sweep(
     from .session import current_engine
     from .session import load as load_default
 
-    engine = engine or current_engine() or load_default()
+    if engine is None:
+        current = current_engine()
+        if current is not None and not isinstance(current, Engine):
+            raise InvalidParamsError(
+                "the kernel's engine is a server: sweep its concurrency with "
+                "nbollama.remote.remote_sweep (or %nbollama bench), or pass engine= an in-kernel Engine"
+            )
+        engine = current if current is not None else load_default()
     values = sorted(set(int(p) for p in parallel))
     if not values or values[0] < 1:
-        raise ValueError(f"parallel values must be whole numbers >= 1, got {list(parallel)!r}")
+        raise InvalidParamsError(f"parallel values must be whole numbers >= 1, got {list(parallel)!r}")
     pool = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
     if n_prompts < 1:
-        raise ValueError("n_prompts must be >= 1")
+        raise InvalidParamsError("n_prompts must be >= 1")
     chosen = [pool[i % len(pool)] for i in range(n_prompts)]
     ctx = ctx or min(engine.ctx, 1024)
-    step = _progress(len(values)) if progress else (lambda text: None)
+    step = sweep_progress(len(values)) if progress else (lambda text: None)
     rows: list[SweepRow] = []
     for n in values:
         with engine.spawn(parallel=n, ctx=ctx) as trial:

@@ -52,7 +52,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._core._monitor import EngineLink
+from ._link import EngineLink
 
 if TYPE_CHECKING:
     from .engine import EngineLike, EngineSnapshot

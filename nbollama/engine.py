@@ -6,11 +6,9 @@ from ``nbollama``), never from ``_core``.
 
 from __future__ import annotations
 
-from ._core._config import DEFAULT_MAX_QUEUE, MAX_QUEUE_ENV, NUM_PARALLEL_ENV, LoadOptions
-from ._core._engine import Engine
-from ._core._monitor import EngineLink, Subscription
-from ._core._protocol import EngineLike
-from ._core._requests import (
+from ._api.monitor import Subscription
+from ._api.protocol import EngineLike
+from ._api.requests import (
     FinishReason,
     Handle,
     RequestStatus,
@@ -18,12 +16,13 @@ from ._core._requests import (
     SamplingParams,
     check_request_params,
 )
-from ._core._snapshot import SNAPSHOT_VERSION, EngineSnapshot, SlotSnapshot
+from ._api.snapshot import SNAPSHOT_VERSION, EngineSnapshot, SlotSnapshot
+from ._core._config import DEFAULT_MAX_QUEUE, MAX_QUEUE_ENV, NUM_PARALLEL_ENV, LoadOptions
+from ._core._engine import Engine
 
 __all__ = [
     "Engine",
     "EngineLike",
-    "EngineLink",
     "Handle",
     "Result",
     "SamplingParams",

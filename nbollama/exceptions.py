@@ -13,9 +13,10 @@
     ├── RequestError
     │   ├── QueueFullError          the queue holds NBOLLAMA_MAX_QUEUE requests ("server busy")
     │   ├── PromptTooLongError      the prompt does not fit in one slot's context
-    │   ├── InvalidParamsError      a sampling parameter is out of range  (also a ValueError)
-    │   └── RequestFailedError      the request ended with finish_reason="error"
-    └── (TimeoutError)              Handle.result(timeout=...) ran out; the builtin one
+    │   ├── InvalidParamsError      an argument or parameter is out of range  (also a ValueError)
+    │   ├── RequestFailedError      the request ended with finish_reason="error"
+    │   └── RequestTimeoutError     Handle.result(timeout=...) ran out  (also a TimeoutError)
+    └── LlamaServerError            llama-server could not be built or started (nbollama.llama_server)
 
 Requests that fail inside the batch loop never raise there: they end with
 ``finish_reason="error"`` and a message in ``Result.error`` so the other
@@ -47,6 +48,8 @@ __all__ = [
     "PromptTooLongError",
     "InvalidParamsError",
     "RequestFailedError",
+    "RequestTimeoutError",
+    "LlamaServerError",
 ]
 
 
@@ -115,3 +118,11 @@ class InvalidParamsError(RequestError, ValueError):
 
 class RequestFailedError(RequestError):
     """The request ended with ``finish_reason="error"``."""
+
+
+class RequestTimeoutError(RequestError, TimeoutError):
+    """A wait for a request (``Handle.result(timeout=...)``, ``BackgroundGeneration.wait``) ran out."""
+
+
+class LlamaServerError(NbollamaError):
+    """llama-server could not be built, found or started."""

@@ -24,10 +24,10 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from .exceptions import NbollamaError
+from .exceptions import LlamaServerError
 from .models import cache_dir
 
 __all__ = [
@@ -50,10 +50,6 @@ CMAKE_OPTIONS = (
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
 )
-
-
-class LlamaServerError(NbollamaError):
-    """llama-server could not be built, found or started."""
 
 
 def llama_cpp_version() -> str:
@@ -93,7 +89,9 @@ def build(*, jobs: int | None = None, quiet: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     log = target.parent / "build.log"
     log.write_text("")
-    say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say: Callable[[str], None] = (
+        (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    )
     with tempfile.TemporaryDirectory(prefix="nbollama-llama-server-") as tmp:
         work = Path(tmp)
         say(f"nbollama: downloading the llama-cpp-python {version} sdist (log: {log})")

@@ -16,7 +16,8 @@ from typing import Any
 
 import psutil
 
-from ._core._snapshot import GPUFigures, MemoryFigures
+from ._api.snapshot import GPUFigures, MemoryFigures
+from .exceptions import InvalidParamsError
 
 __all__ = [
     "AUTO_PARALLEL",
@@ -83,7 +84,8 @@ def reset_nvml() -> None:
 def nvml_error() -> str | None:
     """Why NVML is not in use, if it is not."""
     _nvml()
-    return _nvml_state["error"]
+    error: str | None = _nvml_state["error"]
+    return error
 
 
 def gpu_figures() -> list[GPUFigures]:
@@ -209,11 +211,11 @@ def choose_parallel(
         try:
             forced = int(env_value)
         except ValueError:
-            raise ValueError(
+            raise InvalidParamsError(
                 f"NBOLLAMA_NUM_PARALLEL={env_value!r} is not a whole number"
             ) from None
         if forced < 1:
-            raise ValueError(f"NBOLLAMA_NUM_PARALLEL={forced} must be at least 1")
+            raise InvalidParamsError(f"NBOLLAMA_NUM_PARALLEL={forced} must be at least 1")
         return ParallelChoice(forced, f"NBOLLAMA_NUM_PARALLEL={forced}")
     need = AUTO_PARALLEL * per_slot_bytes + shared_bytes
     if on_gpu:

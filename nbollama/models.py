@@ -93,7 +93,7 @@ def default_model_path() -> Path:
         ) from exc
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / bundled.MODEL_NAME
+    target: Path = directory / bundled.MODEL_NAME
     stamp = target.with_name(target.name + ".verified")
     if target.exists() and stamp.exists():
         st = target.stat()

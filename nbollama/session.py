@@ -13,10 +13,10 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._api.protocol import EngineLike
+from ._api.requests import Result
 from ._core._config import LoadOptions
 from ._core._engine import Engine
-from ._core._protocol import EngineLike
-from ._core._requests import Result
 from ._logging import logger
 from .models import resolve_model
 
@@ -58,20 +58,11 @@ def set_engine(engine: EngineLike | None, *, close_previous: bool = True) -> Non
             previous.close()
         _engine = engine
         listeners = list(_listeners)
-    if engine is not None:
-        _offer_to_panel()
     for listener in listeners:
         try:
             listener(engine)
         except Exception:
             logger.warning("nbollama: an engine-change listener failed", exc_info=True)
-
-
-def _offer_to_panel() -> None:
-    """In a Jupyter kernel, let the side panel find the engine even without ``%load_ext nbollama``."""
-    from .comm import register_in_kernel  # late: nbollama.comm imports this module lazily too
-
-    register_in_kernel()
 
 
 def load(
@@ -131,6 +122,7 @@ def connect(
         ca_bundle=ca_bundle,
         verify=verify,
     )
+    url = options.endpoint.shown  # credentials out of this frame's locals (verbose tracebacks)
     engine = open_remote(options)
     try:
         set_engine(engine)

@@ -2,6 +2,10 @@
 
     .venv/bin/python scripts/look_in_lab.py [NOTEBOOK ...] [--out DIR] [--full] [--timeout S] [--strict]
     .venv/bin/python scripts/look_in_lab.py --readme [DIR]   # the README's screenshots, into docs/
+    .venv/bin/python scripts/look_in_lab.py --url http://127.0.0.1:8899 --token T examples/01_quickstart.ipynb
+
+``--url`` looks at notebooks on a JupyterLab that is already running (the one
+``scripts/lab.sh`` started, say), as they are, named relative to its root.
 
 Without NOTEBOOK arguments it takes every ``examples/*.ipynb``. The notebooks
 are copied (outputs cleared) into a temporary root, one ``jupyter lab`` serves
@@ -838,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strict", action="store_true", help="count layout warnings (cut-off charts) as problems"
     )
+    parser.add_argument("--url", help="a running JupyterLab to look in (no server is started)")
+    parser.add_argument("--token", default="", help="that JupyterLab's token")
     parser.add_argument(
         "--readme",
         nargs="?",
@@ -855,6 +861,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme is not None:
         readme_screenshots(args.readme.resolve())
         return 0
+    if args.url:
+        return _look_in_running_lab(args.url, args.token, args.notebooks, args.out.resolve(), args)
     notebooks = args.notebooks or sorted(EXAMPLES.glob("*.ipynb"))
     for nb in notebooks:
         if not nb.is_file():
@@ -881,6 +889,30 @@ def main(argv: list[str] | None = None) -> int:
         + (f" in {', '.join(r.name for r in bad)}" if bad else "")
     )
     return 1 if bad else 0
+
+
+def _look_in_running_lab(
+    url: str, token: str, names: list[Path], out: Path, args: argparse.Namespace
+) -> int:
+    """Run All on notebooks a running JupyterLab serves (names relative to its root)."""
+    if not names:
+        print("--url needs the notebooks to look at, relative to the server's root", file=sys.stderr)
+        return 2
+    lab = LabServer(url=url.rstrip("/"), token=token, root=Path("."), log=out / "no-log")
+    reports = []
+    with chromium() as browser:
+        for name in names:
+            context = browser.new_context(viewport=VIEWPORT)
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+            try:
+                report = look_at(page, lab, name.as_posix(), out, timeout_s=args.timeout, strict=args.strict)
+            finally:
+                context.close()
+            print(report.format())
+            reports.append(report)
+    (out / "report.json").write_text(json.dumps([r.as_json() for r in reports], indent=1) + "\n")
+    return 0 if all(r.ok for r in reports) else 1
 
 
 if __name__ == "__main__":

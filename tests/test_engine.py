@@ -397,7 +397,7 @@ def test_a_failure_in_one_slots_token_handling_ends_that_request_alone(
     idle_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Inject a fault into the text handling of one request: it fails, the loop and the others go on."""
-    from nbollama._core import _engine as engine_module
+    from nbollama._core import _loop as engine_module
     from nbollama._core._text import TextStream
 
     class Faulty(TextStream):
@@ -430,7 +430,7 @@ def test_a_failing_sampler_ends_that_request_alone(
     idle_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from nbollama._core import _runner
-    from nbollama._core._llama import make_sampler
+    from nbollama._core._sampler import make_sampler
 
     class Breaks:
         def __init__(self, inner: object) -> None:
@@ -460,8 +460,9 @@ def test_a_failing_sampler_ends_that_request_alone(
 
 def test_the_greedy_fast_path_picks_what_llama_cpp_greedy_picks(model_path: Path) -> None:
     """The numpy argmax replaces llama.cpp's greedy chain only because they agree, ties included."""
-    from nbollama._core._llama import Batch, GreedySampler, LlamaContext, LlamaModel, SamplerChain
-    from nbollama._core._requests import SamplingParams
+    from nbollama._api.requests import SamplingParams
+    from nbollama._core._llama import Batch, LlamaContext, LlamaModel
+    from nbollama._core._sampler import GreedySampler, SamplerChain
 
     model = LlamaModel(model_path, gpu_layers=0)
     context = LlamaContext(model, n_seq=2, ctx_per_slot=128, n_batch=128, threads=2)

@@ -23,15 +23,15 @@ import pytest
 from remote_fakes import Fake
 
 from nbollama import Engine, InvalidParamsError, QueueFullError
-from nbollama._core._requests import Handle
-from nbollama._feed import UNSENT_ID, Feeder, feed_agenerate, feed_generate, window_for
-from nbollama._progress import (
+from nbollama._api.feed import UNSENT_ID, Feeder, feed_agenerate, feed_generate, window_for
+from nbollama._api.progress import (
     _TextProgress,
     elide_prefix,
     progress_html,
     progress_state,
     progress_text,
 )
+from nbollama._api.requests import Handle
 from nbollama.remote import RemoteEngine, connect
 from nbollama.results import BackgroundGeneration, Results
 

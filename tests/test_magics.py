@@ -26,18 +26,20 @@ from IPython.core.interactiveshell import InteractiveShell
 from nbollama import Engine, Result, session
 from nbollama.engine import SamplingParams
 from nbollama.magics import NbollamaMagics, StatusReport, interpolate, split_prompts
-from nbollama.magics._parse import (
-    BenchCall,
+from nbollama.magics._args import widgets_available as _widgets_available
+from nbollama.magics._parse_generate import (
     GenerateCall,
     GenerateHelpCall,
+    _generate_parser,
+    _split_line_form,
+    parse_generate,
+)
+from nbollama.magics._parse_nbollama import (
+    BenchCall,
     HelpCall,
     LoadCall,
     StatusCall,
     UnloadCall,
-    _generate_parser,
-    _split_line_form,
-    _widgets_available,
-    parse_generate,
     parse_nbollama,
 )
 from nbollama.results import BackgroundGeneration, Results
@@ -448,11 +450,6 @@ def test_results_views(
     assert list(frame["prompt"]) == ["Name a colour.", "Name a fruit."]
     assert list(frame["text"]) == results.texts
     assert {"finish_reason", "completion_tokens", "ttft", "gen_tps", "slot"} <= set(frame.columns)
-    monkeypatch.setitem(sys.modules, "pandas", None)
-    with pytest.raises(
-        ImportError, match="needs pandas, which is not installed: pip install pandas"
-    ):
-        results.to_pandas()
 
 
 def test_model_text_and_prompts_are_html_escaped(

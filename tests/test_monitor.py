@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from nbollama._core._monitor import Monitor
+from nbollama._api.monitor import Monitor
 from nbollama._logging import BACKGROUND_THREAD_PREFIX, logger
 
 

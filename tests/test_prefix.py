@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nbollama import Engine
+from nbollama._api.requests import Handle, SamplingParams
 from nbollama._core._prefix import (
     REUSE_MIN_TOKENS,
     SHARE_MIN_TOKENS,
@@ -16,7 +17,6 @@ from nbollama._core._prefix import (
     common_prefix,
     find_source,
 )
-from nbollama._core._requests import Handle, SamplingParams
 from nbollama._core._slots import Request, Slot
 
 SYSTEM = (
@@ -157,7 +157,7 @@ def test_no_prefix_cache_keeps_nothing(model_path: Path) -> None:
 def test_a_failed_request_leaves_no_cache_and_a_cancelled_one_a_true_one(
     model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nbollama._core import _engine as engine_module
+    from nbollama._core import _loop as engine_module
     from nbollama._core._text import TextStream
 
     class Faulty(TextStream):

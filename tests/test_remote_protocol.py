@@ -32,7 +32,7 @@ from nbollama.exceptions import (
 )
 from nbollama.magics import StatusReport
 from nbollama.remote import RemoteEngine, connect, parse_url, redact_url
-from nbollama.remote import _engine as remote_engine_module
+from nbollama.remote import _stream as remote_engine_module
 from nbollama.remote._bench import (
     ConcurrencyRow,
     find_step,

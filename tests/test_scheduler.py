@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from nbollama import QueueFullError
-from nbollama._core._requests import Handle, SamplingParams
-from nbollama._core._scheduler import Chunk, Decode, Scheduler, StepPlan, WaitingQueue, plan_step
+from nbollama._api.queue import WaitingQueue
+from nbollama._api.requests import Handle, SamplingParams
+from nbollama._core._scheduler import Chunk, Decode, Scheduler, StepPlan, plan_step
 from nbollama._core._slots import Request, Slot
 
 

@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .. import memory as _memory
+from .._api.queue import DEFAULT_MAX_QUEUE, MAX_QUEUE_ENV, resolve_max_queue
+from .._api.queue import whole_number as _whole
 from ..exceptions import EngineClosedError, InvalidParamsError
 from ._adaptive import Target
 from ._llama import LlamaModel
@@ -31,32 +33,9 @@ __all__ = [
     "choose_parallel",
 ]
 
-MAX_QUEUE_ENV = "NBOLLAMA_MAX_QUEUE"
 NUM_PARALLEL_ENV = "NBOLLAMA_NUM_PARALLEL"
-DEFAULT_MAX_QUEUE = 512
 #: parallel="adaptive" without max_parallel reserves this many slots.
 DEFAULT_MAX_PARALLEL = 8
-
-
-def _whole(name: str, value: object, minimum: int, rule: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InvalidParamsError(f"{name}={value!r}: {rule}")
-    return value
-
-
-def _max_queue(value: int | None) -> int:
-    if value is not None:
-        return _whole("max_queue", value, 1, "must be a whole number >= 1")
-    env = os.environ.get(MAX_QUEUE_ENV)
-    if not env:
-        return DEFAULT_MAX_QUEUE
-    try:
-        size = int(env)
-    except ValueError:
-        raise InvalidParamsError(f"{MAX_QUEUE_ENV}={env!r} is not a whole number") from None
-    if size < 1:
-        raise InvalidParamsError(f"{MAX_QUEUE_ENV}={size} must be >= 1")
-    return size
 
 
 @dataclass(frozen=True)
@@ -80,14 +59,14 @@ class LoadOptions:
     )
 
     @classmethod
-    def check(cls, **options: object) -> LoadOptions:
+    def check(cls, **options: Any) -> LoadOptions:  # any values: checked below
         known = set(cls.__dataclass_fields__)
         unknown = set(options) - known
         if unknown:
             raise InvalidParamsError(
                 f"unknown load option(s) {sorted(unknown)}; known: {sorted(known)}"
             )
-        loaded = cls(**options)  # type: ignore[arg-type]
+        loaded = cls(**options)
         if loaded.parallel not in ("auto", "adaptive"):
             _whole(
                 "parallel", loaded.parallel, 1, "must be 'auto', 'adaptive' or a whole number >= 1"
@@ -113,7 +92,7 @@ class LoadOptions:
             )
         if loaded.threads is not None:
             _whole("threads", loaded.threads, 1, "must be a whole number >= 1")
-        _max_queue(loaded.max_queue)
+        resolve_max_queue(loaded.max_queue)
         if loaded.flash_attn not in ("auto", True, False):
             raise InvalidParamsError(
                 f"flash_attn={loaded.flash_attn!r}: must be 'auto', True or False"
@@ -168,7 +147,7 @@ class EngineConfig:
             n_batch=options.n_batch,
             threads=threads or options.threads or max(1, os.cpu_count() or 1),
             gpu_layers=model.gpu_layers,
-            max_queue=_max_queue(options.max_queue),
+            max_queue=resolve_max_queue(options.max_queue),
             parallel_reason=reason,
             flash_attn=None if options.flash_attn == "auto" else bool(options.flash_attn),
             kv_unified=options.kv_unified,

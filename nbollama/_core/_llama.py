@@ -1,7 +1,7 @@
-"""The only module that talks to llama.cpp (through llama-cpp-python's ctypes layer).
+"""Where the engine talks to llama.cpp (through llama-cpp-python's ctypes layer), with ``_sampler``.
 
-Thin, typed wrappers over a model, a context, a batch and a sampler chain. No
-policy lives here: the batch loop in ``_engine`` decides what to decode.
+Thin, typed wrappers over a model, a context and a batch. No policy lives
+here: the engine's loop (``_loop``) decides what to decode.
 """
 
 from __future__ import annotations
@@ -16,23 +16,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import llama_cpp as ll
 import numpy as np
 import numpy.typing as npt
 
-from ..exceptions import ContextError, ModelLoadError
-from ._requests import SamplingParams
+from ..exceptions import ContextError, InvalidParamsError, ModelLoadError
 
 __all__ = [
     "LlamaModel",
     "LlamaContext",
     "Batch",
-    "Sampler",
-    "GreedySampler",
-    "SamplerChain",
-    "make_sampler",
     "release_openmp_threads",
     "silence_llama_log",
     "supports_gpu_offload",
@@ -248,7 +242,7 @@ class LlamaModel:
     def apply_chat_template(self, messages: Sequence[tuple[str, str]]) -> str:
         """Render messages with the model's own template (llama.cpp's built-in renderers)."""
         if self.chat_template is None:
-            raise ValueError(f"model {self.name!r} has no chat template in its GGUF metadata")
+            raise InvalidParamsError(f"model {self.name!r} has no chat template in its GGUF metadata")
         keep = [(r.encode(), c.encode()) for r, c in messages]
         array = (ll.llama_chat_message * len(keep))()
         for i, (role, content) in enumerate(keep):
@@ -259,7 +253,7 @@ class LlamaModel:
             buf = ctypes.create_string_buffer(size)
             n = ll.llama_chat_apply_template(self.chat_template, array, len(keep), True, buf, size)
             if n < 0:
-                raise ValueError(
+                raise InvalidParamsError(
                     f"llama.cpp does not recognise the chat template of {self.name!r}; "
                     "send the prompt with chat=False and format it yourself"
                 )
@@ -390,14 +384,16 @@ class Batch:
         self._seq_rows = (seq_ptr * capacity)(
             *(ctypes.cast(base + i * row_bytes, seq_ptr) for i in range(capacity))
         )
-        raw = ll.llama_batch()
-        raw.n_tokens = 0
-        raw.token = self.token.ctypes.data_as(ctypes.POINTER(ll.llama_token))
-        raw.embd = ctypes.POINTER(ctypes.c_float)()
-        raw.pos = self.pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos))
-        raw.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        raw.seq_id = ctypes.cast(self._seq_rows, ctypes.POINTER(seq_ptr))
-        raw.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        # the fields as keywords: llama_cpp annotates its pointer fields as ctypes Arrays
+        raw = ll.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(ctypes.POINTER(ll.llama_token)),
+            embd=ctypes.POINTER(ctypes.c_float)(),
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=ctypes.cast(self._seq_rows, ctypes.POINTER(seq_ptr)),
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
         self.raw = raw
         self.n_tokens = 0
 
@@ -433,85 +429,8 @@ class Batch:
         return end - 1
 
 
-class Sampler(Protocol):
-    """Picks a request's next token from the logits at one batch index."""
-
-    def sample(self, context: LlamaContext, index: int) -> int: ...
-
-    def free(self) -> None: ...
-
-
-class GreedySampler:
-    """Greedy without llama.cpp's sampler: argmax over the logits row.
-
-    llama.cpp's chain copies the whole vocabulary (262k entries for Gemma)
-    into a candidates array for every token, about 0.25 ms each; the argmax
-    reads the row in place. Ties go to the lowest token id, as in llama.cpp.
-    """
-
-    def sample(self, context: LlamaContext, index: int) -> int:
-        return int(context.logits_row(index).argmax())
-
-    def free(self) -> None:
-        pass
-
-
-class SamplerChain:
-    """One request's sampler chain, C side: penalties, top-k, top-p, min-p, temperature, dist."""
-
-    def __init__(self, params: SamplingParams, *, n_vocab: int) -> None:
-        """``params.seed=None`` draws a fresh seed, so unseeded requests differ."""
-        p = params
-        seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little")
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        add = ll.llama_sampler_chain_add
-        if p.repeat_penalty != 1.0:
-            add(
-                chain,
-                ll.llama_sampler_init_penalties(
-                    n_vocab, p.repeat_last_n, p.repeat_penalty, 0.0, 0.0
-                ),
-            )
-        if p.temperature <= 0.0:
-            add(chain, ll.llama_sampler_init_greedy())
-        else:
-            if p.top_k > 0:
-                add(chain, ll.llama_sampler_init_top_k(p.top_k))
-            if p.top_p < 1.0:
-                add(chain, ll.llama_sampler_init_top_p(p.top_p, 1))
-            if p.min_p > 0.0:
-                add(chain, ll.llama_sampler_init_min_p(p.min_p, 1))
-            add(chain, ll.llama_sampler_init_temp(p.temperature))
-            add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        self.ptr = chain
-
-    def accept_prompt(self, tokens: Sequence[int]) -> None:
-        """Let the penalty sampler see the prompt, as llama.cpp's server does."""
-        for token in tokens:
-            ll.llama_sampler_accept(self.ptr, int(token))
-
-    def sample(self, context: LlamaContext, index: int) -> int:
-        return int(ll.llama_sampler_sample(self.ptr, context.ptr, index))
-
-    def free(self) -> None:
-        if self.ptr is not None:
-            ll.llama_sampler_free(self.ptr)
-            self.ptr = None
-
-
-def make_sampler(params: SamplingParams, *, n_vocab: int, prompt: Sequence[int]) -> Sampler:
-    """The cheapest sampler that gives ``params``' tokens: plain greedy skips llama.cpp's chain."""
-    if params.temperature <= 0.0 and params.repeat_penalty == 1.0:
-        return GreedySampler()
-    chain = SamplerChain(params, n_vocab=n_vocab)
-    if params.repeat_penalty != 1.0:
-        # the penalty looks back repeat_last_n tokens: older prompt tokens would fall out anyway
-        chain.accept_prompt(prompt[-params.repeat_last_n :] if params.repeat_last_n > 0 else prompt)
-    return chain
-
-
 _openmp_lock = threading.Lock()
-_openmp_state: dict[str, object] = {}
+_openmp_state: dict[str, ctypes.CDLL | None] = {}
 
 
 def _openmp_library() -> ctypes.CDLL | None:
@@ -533,7 +452,7 @@ def _openmp_library() -> ctypes.CDLL | None:
             except OSError:
                 lib = None
             _openmp_state["lib"] = lib
-        return _openmp_state["lib"]  # type: ignore[return-value]
+        return _openmp_state["lib"]
 
 
 def release_openmp_threads() -> None:

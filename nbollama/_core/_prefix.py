@@ -17,12 +17,11 @@ At least one prompt token is always evaluated, so there are logits to sample fro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from ._slots import Request, Slot
+from ._slots import Request, Slot, Source
 
 __all__ = [
     "REUSE_MIN_TOKENS",
@@ -81,22 +80,6 @@ def choose_slot(
             best, best_keep = slot, keep
     assert best is not None
     return best, best_keep
-
-
-@dataclass(frozen=True)
-class Source:
-    """Copy the first ``tokens`` positions of ``slot``'s sequence: now if ``ready``, else once
-    that slot has prefilled them.
-
-    ``ready`` is decided when the request is admitted, from the source's state
-    at that moment; the engine applies each admission's KV changes in order,
-    so a source taken by a later request in the same round is copied from
-    before it is truncated.
-    """
-
-    slot: int
-    tokens: int
-    ready: bool
 
 
 def find_source(

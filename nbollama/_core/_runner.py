@@ -12,19 +12,24 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from .._api.requests import SamplingParams
+from ..exceptions import EngineError
 from ._llama import (
     DECODE_NO_KV_SLOT,
     DECODE_OK,
     Batch,
     LlamaContext,
     LlamaModel,
-    Sampler,
-    make_sampler,
 )
-from ._requests import SamplingParams
+from ._sampler import Sampler, make_sampler
 from ._scheduler import StepPlan
 from ._slots import Request
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = ["ModelRunner", "StepOutcome"]
 
@@ -63,8 +68,8 @@ class ModelRunner:
         self.batch = Batch(max(n_batch, context.n_seq))
         self.invariant = invariant
 
-    def sampler_for(self, params: SamplingParams, prompt: object) -> Sampler:
-        return make_sampler(params, n_vocab=self.model.n_vocab, prompt=prompt)  # type: ignore[arg-type]
+    def sampler_for(self, params: SamplingParams, prompt: npt.NDArray[np.int32]) -> Sampler:
+        return make_sampler(params, n_vocab=self.model.n_vocab, prompt=prompt)
 
     def reset_sequence(self, seq: int) -> None:
         self.context.clear_sequence(seq)
@@ -177,7 +182,7 @@ class ModelRunner:
         for seq, end in enumerate(ends):
             context.truncate_sequence(seq, end)
         if status != DECODE_OK:
-            raise RuntimeError(f"llama_decode failed with status {status} while timing {rows} rows")
+            raise EngineError(f"llama_decode failed with status {status} while timing {rows} rows")
         return seconds
 
     def _fill(self, plan: StepPlan, requests: Mapping[int, Request]) -> dict[int, int]:

@@ -10,86 +10,15 @@ reads slots and returns a ``StepPlan``; it is tested without a model.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
-from ..exceptions import QueueFullError
+from .._api.queue import WaitingQueue
 from ._prefix import choose_slot, find_source
 from ._slots import Request, Slot
 
-__all__ = ["WaitingQueue", "Decode", "Chunk", "StepPlan", "plan_step", "Scheduler"]
-
-T = TypeVar("T")
-
-
-class WaitingQueue(Generic[T]):
-    """Bounded; highest priority first, first come first served within a priority.
-
-    Not thread-safe on its own: the engine holds its lock around every call.
-    Removal is lazy (a removed entry stays in the heap, marked), so cancelling
-    a queued request is O(1) and ``len()`` still counts only live entries.
-    """
-
-    def __init__(self, max_size: int) -> None:
-        if max_size < 1:
-            raise ValueError(f"max queue size must be >= 1, got {max_size}")
-        self.max_size = max_size
-        self._heap: list[tuple[int, int, T]] = []
-        self._order = itertools.count()
-        self._live: set[int] = set()  # id() of queued items
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def __contains__(self, item: T) -> bool:
-        return id(item) in self._live
-
-    def push_all(self, items: Sequence[tuple[T, int]]) -> None:
-        """Queue (item, priority) pairs all together, or none of them if they do not all fit."""
-        if len(items) > self.max_size:
-            raise QueueFullError(
-                f"{len(items)} prompts at once are more than the queue holds ({self.max_size}); "
-                "send them in smaller groups or raise NBOLLAMA_MAX_QUEUE"
-            )
-        if len(self._live) + len(items) > self.max_size:
-            raise QueueFullError(
-                f"the engine is busy: {len(self._live)} requests are already waiting and "
-                f"{len(items)} more do not fit (queue limit {self.max_size}, set "
-                "NBOLLAMA_MAX_QUEUE to change it); wait for some to finish or cancel them"
-            )
-        for item, priority in items:
-            heapq.heappush(self._heap, (-priority, next(self._order), item))
-            self._live.add(id(item))
-
-    def pop(self) -> T | None:
-        while self._heap:
-            _, _, item = heapq.heappop(self._heap)
-            if id(item) in self._live:
-                self._live.discard(id(item))
-                return item
-        return None
-
-    def remove(self, item: T) -> bool:
-        if id(item) in self._live:
-            self._live.discard(id(item))
-            return True
-        return False
-
-    def items(self) -> list[T]:
-        """Live entries in the order they would be served."""
-        return [
-            item for _, _, item in sorted(self._heap, key=lambda e: e[:2]) if id(item) in self._live
-        ]
-
-    def drain(self) -> list[T]:
-        out = self.items()
-        self._heap.clear()
-        self._live.clear()
-        return out
-
+__all__ = ["Decode", "Chunk", "StepPlan", "plan_step", "Scheduler"]
 
 @dataclass(frozen=True)
 class Decode:
@@ -163,25 +92,23 @@ def plan_step(
     chunk that does not fit the budget waits for the next step whole.
     """
     decodes = tuple(Decode(s.id, s.last_token, s.n_past) for s in slots if s.state == "generating")
-    prefilling = sorted(
+    prefilling = sorted(  # (slot, its request)
         (
-            s
+            (s, s.request)
             for s in slots
             if s.state == "prefill" and s.request is not None and s.request.ready_to_prefill
         ),
-        key=lambda s: s.request.admitted_order,  # type: ignore[union-attr]
+        key=lambda pair: pair[1].admitted_order,
     )
     budget = token_budget - len(decodes)
     if chunk_size is None:
         wanted = [
-            Chunk(s.id, s.request.n_prefilled, s.request.prefill_remaining, True)  # type: ignore[union-attr]
-            for s in prefilling
+            Chunk(s.id, request.n_prefilled, request.prefill_remaining, True)
+            for s, request in prefilling
         ]
         return StepPlan(decodes, _spend(wanted, budget))
     chunks: list[Chunk] = []
-    for s in prefilling:
-        request = s.request
-        assert request is not None
+    for s, request in prefilling:
         start = request.n_prefilled
         end = min(request.prompt_len, (start // chunk_size + 1) * chunk_size)
         if end - start > budget and (chunks or decodes):

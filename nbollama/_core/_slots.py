@@ -14,27 +14,33 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from ._requests import FinishReason, Handle, SamplingParams
-from ._snapshot import SlotBadge, SlotSnapshot, SlotState
+from .._api.requests import FinishReason, Handle, SamplingParams
+from .._api.snapshot import BADGE_FOR_REASON, EndedRequest, SlotSnapshot, SlotState, idle_row
 
 if TYPE_CHECKING:
-    from ._llama import Sampler
-    from ._prefix import Source
+    from ._sampler import Sampler
     from ._text import TextStream
 
 _NO_TOKENS: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
 
-__all__ = ["Request", "Slot", "BADGE_FOR_REASON", "BADGE_SECONDS"]
+__all__ = ["Request", "Slot", "Source"]
 
-#: How long a slot shows how its last request ended.
-BADGE_SECONDS = 2.0
 
-BADGE_FOR_REASON: dict[FinishReason, SlotBadge] = {
-    "stop": "done",
-    "length": "done",
-    "cancelled": "cancelled",
-    "error": "error",
-}
+
+@dataclass(frozen=True)
+class Source:
+    """Copy the first ``tokens`` positions of ``slot``'s sequence: now if ``ready``, else once
+    that slot has prefilled them.
+
+    ``ready`` is decided when the request is admitted, from the source's state
+    at that moment; the engine applies each admission's KV changes in order,
+    so a source taken by a later request in the same round is copied from
+    before it is truncated.
+    """
+
+    slot: int
+    tokens: int
+    ready: bool
 
 
 @dataclass(eq=False)
@@ -79,17 +85,7 @@ class Slot:
     request: Request | None = None
     n_past: int = 0  # tokens of this sequence in the KV cache
     last_token: int = 0  # sampled, not yet decoded
-    # how the last request ended, shown for a moment as the slot's badge
-    last_request_id: int | None = None
-    last_preview: str = ""
-    last_badge: SlotBadge = "idle"
-    last_finished: float = 0.0
-    last_counts: tuple[int, int, int, int] = (
-        0,
-        0,
-        0,
-        0,
-    )  # prompt, cached, decoded, max of the last request
+    ended: EndedRequest | None = None  # how the last request ended (its badge for a moment)
     # the prefix cache: tokens whose KV this slot's sequence keeps while it is idle
     cache: npt.NDArray[np.int32] = field(default_factory=lambda: _NO_TOKENS)
     last_used: float = 0.0
@@ -139,15 +135,16 @@ class Slot:
         self.request = None
         self.state = "idle"
         self.n_past = len(held) if keep_cache else 0
-        self.last_request_id = request.handle.id
-        self.last_preview = request.preview
-        self.last_badge = BADGE_FOR_REASON[reason]
-        self.last_finished = self.last_used = time.monotonic()
-        self.last_counts = (
-            request.prompt_len,
-            request.cached_tokens,
-            request.completion_tokens,
-            request.params.max_tokens,
+        self.last_used = time.monotonic()
+        self.ended = EndedRequest(
+            badge=BADGE_FOR_REASON[reason],
+            request_id=request.handle.id,
+            preview=request.preview,
+            prompt_tokens=request.prompt_len,
+            cached_tokens=request.cached_tokens,
+            decoded=request.completion_tokens,
+            max_tokens=request.params.max_tokens,
+            at=self.last_used,
         )
         return request
 
@@ -179,20 +176,4 @@ class Slot:
                 kv_used=s.n_past,
                 origin="this kernel",
             )
-        recent = now_mono - s.last_finished < BADGE_SECONDS and s.last_request_id is not None
-        prompt, cached, decoded, max_tokens = s.last_counts
-        return SlotSnapshot(
-            id=s.id,
-            state="idle",
-            badge=s.last_badge if recent else "idle",
-            request_id=s.last_request_id,
-            prompt_preview=s.last_preview,
-            prompt_tokens=prompt,
-            prefilled_tokens=prompt,
-            cached_tokens=cached,
-            decoded_tokens=decoded,
-            max_tokens=max_tokens,
-            tps=0.0,
-            kv_used=len(s.cache),
-            origin="this kernel",
-        )
+        return idle_row(s.id, s.ended, now_mono, kv_used=len(s.cache), tps=0.0, blank=0)

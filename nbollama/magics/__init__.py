@@ -6,9 +6,12 @@ streams every prompt into its own area of one display, updated at most four
 times a second with ``update_display_data``: that works in JupyterLab (and
 Notebook 7) and under nbclient, with no widget involved.
 
-Each magic is three steps, one module each: ``_parse`` reads and checks what
-was typed into a frozen call (so a bad value is a UsageError before any model
-loads), ``_run`` loads, queues and streams, ``_render`` turns state into output.
+Each magic is three steps: ``_parse_nbollama`` and ``_parse_generate`` read
+and check what was typed into a frozen call (so a bad value is a UsageError
+before any model loads), with ``_args`` (argparse types), ``_prompts``
+(``{name}`` templating) and ``_fanout`` (``--each``); ``_run`` loads, queues
+and streams; ``_render`` turns state into output, ``_status`` an engine
+snapshot into the ``%nbollama status`` table.
 """
 
 from __future__ import annotations
@@ -26,23 +29,20 @@ from ..bench import SweepResult
 from ..remote import RemoteEngine
 from ..remote._bench import RemoteSweepResult
 from ..results import BackgroundGeneration, Results
-from ._parse import (
+from ._parse_generate import GenerateHelpCall, parse_generate
+from ._parse_nbollama import (
     BenchCall,
     ConnectCall,
     DashboardCall,
     DisconnectCall,
-    GenerateHelpCall,
     LoadCall,
     StatusCall,
     UnloadCall,
-    interpolate,
-    parse_generate,
     parse_nbollama,
-    split_prompts,
 )
+from ._prompts import interpolate, split_prompts
 from ._render import (
     NO_ENGINE_MESSAGE,
-    StatusReport,
     disconnected_message,
     generate_help,
     nbollama_help,
@@ -57,6 +57,7 @@ from ._run import (
     run_in_foreground,
     start_cell,
 )
+from ._status import StatusReport
 
 __all__ = [
     "NbollamaMagics",
@@ -72,7 +73,7 @@ __all__ = [
 class NbollamaMagics(Magics):
     """``%nbollama`` and ``%%generate``/``%generate``, registered by ``%load_ext nbollama``."""
 
-    @line_magic("nbollama")
+    @line_magic("nbollama")  # type: ignore[arg-type]  # IPython mistypes the named form
     def nbollama_magic(self, line: str) -> StatusReport | SweepResult | RemoteSweepResult | None:
         """Manage the kernel's engine: one model, N parallel slots.
 
@@ -163,6 +164,7 @@ class NbollamaMagics(Magics):
             return None
         if isinstance(call, DisconnectCall):
             engine = session.current_engine()
+            what: str | None
             if isinstance(engine, RemoteEngine):
                 what = f"disconnected from {engine.kind} at {engine.url} (the server keeps running)"
             else:
@@ -174,7 +176,7 @@ class NbollamaMagics(Magics):
         return None
 
     @no_var_expand
-    @line_cell_magic("generate")
+    @line_cell_magic("generate")  # type: ignore[arg-type]  # IPython mistypes the named form
     def generate(self, line: str, cell: str | None = None) -> Results | BackgroundGeneration | None:
         """Generate with the kernel's engine: every prompt in its own slot, all at once.
 
@@ -241,15 +243,17 @@ class NbollamaMagics(Magics):
 
             %generate --max-tokens 32 What's a KV cache?
         """
-        call = parse_generate(line, cell, self.shell.user_ns, expand_options=self._expand)
+        shell = self.shell
+        assert shell is not None  # load_ipython_extension gives the magics their shell
+        call = parse_generate(line, cell, shell.user_ns, expand_options=self._expand)
         if isinstance(call, GenerateHelpCall):
             print(generate_help(call, self.generate.__doc__ or ""))
             return None
-        run = start_cell(self.shell, call)
+        run = start_cell(shell, call)
 
         def store(value: Results | BackgroundGeneration) -> None:
             if call.out is not None:
-                self.shell.user_ns[call.out] = value
+                shell.user_ns[call.out] = value
 
         if call.background:
             return run_in_background(run, call.out, store)
@@ -257,6 +261,7 @@ class NbollamaMagics(Magics):
 
     def _expand(self, line: str) -> str:
         """IPython's ``$name``/``{name}`` expansion of a cell's options line (the body's is ours)."""
+        assert self.shell is not None  # load_ipython_extension gives the magics their shell
         return str(self.shell.var_expand(line, formatter=DollarFormatter()))
 
 

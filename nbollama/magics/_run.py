@@ -1,6 +1,6 @@
 """Running a checked call: loading, feeding a cell's prompts, streaming them into its display.
 
-A cell's prompts go through a ``Feeder`` (``nbollama._feed``), exactly as
+A cell's prompts go through a ``Feeder`` (``nbollama._api.feed``), exactly as
 ``engine.generate`` does: as many as fit in one ``submit_many``, the rest as
 the queue drains, in big chunks. So a cell of any size flows through the
 engine's bounded queue, and the same greedy cell at the same ``parallel``
@@ -26,16 +26,17 @@ from IPython.core.error import UsageError
 from IPython.display import DisplayHandle, display
 
 from .. import session
-from .._feed import Feeder, window_of
+from .._api.feed import Feeder, window_of
+from .._api.progress import elide_prefix, progress_state
 from .._logging import logger
-from .._progress import elide_prefix, progress_state
 from ..bench import SweepResult, sweep
 from ..engine import Engine, EngineLike, Handle, Result
 from ..exceptions import ModelError, NbollamaError
 from ..remote import RemoteEngine
 from ..remote._bench import DEFAULT_CONCURRENCY, RemoteSweepResult, remote_sweep
 from ..results import BackgroundGeneration, Results
-from ._parse import BenchCall, ConnectCall, GenerateCall, LoadCall
+from ._parse_generate import GenerateCall
+from ._parse_nbollama import BenchCall, ConnectCall, LoadCall
 from ._render import (
     CARDS_MAX,
     applied_inflight_message,
@@ -205,7 +206,7 @@ class CellRun:
         self._shown = self._state()
         self._shown_at = time.monotonic()
         publisher = getattr(self.shell, "display_pub", None)
-        if hasattr(publisher, "set_thread_parent"):
+        if publisher is not None and hasattr(publisher, "set_thread_parent"):
             self.origin = dict(publisher.parent_header)
         self.display = display(self._bundle(), raw=True, display_id=True)
 
@@ -358,7 +359,7 @@ def _attach_results(results: Results) -> None:
     (``sys.last_value.results`` after the cell)."""
     exc = sys.exc_info()[1]
     if exc is not None:
-        exc.results = results  # type: ignore[attr-defined]
+        exc.results = results  # type: ignore[attr-defined]  # added to the exception
 
 
 def _drive_in_background(

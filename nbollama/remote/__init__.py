@@ -9,7 +9,9 @@
 ``connect`` checks its arguments, finds what serves at the URL and returns a
 ``RemoteEngine`` (``nbollama.connect`` also makes it the kernel's engine).
 API keys come from an environment variable only and are never shown;
-credentials in URLs are redacted wherever the URL is shown.
+credentials in URLs are redacted wherever the URL is shown. Objects hold
+both as ``Secret`` (``repr``/``str`` ``***``, never pickled), revealed only
+as a request is sent.
 """
 
 from __future__ import annotations
@@ -17,12 +19,21 @@ from __future__ import annotations
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 from ..exceptions import InvalidParamsError
 from ._detect import KINDS, ServerInfo, detect
 from ._engine import BUSY_RETRIES, DEFAULT_MAX_INFLIGHT, RemoteEngine, RemoteHandle
 from ._http import Connection
-from ._url import Endpoint, api_key_from_env, check_env_name, host_is_local, parse_url, redact_url
+from ._url import (
+    Endpoint,
+    Secret,
+    api_key_from_env,
+    check_env_name,
+    host_is_local,
+    parse_url,
+    redact_url,
+)
 
 __all__ = [
     "KINDS",
@@ -32,6 +43,7 @@ __all__ = [
     "RemoteHandle",
     "ServerInfo",
     "Endpoint",
+    "Secret",
     "ConnectOptions",
     "check_connect",
     "connect",
@@ -74,7 +86,7 @@ class ConnectOptions:
         if ca_bundle is not None and not Path(ca_bundle).expanduser().is_file():
             raise InvalidParamsError(f"ca_bundle={ca_bundle!r}: no such file")
         self.api_key_env = check_env_name(api_key_env) if api_key_env is not None else None
-        self.api_key = api_key_from_env(api_key_env) if api_key_env is not None else None
+        self.api_key: Secret | None = api_key_from_env(api_key_env) if api_key_env is not None else None
         self.kind = kind
         self.model = model.strip() if model else None
         self.max_inflight = max_inflight
@@ -89,9 +101,9 @@ class ConnectOptions:
         return f"<ConnectOptions {self.endpoint.shown} kind={self.kind}{key}>"
 
 
-def check_connect(url: str, **options: object) -> ConnectOptions:
+def check_connect(url: str, **options: Any) -> ConnectOptions:
     """Check ``connect``'s arguments without touching the network."""
-    return ConnectOptions(url, **options)  # type: ignore[arg-type]
+    return ConnectOptions(url, **options)  # ConnectOptions checks every value
 
 
 def open_remote(options: ConnectOptions) -> RemoteEngine:
@@ -137,4 +149,7 @@ def connect(
         ca_bundle=ca_bundle,
         verify=verify,
     )
+    # A verbose traceback (%xmode Verbose) prints this frame's arguments: from here on the URL is
+    # the redacted one, its password and key-like query values held by the connection as Secrets.
+    url = options.endpoint.shown
     return open_remote(options)

@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 
 import httpx
 
-from .._core._requests import SamplingParams
-from .._core._snapshot import RemoteModelFigures
+from .._api.requests import SamplingParams
+from .._api.snapshot import RemoteModelFigures
 from ..exceptions import InvalidParamsError
 from ._detect import ServerInfo
 from ._http import error_message, get
@@ -361,7 +361,8 @@ def _llama_slots(data: Any) -> list[ServerSlot]:
         if isinstance(nxt, list):  # an object in the README, a one-element array in newer builds
             nxt = nxt[0] if nxt else {}
         nxt = nxt if isinstance(nxt, dict) else {}
-        params = item.get("params") if isinstance(item.get("params"), dict) else {}
+        params = item.get("params")
+        params = params if isinstance(params, dict) else {}
         n_predict = _int(params.get("n_predict"))
         if n_predict is None:
             n_predict = _int(params.get("max_tokens"))

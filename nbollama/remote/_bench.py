@@ -22,10 +22,11 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from ..bench import DEFAULT_PROMPTS, _progress
-from ..metrics import percentile
+from .._api.metrics import percentile
+from .._api.sweep import DEFAULT_PROMPTS, log_range, mark_on_log_axis, sweep_progress
+from ..exceptions import InvalidParamsError
 from ._engine import RemoteEngine, RemoteHandle
 
 __all__ = [
@@ -88,10 +89,8 @@ class RemoteSweepResult:
         return [asdict(r) for r in self.rows]
 
     def to_pandas(self) -> Any:
-        try:
-            import pandas as pd
-        except ImportError:
-            raise ImportError("to_pandas() needs pandas: pip install pandas") from None
+        import pandas as pd  # here, not at the top: `import nbollama` stays light
+
         records = self.to_records()
         for record in records:
             record.pop("first_wave")
@@ -116,20 +115,15 @@ class RemoteSweepResult:
             go.Scatter(x=xs, y=[r.ttft_p95 for r in self.rows], name="TTFT p95 (s)", mode="lines+markers", line={"dash": "dash"}),
             secondary_y=True,
         )
-        from ..bench import (  # add_vline labels land at 10**x on a log axis
-            _log_range,
-            _mark_on_log_axis,
-        )
-
         if self.inferred_parallel is not None:
-            _mark_on_log_axis(
+            mark_on_log_axis(
                 fig, self.inferred_parallel, f"server runs {self.inferred_parallel} at once",
                 colour="#c62828", xs=xs, dash="dot",
             )
-        _mark_on_log_axis(fig, self.recommended, f"recommended: {self.recommended}", colour="green", xs=xs)
+        mark_on_log_axis(fig, self.recommended, f"recommended: {self.recommended}", colour="green", xs=xs)
         fig.update_xaxes(
             title_text="requests in flight (client concurrency)", type="log", tickvals=xs,
-            ticktext=[str(x) for x in xs], range=_log_range(xs),
+            ticktext=[str(x) for x in xs], range=log_range(xs),
         )
         fig.update_yaxes(title_text="tokens/s", rangemode="tozero", secondary_y=False)
         fig.update_yaxes(
@@ -323,11 +317,11 @@ def remote_sweep(
     """
     levels = sorted({int(c) for c in concurrency})
     if not levels or levels[0] < 1:
-        raise ValueError(f"concurrency values must be whole numbers >= 1, got {list(concurrency)!r}")
+        raise InvalidParamsError(f"concurrency values must be whole numbers >= 1, got {list(concurrency)!r}")
     if n_prompts < 1:
-        raise ValueError("n_prompts must be >= 1")
+        raise InvalidParamsError("n_prompts must be >= 1")
     pool = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
-    step = _progress(len(levels)) if progress else (lambda text: None)
+    step = sweep_progress(len(levels)) if progress else (lambda text: None)
     before, before_reason = engine.max_inflight, engine.max_inflight_reason
     rows: list[ConcurrencyRow] = []
     try:
@@ -347,7 +341,7 @@ def remote_sweep(
                     handle.cancel()
                 raise
             wall = time.perf_counter() - started
-            row = _row(level, handles, wall)  # type: ignore[arg-type]
+            row = _row(level, cast("list[RemoteHandle]", handles), wall)  # a RemoteEngine's
             rows.append(row)
             step(f"{level} in flight: {row.throughput:.1f} tok/s, TTFT p50 {row.ttft_p50:.2f} s")
     finally:

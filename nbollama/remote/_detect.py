@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from ..exceptions import RemoteError
+from ..exceptions import InvalidParamsError, RemoteError
 from ._http import Connection, error_message, get
 from ._metrics import Metrics, parse_metrics
 from ._url import host_is_local
@@ -79,6 +79,11 @@ def _json(response: httpx.Response) -> Any:
         return None
 
 
+def _error(connection: Connection, response: httpx.Response) -> str:
+    """The server's error text, with any of the connection's secrets it echoes redacted."""
+    return connection.scrub(error_message(response))
+
+
 def _reach(connection: Connection, client: httpx.Client, path: str) -> httpx.Response:
     """GET ``path``; a connection failure is a RemoteError naming the URL and the reason."""
     try:
@@ -93,7 +98,7 @@ def _unauthorised(connection: Connection, response: httpx.Response) -> RemoteErr
         if connection.api_key
         else "it wants an API key: connect with api_key_env='VAR' (--api-key-env VAR)"
     )
-    return RemoteError(connection.url, f"{error_message(response)} ({hint})")
+    return RemoteError(connection.url, f"{_error(connection, response)} ({hint})")
 
 
 def _check_auth(connection: Connection, response: httpx.Response) -> None:
@@ -108,7 +113,7 @@ def _llama_server(connection: Connection, client: httpx.Client, model: str | Non
     response = _reach(connection, client, "/props")
     _check_auth(connection, response)
     if response.status_code == 503:
-        raise RemoteError(connection.url, f"llama-server is not ready yet ({error_message(response)}); try again shortly")
+        raise RemoteError(connection.url, f"llama-server is not ready yet ({_error(connection, response)}); try again shortly")
     props = _json(response) if response.status_code == 200 else None
     if not isinstance(props, dict) or "total_slots" not in props:
         return None
@@ -345,7 +350,7 @@ def _openai(
     cards, response = _models(connection, client)
     if response.status_code != 200 and not (forced and model):
         if forced:
-            raise RemoteError(connection.url, f"GET /v1/models: {error_message(response)}; name the model with model='NAME'")
+            raise RemoteError(connection.url, f"GET /v1/models: {_error(connection, response)}; name the model with model='NAME'")
         return None
     name = _pick_model(connection, cards, model, "the server")
     return ServerInfo(
@@ -373,7 +378,7 @@ def detect(
 ) -> ServerInfo:
     """Find what serves at the connection's URL; raises ``RemoteError`` naming the URL and the reason."""
     if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}: one of {', '.join(KINDS)}")
+        raise InvalidParamsError(f"kind={kind!r}: one of {', '.join(KINDS)}")
     own = client is None
     client = client or connection.sync_client()
     local = host_is_local(connection.endpoint.host)

@@ -10,20 +10,29 @@ that reuses it gets "Server disconnected without sending a response". So
 streams are sent with ``Connection: close`` (one connection each, never
 reused), and idempotent GETs are retried once when a pooled connection turns
 out to be dead.
+
+Credentials stay ``Secret`` (see ``_url``) in every object, the httpx
+clients included: they are handed a ``Credentials`` auth that reveals the
+key, the basic-auth password and the URL's query only into each request as
+it is sent, so no client, connection or engine attribute holds them in
+clear.
 """
 
 from __future__ import annotations
 
+import base64
 import ssl
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from ._url import Endpoint, scrub
+from ._url import Endpoint, Secret, scrub
 
 __all__ = [
     "Connection",
+    "Credentials",
     "describe",
     "error_message",
     "get",
@@ -43,16 +52,60 @@ def _user_agent() -> str:
         return "nbollama"
 
 
+class Credentials(httpx.Auth):
+    """What a request carries to be let in: the Bearer key, basic auth, the URL's query.
+
+    Put on each request as it is sent, from the ``Secret`` values, so that the
+    httpx client holds no credential in clear (its default headers and params
+    would). On the wire it is what httpx did with ``headers={"Authorization":
+    "Bearer KEY"}``, ``auth=(user, password)`` and ``params=query`` given to
+    the client: the key as ``Authorization: Bearer``, replaced by ``Basic``
+    when the URL has ``user:password@`` (httpx's basic auth set the header
+    after the client's), the URL's query first and a request's own
+    parameters over it.
+    """
+
+    def __init__(self, endpoint: Endpoint, api_key: Secret | None) -> None:
+        self._endpoint = endpoint
+        self._api_key = api_key
+
+    def __repr__(self) -> str:
+        return f"<Credentials for {self._endpoint.shown}{' with an API key' if self._api_key else ''}>"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if self._api_key:
+            request.headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
+        basic = self._endpoint.auth
+        if basic is not None:
+            pair = f"{basic[0]}:{basic[1]}".encode()  # as httpx.BasicAuth: utf-8
+            request.headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        query = self._endpoint.query()
+        if query:
+            params = httpx.QueryParams(tuple(query))  # tuple: httpx's list type is invariant
+            request.url = request.url.copy_with(params=params.merge(request.url.params))
+        yield request
+
+
 @dataclass(frozen=True)
 class Connection:
-    """How to talk to one server: where, with which credentials, how patiently."""
+    """How to talk to one server: where, with which credentials, how patiently.
+
+    ``api_key`` is a ``Secret`` (a plain string given is made one): ``repr``,
+    ``vars``, ``dataclasses.asdict`` show ``Secret('***')``; pickling raises.
+    """
 
     endpoint: Endpoint
-    api_key: str | None = None
+    api_key: Secret | None = None
     verify: bool | str | ssl.SSLContext = True
     timeout: float = 300.0  # seconds a stream may stay silent
     connect_timeout: float = 5.0
     poll_timeout: float = 3.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.api_key, str):
+            object.__setattr__(self, "api_key", Secret(self.api_key) if self.api_key else None)
+        elif self.api_key is not None and not isinstance(self.api_key, Secret):
+            raise TypeError(f"api_key: a Secret or a str, not {type(self.api_key).__name__}")
 
     @property
     def url(self) -> str:
@@ -60,9 +113,14 @@ class Connection:
         return self.endpoint.shown
 
     @property
-    def secrets(self) -> tuple[str, ...]:
+    def secrets(self) -> tuple[Secret, ...]:
+        """Every credential of this connection, to scrub from text before it is shown."""
         found = self.endpoint.secrets
         return (*found, self.api_key) if self.api_key else found
+
+    def scrub(self, text: str) -> str:
+        """``text`` (a server's error message, say) with URLs redacted and this connection's secrets ``***``."""
+        return scrub(text, self.secrets)
 
     def _ssl(self) -> bool | ssl.SSLContext:
         if isinstance(self.verify, str):
@@ -70,14 +128,10 @@ class Connection:
         return self.verify
 
     def _options(self, timeout: httpx.Timeout) -> dict[str, Any]:
-        headers = {"User-Agent": _user_agent()}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
         return {
             "base_url": self.endpoint.base,
-            "headers": headers,
-            "auth": self.endpoint.auth,
-            "params": list(self.endpoint.params),
+            "headers": {"User-Agent": _user_agent()},
+            "auth": Credentials(self.endpoint, self.api_key),
             "verify": self._ssl(),
             "timeout": timeout,
             "follow_redirects": False,

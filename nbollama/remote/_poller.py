@@ -12,9 +12,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-from .._core._monitor import Monitor, Subscription
-from .._core._snapshot import EngineSnapshot
+from .._api.monitor import Monitor, Subscription
+from .._api.snapshot import EngineSnapshot
 from .._logging import logger
 from ._adapters import ServerState
 
@@ -115,8 +116,8 @@ class StatePoller:
 class WatchedMonitor(Monitor):
     """The core ``Monitor``, also telling how many subscribers it has (the poller runs while any do)."""
 
-    def __init__(self, *args: object, on_watchers: Callable[[int], None], **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, on_watchers: Callable[[int], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._on_watchers = on_watchers
         self._watching: set[Subscription] = set()
         self._watch_lock = threading.Lock()

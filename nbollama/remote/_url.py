@@ -5,26 +5,113 @@ becomes HTTP basic auth, a key comes from an environment variable and goes
 into a header, and everything shown (load line, snapshots, errors, logs)
 uses ``Endpoint.shown``, where the password and any key-like query value are
 ``***``.
+
+Every credential an object holds (the API key, a URL's password, a key-like
+query value) is a ``Secret``: its ``repr``, ``str`` and format are ``***``,
+it cannot be pickled, and only ``Secret.reveal()`` gives the value, which
+``_http`` calls at the one place it goes on the wire. So ``repr``/``vars`` of
+a connection, a dataclass repr, a snapshot, or a verbose traceback that
+prints locals, never shows a key.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
 import re
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, NoReturn
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from ..exceptions import InvalidParamsError
 
-__all__ = ["Endpoint", "parse_url", "redact_url", "api_key_from_env", "host_is_local", "scrub"]
+__all__ = ["Secret", "Endpoint", "parse_url", "redact_url", "api_key_from_env", "host_is_local", "scrub"]
 
 #: Query parameters whose values are secrets (matched as substrings, case-insensitive).
 _SECRET_QUERY = ("key", "token", "secret", "password", "passwd", "auth", "signature", "sig", "credential")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _URL_IN_TEXT = re.compile(r"\bhttps?://[^\s'\"<>]+")
 REDACTED = "***"
+
+
+class Secret:
+    """A credential (an API key, a password) that no way of showing an object shows.
+
+    ``repr`` is ``Secret('***')``, ``str`` and any format (f-strings) are
+    ``***``; ``vars()`` has nothing to show (``__slots__``). ``reveal()``
+    gives the value, for the one place that puts it on the wire.
+
+    Pickling raises ``TypeError``: a pickle would carry the key in clear into
+    a file or another process, and a redacted one would fail later at the
+    server with a puzzling 401. ``copy``/``deepcopy`` give the same object (it
+    is immutable), so ``dataclasses.replace``/``asdict`` keep working.
+
+    Equal to another ``Secret`` with the same value (compared in constant
+    time), never to a plain string; hashable; true when not empty.
+    """
+
+    __slots__ = ("_value",)
+    _value: str
+
+    def __init__(self, value: str | Secret) -> None:
+        if isinstance(value, Secret):
+            value = value.reveal()
+        if not isinstance(value, str):
+            raise TypeError(f"a Secret holds a str, not {type(value).__name__}")
+        object.__setattr__(self, "_value", value)
+
+    def reveal(self) -> str:
+        """The value in clear: only to send it (a header, basic auth, a query)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({REDACTED!r})"
+
+    def __str__(self) -> str:
+        return REDACTED
+
+    def __format__(self, spec: str) -> str:
+        return format(REDACTED, spec)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError("a Secret is immutable")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError("a Secret is immutable")
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        raise TypeError(
+            "a Secret (an API key or password) cannot be pickled: the pickle would carry it in clear; "
+            "connect again where it is needed (the key comes from the environment there)"
+        )
+
+    def __reduce__(self) -> NoReturn:
+        self.__reduce_ex__(None)
+
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Secret:
+        return self
+
+
+def reveal(value: str | Secret | None) -> str | None:
+    """The clear value of a ``Secret`` (a plain string or ``None`` as it is)."""
+    return value.reveal() if isinstance(value, Secret) else value
 
 
 @dataclass(frozen=True)
@@ -37,20 +124,35 @@ class Endpoint:
     host: str
     port: int
     username: str | None = field(default=None, repr=False)
-    password: str | None = field(default=None, repr=False)
-    params: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    password: Secret | None = field(default=None, repr=False)
+    #: The URL's query, sent with every request; key-like values (``?api_key=``) are ``Secret``.
+    params: tuple[tuple[str, str | Secret], ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.password, str):
+            object.__setattr__(self, "password", Secret(self.password))
+        params = tuple(
+            (name, Secret(value) if isinstance(value, str) and _is_secret(name) else value)
+            for name, value in self.params
+        )
+        object.__setattr__(self, "params", params)
 
     @property
     def auth(self) -> tuple[str, str] | None:
+        """HTTP basic auth ``(user, password)`` in clear, computed when asked (never stored so)."""
         if self.username is None:
             return None
-        return (self.username, self.password or "")
+        return (self.username, reveal(self.password) or "")
+
+    def query(self) -> list[tuple[str, str]]:
+        """The query parameters in clear, to send."""
+        return [(name, reveal(value) or "") for name, value in self.params]
 
     @property
-    def secrets(self) -> tuple[str, ...]:
+    def secrets(self) -> tuple[Secret, ...]:
         """Every secret this endpoint carries, to scrub from any text before it is shown."""
         found = [self.password] if self.password else []
-        found += [value for name, value in self.params if _is_secret(name) and value]
+        found += [value for _, value in self.params if isinstance(value, Secret) and value]
         return tuple(found)
 
     def __str__(self) -> str:
@@ -98,7 +200,7 @@ def parse_url(text: str) -> Endpoint:
     base = urlunsplit((parts.scheme, netloc, path, "", ""))
     params = tuple(parse_qsl(parts.query, keep_blank_values=True))
     username = unquote(parts.username) if parts.username is not None else None
-    password = unquote(parts.password) if parts.password is not None else None
+    password = Secret(unquote(parts.password)) if parts.password is not None else None
     shown_netloc = netloc
     if username is not None:
         shown_netloc = f"{quote(username, safe='')}{':' + REDACTED if password else ''}@{netloc}"
@@ -141,12 +243,13 @@ def redact_url(text: str) -> str:
     return _URL_IN_TEXT.sub(one, text)
 
 
-def scrub(text: str, secrets: tuple[str, ...]) -> str:
+def scrub(text: str, secrets: Iterable[str | Secret]) -> str:
     """``text`` with URLs redacted and every known secret value replaced by ``***``."""
     text = redact_url(text)
     for secret in secrets:
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, REDACTED)
+        value = reveal(secret)
+        if value and len(value) >= 3:
+            text = text.replace(value, REDACTED)
     return text
 
 
@@ -156,8 +259,8 @@ def check_env_name(name: str) -> str:
     return name
 
 
-def api_key_from_env(name: str) -> str:
-    """The API key held by environment variable ``name``; the value is never shown.
+def api_key_from_env(name: str) -> Secret:
+    """The API key held by environment variable ``name``, as a ``Secret``: the value is never shown.
 
     Raises ``InvalidParamsError`` naming the variable (not its value) when it
     is not set or empty.
@@ -169,7 +272,7 @@ def api_key_from_env(name: str) -> str:
             f"the environment variable {name} is not set (or empty): put the API key there, "
             f"e.g. in the shell that starts Jupyter (export {name}=...), never in the notebook"
         )
-    return value.strip()
+    return Secret(value.strip())
 
 
 def _local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:

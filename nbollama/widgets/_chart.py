@@ -27,8 +27,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from traitlets import Bool, Float, Int, List, observe
 
-from .._core._protocol import EngineLike
-from .._core._snapshot import CompletedRequest, EngineSnapshot
+from .._api.protocol import EngineLike
+from .._api.snapshot import CompletedRequest, EngineSnapshot
 from .._logging import logger
 from ._live import DEFAULT_INTERVAL, LiveView, imports_in_progress
 
@@ -84,7 +84,7 @@ export default {
 """
 
 
-class FitToBox(anywidget.AnyWidget):  # type: ignore[misc]
+class FitToBox(anywidget.AnyWidget):
     """Keeps the plotly charts of its container (class ``nbollama-fit-box``) as wide as the container.
 
     Invisible; put it beside a ``FigureWidget`` whose ``_config`` has
@@ -100,7 +100,7 @@ class FitToBox(anywidget.AnyWidget):  # type: ignore[misc]
         super().__init__(**kwargs)
 
 
-class GuardedFigureWidget(go.FigureWidget):  # type: ignore[misc]
+class GuardedFigureWidget(go.FigureWidget):
     """A ``FigureWidget`` whose messages from the browser wait for ``lock``.
 
     Each ``_js2py_*`` handler is re-declared under its own name, which

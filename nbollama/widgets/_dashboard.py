@@ -14,22 +14,15 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import Bool, Int, Unicode
 
-from .._core._protocol import EngineLike
-from .._core._snapshot import EngineSnapshot
+from .._api.protocol import EngineLike
+from .._api.snapshot import EngineSnapshot
+from .._palette import badge_html
 from ._chart import ThroughputChart
 from ._live import DEFAULT_INTERVAL, EngineLink, close_children
 from ._memory import MemoryPanel, memory_summary
 from ._slots import SlotMonitor
 
 __all__ = ["Dashboard", "dashboard"]
-
-_STATUS_COLOURS = {
-    "live": "#2e7d32",
-    "engine closed": "#c62828",
-    "no engine": "#9e9e9e",
-    "stopped": "#757575",
-    "closed": "#9e9e9e",
-}
 
 #: Seconds between redraws of the chart and the memory panel while the engine
 #: is busy (slot rows follow every snapshot); an idle or closed engine's
@@ -190,7 +183,8 @@ class Dashboard(widgets.VBox):
         self.parallel_reason = snapshot["parallel_reason"]
         self.reproducible = bool(snapshot.get("reproducible"))
         self.parallel_max = snapshot.get("parallel_max") or snapshot["parallel"]
-        self.adaptive_target = (snapshot.get("adaptive") or {}).get("target", "")
+        adaptive = snapshot.get("adaptive")
+        self.adaptive_target = adaptive.get("target", "") if adaptive else ""
         cache = snapshot.get("prefix_cache")
         self.prefix_cache = (
             ""
@@ -238,16 +232,12 @@ class Dashboard(widgets.VBox):
         return line, detail
 
     def _header_html(self) -> str:
-        colour = _STATUS_COLOURS.get(self.status, "#9e9e9e")
         device = (
             "CPU"
             if self.gpu_layers == 0 or self.gpu_layers is None
             else ("GPU (all layers)" if self.gpu_layers < 0 else f"GPU ({self.gpu_layers} layers)")
         )
-        pill = (
-            f'<span style="padding:0 6px;border-radius:8px;border:1px solid {colour};color:{colour};'
-            f'font-size:11px">{html.escape(self.status)}</span>'
-        )
+        pill = badge_html(self.status, style="outline")
         line = (
             f"<b>nbollama</b> · <b>{html.escape(self.model_name)}</b> · parallel <b>{self.parallel}</b>"
             + (

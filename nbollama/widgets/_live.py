@@ -11,11 +11,15 @@ engine swap or a ``close()`` on the kernel's thread).
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import ipywidgets as widgets
 
-from .._core._monitor import EngineLink
-from .._core._protocol import EngineLike
+from .._api.protocol import EngineLike
+from .._link import EngineLink
+
+if TYPE_CHECKING:
+    from .._api.snapshot import EngineSnapshot
 
 __all__ = [
     "LiveView",
@@ -40,16 +44,22 @@ class LiveView:
 
     _link: EngineLink | None = None
 
+    if TYPE_CHECKING:  # what the widget class mixing this in defines
+
+        def reset(self, engine: EngineLike | None) -> None: ...
+
+        def update(self, snapshot: EngineSnapshot | None) -> None: ...
+
     def _follow(self, engine: EngineLike | None, interval: float) -> None:
         if engine is not None:
-            self._link = EngineLink(self.reset, self.update, interval=interval)  # type: ignore[attr-defined]
+            self._link = EngineLink(self.reset, self.update, interval=interval)
             self._link.attach(engine)
 
     def close(self) -> None:
         if self._link is not None:
             self._link.close()
-        close_children(self)  # type: ignore[arg-type]
-        super().close()  # type: ignore[misc]
+        close_children(self)
+        super().close()  # type: ignore[misc]  # a mixin: close() is the widget base's, after it
 
 
 def close_children(widget: widgets.Widget) -> None:

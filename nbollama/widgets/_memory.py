@@ -15,8 +15,8 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import Bool, Dict, Int, List, Unicode
 
-from .._core._protocol import EngineLike
-from .._core._snapshot import EngineSnapshot, KVSnapshot, MemoryFigures, RemoteFigures
+from .._api.protocol import EngineLike
+from .._api.snapshot import EngineSnapshot, KVSnapshot, MemoryFigures, RemoteFigures
 from ..memory import format_bytes
 from ._live import DEFAULT_INTERVAL, LiveView
 
@@ -125,10 +125,10 @@ def memory_html(
                 f"{format_bytes(figures['host_available'])} of {format_bytes(figures['host_total'])}",
             )
         )
-        in_use = figures["host_total"] - figures["host_available"]
-        parts.append(
-            _bar(in_use, figures["host_total"], "#a5d6a7", figures["process_rss"], "#2e7d32")
-        )
+        total, available = figures["host_total"], figures["host_available"]
+        if total is not None and available is not None:  # None only in a remote engine's figures
+            in_use = total - available
+            parts.append(_bar(in_use, total, "#a5d6a7", figures["process_rss"], "#2e7d32"))
     rows.append(_row("KV cache", format_bytes(figures["kv_bytes"])))
     parts.append(f'<table style="border-collapse:collapse;margin-top:4px">{"".join(rows)}</table>')
     if figures["kv_estimate"]:

@@ -14,9 +14,9 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import Bool, Float, Int, List, Unicode
 
-from .._core._protocol import EngineLike
-from .._core._snapshot import EngineSnapshot, SlotSnapshot
-from .._palette import BADGE_COLOURS
+from .._api.protocol import EngineLike
+from .._api.snapshot import EngineSnapshot, SlotSnapshot
+from .._palette import BADGE_COLOURS, badge_html
 from ._live import DEFAULT_INTERVAL, LiveView, close_tree
 
 __all__ = ["BADGE_COLOURS", "SlotRow", "SlotMonitor", "badge_html"]
@@ -32,17 +32,6 @@ _BAR_STYLES: dict[str, str] = {
     "cancelled": "warning",
     "error": "danger",
 }
-
-
-def badge_html(badge: str) -> str:
-    """A coloured pill with the badge's name; unknown badges are grey."""
-    colour = BADGE_COLOURS.get(badge, "#9e9e9e")
-    return (
-        f'<span class="nbollama-badge nbollama-badge-{html.escape(badge)}" '
-        f'style="display:inline-block;min-width:6.5em;text-align:center;padding:1px 6px;'
-        f'border-radius:9px;background:{colour};color:white;font-size:11px;font-weight:600">'
-        f"{html.escape(badge)}</span>"
-    )
 
 
 def _cache_tag(cached: int) -> str:

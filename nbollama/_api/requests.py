@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
-import sniffio
+import anyio.lowlevel
 
-from ..exceptions import InvalidParamsError, NbollamaError, RequestFailedError
+from ..exceptions import (
+    InvalidParamsError,
+    NbollamaError,
+    RequestFailedError,
+    RequestTimeoutError,
+)
 
 __all__ = [
     "check_request_params",
@@ -126,17 +131,11 @@ class _LoopWaker:
 
     def __init__(self) -> None:
         self.event = anyio.Event()
-        library = sniffio.current_async_library()
-        if library == "trio":
-            import trio
-
-            token = trio.lowlevel.current_trio_token()
-            self._soon: Callable[[Callable[[], object]], object] = token.run_sync_soon
-        else:
-            import asyncio
-
-            loop = asyncio.get_running_loop()
-            self._soon = loop.call_soon_threadsafe
+        # anyio's token of the running loop: an asyncio loop or a trio token, each with its
+        # own thread-safe "call this soon" (neither blocks the calling thread)
+        loop: Any = anyio.lowlevel.current_token().native_token  # typed as object by anyio
+        soon = getattr(loop, "call_soon_threadsafe", None) or loop.run_sync_soon
+        self._soon: Callable[[Callable[[], object]], object] = soon
 
     def wake(self) -> None:
         try:
@@ -182,7 +181,7 @@ class Handle:
 
     # -- what the engine's thread calls -------------------------------------------------
 
-    def _set_running(self, slot: int, status: RequestStatus) -> None:
+    def _set_running(self, slot: int | None, status: RequestStatus) -> None:
         with self._cond:
             self._slot = slot
             self._status = status
@@ -310,7 +309,7 @@ class Handle:
         while self._result is None:
             remaining = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
             if remaining <= 0:
-                raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+                raise RequestTimeoutError(f"request {self.id} did not finish within {timeout} s")
             self._finished.wait(remaining)  # short waits keep Ctrl-C responsive
         return self._result
 

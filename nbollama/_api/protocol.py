@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
-from ._monitor import Subscription
-from ._requests import Handle, Result
-from ._snapshot import EngineSnapshot
+from .monitor import Subscription
+from .requests import Handle, Result
+from .snapshot import EngineSnapshot
 
 __all__ = ["EngineLike"]
 
@@ -31,6 +31,11 @@ class EngineLike(Protocol):
 
     @property
     def summary(self) -> str: ...
+
+    @property
+    def feed_window(self) -> int:
+        """How many of one call's prompts ``generate`` (and a cell) keeps inside the engine."""
+        ...
 
     def submit(self, prompt: str, **params: Any) -> Handle: ...
 

@@ -13,13 +13,18 @@ engine always fills them. Only a remote snapshot has the ``remote`` block.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypedDict
 
 if TYPE_CHECKING:
-    from ._requests import Result
+    from .requests import FinishReason, Result
 
 __all__ = [
     "completed_request",
+    "BADGE_SECONDS",
+    "BADGE_FOR_REASON",
+    "EndedRequest",
+    "idle_row",
     "SNAPSHOT_VERSION",
     "SlotState",
     "SlotBadge",
@@ -51,6 +56,17 @@ SlotState = Literal["idle", "prefill", "generating", "sent"]
 #: ended, how it ended.
 SlotBadge = Literal["idle", "prefill", "generating", "sent", "done", "cancelled", "error"]
 
+#: How long a slot shows how its last request ended.
+BADGE_SECONDS = 2.0
+
+BADGE_FOR_REASON: dict[FinishReason, SlotBadge] = {
+    "stop": "done",
+    "length": "done",
+    "cancelled": "cancelled",
+    "error": "error",
+}
+
+
 
 #: Whose request a slot serves: this kernel's, or (on a shared server) someone else's.
 SlotOrigin = Literal["this kernel", "another client"]
@@ -78,6 +94,75 @@ class SlotSnapshot(TypedDict):
         int | None
     )  # KV cells this slot's sequence holds (an idle slot keeps its cached prefix); None: unknown remotely
     origin: SlotOrigin
+
+
+@dataclass(frozen=True)
+class EndedRequest:
+    """How a row's last request ended: its badge for ``BADGE_SECONDS``, its figures after."""
+
+    badge: SlotBadge
+    request_id: int
+    preview: str
+    prompt_tokens: int | None  # None: a server that did not say
+    cached_tokens: int | None
+    decoded: int
+    max_tokens: int
+    at: float  # time.monotonic() when it ended
+
+    @classmethod
+    def of(
+        cls, reason: FinishReason, result: Result, preview: str, max_tokens: int, *, known: bool
+    ) -> EndedRequest:
+        """From a finished ``Result``; ``known``: the prompt's token counts are known."""
+        return cls(
+            badge=BADGE_FOR_REASON[reason],
+            request_id=result.id,
+            preview=preview,
+            prompt_tokens=result.prompt_tokens if known else None,
+            cached_tokens=result.cached_tokens if known else None,
+            decoded=result.completion_tokens,
+            max_tokens=max_tokens,
+            at=time.monotonic(),
+        )
+
+    def showing(self, now: float) -> bool:
+        """Whether the row still shows how it ended (``now``: ``time.monotonic()``)."""
+        return now - self.at < BADGE_SECONDS
+
+
+def idle_row(
+    row: int,
+    ended: EndedRequest | None,
+    now: float,
+    *,
+    kv_used: int | None,
+    tps: float | None,
+    blank: int | None,
+) -> SlotSnapshot:
+    """An idle row: how its last request ended (the badge only for a moment), or nothing yet.
+
+    ``blank`` is what a row that never served shows for its counts: 0 in the kernel, None
+    where a server does not say."""
+    if ended is None:
+        ended = EndedRequest("idle", 0, "", blank, blank, 0, 0, 0.0)
+        request_id, max_tokens = None, blank
+    else:
+        request_id, max_tokens = ended.request_id, ended.max_tokens
+    return SlotSnapshot(
+        id=row,
+        state="idle",
+        badge=ended.badge if ended.showing(now) else "idle",
+        request_id=request_id,
+        prompt_preview=ended.preview,
+        prompt_tokens=ended.prompt_tokens,
+        prefilled_tokens=ended.prompt_tokens,
+        cached_tokens=ended.cached_tokens,
+        decoded_tokens=ended.decoded,
+        max_tokens=max_tokens,
+        tps=tps,
+        kv_used=kv_used,
+        origin="this kernel",
+    )
 
 
 class QueueSnapshot(TypedDict):

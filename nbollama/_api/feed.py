@@ -29,8 +29,9 @@ from typing import Any
 
 import anyio
 
-from ._core._requests import Handle, Result, _LoopWaker
-from .exceptions import InvalidParamsError, QueueFullError
+from ..exceptions import EngineError, InvalidParamsError, QueueFullError
+from .requests import Handle, Result, _LoopWaker
+from .results import Results
 
 __all__ = [
     "UNSENT_ID",
@@ -65,21 +66,10 @@ def window_for(parallel: int, max_queue: int) -> int:
 
 
 def window_of(engine: Any) -> int:
-    """The window ``generate`` uses on ``engine``: from its slots (a remote engine's in-flight
-    limit) and its queue limit. A ``%%generate`` cell feeds with the same window, so a cell and
-    ``generate()`` on the same prompts form the same batches."""
-    parallel = (
-        getattr(engine, "max_inflight", None)  # RemoteEngine
-        or getattr(engine, "parallel_max", None)  # Engine (adaptive: every reserved slot)
-        or engine.parallel
-    )
-    max_queue = getattr(engine, "_max_queue", None)  # RemoteEngine
-    if max_queue is None:
-        scheduler = getattr(engine, "_scheduler", None)  # Engine
-        max_queue = (
-            scheduler.queue.max_size if scheduler is not None else engine.snapshot()["queue"]["max"]
-        )
-    return window_for(int(parallel), int(max_queue))
+    """The window ``generate`` uses on ``engine`` (its ``feed_window``). A ``%%generate`` cell
+    feeds with the same window, so a cell and ``generate()`` on the same prompts form the same
+    batches."""
+    return int(engine.feed_window)
 
 
 def unsent_result(prompt: str) -> Result:
@@ -351,7 +341,7 @@ class Feeder:
         with self._lock:
             for index, handle in list(self._live.items()):
                 if not handle.done():
-                    raise RuntimeError(
+                    raise EngineError(
                         f"prompt {index} is still running; wait for the feeder to finish"
                     )
                 del self._live[index]
@@ -392,10 +382,8 @@ class Feeder:
 
 def _attach(exc: BaseException, results: list[Result]) -> None:
     """Ctrl-C keeps what finished: the ``Results`` ride on the KeyboardInterrupt."""
-    from .results import Results
-
     with contextlib.suppress(Exception):
-        exc.results = Results(results)  # type: ignore[attr-defined]
+        exc.results = Results(results)  # type: ignore[attr-defined]  # added to the exception
 
 
 def feed_generate(
@@ -416,7 +404,7 @@ def feed_generate(
     feeder.feed()  # bad parameters raise here, before anything is queued
     reporter = None
     if progress:
-        from ._progress import progress_reporter
+        from .progress import progress_reporter
 
         reporter = progress_reporter(feeder)
     try:
@@ -454,7 +442,7 @@ async def feed_agenerate(
     feeder.feed()
     reporter = None
     if progress:
-        from ._progress import progress_reporter
+        from .progress import progress_reporter
 
         reporter = progress_reporter(feeder)
     waker = _LoopWaker()

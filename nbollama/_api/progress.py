@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import html
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, Protocol, TextIO
 
-from ._palette import BADGE_COLOURS
-
-if TYPE_CHECKING:
-    from ._feed import Feeder
+from .._palette import BADGE_COLOURS, badge_html
+from .requests import Handle, Result
 
 __all__ = [
+    "FeedView",
     "ProgressState",
     "progress_state",
     "progress_html",
@@ -112,7 +112,7 @@ def short(text: str, limit: int, elide: int = 0) -> str:
     return folded if len(folded) <= limit else folded[: limit - 1] + "…"
 
 
-def elide_prefix(prompts: list[str] | tuple[str, ...]) -> int:
+def elide_prefix(prompts: Sequence[str]) -> int:
     """How many leading characters every prompt shares (cut at a word), when worth hiding.
 
     A template fanned out by ``--each`` differs only at its end: showing the
@@ -129,7 +129,34 @@ def elide_prefix(prompts: list[str] | tuple[str, ...]) -> int:
     return cut if cut >= _MIN_ELIDED else 0
 
 
-def progress_state(feeder: Feeder, *, elide: int = 0) -> ProgressState:
+class FeedView(Protocol):
+    """What a progress view reads of a call's feeding (``feed.Feeder`` has it): no import of the feeder."""
+
+    @property
+    def prompts(self) -> Sequence[str]: ...
+
+    @property
+    def total(self) -> int: ...
+    @property
+    def sent(self) -> int: ...
+    @property
+    def done(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+    @property
+    def cancelled(self) -> int: ...
+    @property
+    def elapsed(self) -> float: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def stopped(self) -> bool: ...
+    def running(self) -> list[tuple[int, Handle]]: ...
+    def latest(self) -> list[tuple[int, Result]]: ...
+    def tokens_so_far(self) -> int: ...
+
+
+def progress_state(feeder: FeedView, *, elide: int = 0) -> ProgressState:
     """The feeder's state now (call it on the thread that feeds)."""
     running = tuple(
         RunningRow(i, h.slot, h.status, h.prompt, h.completion_tokens, h.max_tokens)
@@ -189,24 +216,16 @@ def progress_text(state: ProgressState) -> str:
         lines.append(
             f"  slot {r.slot}: #{r.index + 1} {r.status} {r.tokens}/{r.max_tokens} {short(r.prompt, _PROMPT_CHARS, state.elide)}"
         )
-    for r in state.latest:
-        shown = r.error if r.finish_reason == "error" and r.error else r.text
+    for d in state.latest:
+        shown = d.error if d.finish_reason == "error" and d.error else d.text
         lines.append(
-            f"  #{r.index + 1} {r.finish_reason} {r.tokens} tok: {short(shown, _TEXT_CHARS)}"
+            f"  #{d.index + 1} {d.finish_reason} {d.tokens} tok: {short(shown, _TEXT_CHARS)}"
         )
     return "\n".join(lines)
 
 
 _CELL = 'style="text-align:left;padding:1px 8px 1px 0;white-space:nowrap"'
 _WIDE = 'style="text-align:left;padding:1px 0;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;max-width:40em"'
-
-
-def _badge(status: str) -> str:
-    colour = BADGE_COLOURS.get(status, "#9e9e9e")
-    return (
-        f'<span class="nbollama-badge" style="background:{colour};color:#fff;border-radius:8px;'
-        f'padding:0 6px">{html.escape(status)}</span>'
-    )
 
 
 def _bar_html(state: ProgressState) -> str:
@@ -238,7 +257,7 @@ def progress_html(state: ProgressState, *, title: str = "") -> str:
     parts = [head]
     if state.running:
         rows = "".join(
-            f"<tr><td {_CELL}>slot {'–' if r.slot is None else r.slot}</td><td {_CELL}>{_badge(r.status)}</td>"
+            f"<tr><td {_CELL}>slot {'–' if r.slot is None else r.slot}</td><td {_CELL}>{badge_html(r.status, style='inline')}</td>"
             f"<td {_CELL}>#{r.index + 1}</td><td {_CELL}>{r.tokens}/{r.max_tokens}</td>"
             f"<td {_WIDE}>{html.escape(short(r.prompt, _PROMPT_CHARS, state.elide))}</td></tr>"
             for r in state.running[:_SLOT_ROWS]
@@ -282,14 +301,16 @@ def progress_bundle(state: ProgressState, *, title: str = "") -> dict[str, str]:
 class _NotebookProgress:
     """A display updated from the calling thread (the cell's), at most as often as it is asked."""
 
-    def __init__(self, feeder: Feeder) -> None:
+    def __init__(self, feeder: FeedView) -> None:
         from IPython.display import display
 
         self.feeder = feeder
         self.elide = elide_prefix(feeder.prompts) if feeder.total <= 10_000 else 0
         state = progress_state(feeder, elide=self.elide)
         self._key = state.key()
-        self.handle = display(progress_bundle(state), raw=True, display_id=True)
+        self.handle = display(  # type: ignore[no-untyped-call]  # IPython: no annotations
+            progress_bundle(state), raw=True, display_id=True
+        )
 
     def update(self) -> None:
         state = progress_state(self.feeder, elide=self.elide)
@@ -307,7 +328,7 @@ class _NotebookProgress:
 class _TextProgress:
     """One line on stderr, rewritten in place (``\\r``), ended with a newline."""
 
-    def __init__(self, feeder: Feeder, stream: TextIO | None = None) -> None:
+    def __init__(self, feeder: FeedView, stream: TextIO | None = None) -> None:
         self.feeder = feeder
         self.stream = stream if stream is not None else sys.stderr
         self._width = 0
@@ -338,7 +359,7 @@ def _in_notebook() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def progress_reporter(feeder: Feeder) -> _NotebookProgress | _TextProgress:
+def progress_reporter(feeder: FeedView) -> _NotebookProgress | _TextProgress:
     """The progress view for ``generate(progress=True)``: a live display in a notebook
     kernel, a line on stderr anywhere else."""
     return _NotebookProgress(feeder) if _in_notebook() else _TextProgress(feeder)

@@ -1,0 +1,147 @@
+"""The magics' argparse pieces: a parser that answers with UsageError, option types, shell splitting.
+
+Shared by both grammars (``_parse_nbollama`` and ``_parse_generate``), so a bad
+value reads the same whichever magic it was given to, and never exits the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import keyword
+import shlex
+from typing import Literal, NoReturn
+
+from IPython.core.error import UsageError
+
+__all__ = [
+    "Parser",
+    "usage_line",
+    "positive_int",
+    "int_or_auto",
+    "parallel_arg",
+    "positive_number",
+    "parallel_list",
+    "positive_seconds",
+    "variable",
+    "shell_split",
+    "first_token",
+    "widgets_available",
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that answers with a short UsageError instead of exiting the kernel."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise UsageError(message.strip() if message else f"{self.prog}: stopped")
+
+
+def usage_line(parser: argparse.ArgumentParser) -> str:
+    """The parser's usage on one line, without its ``usage:`` prefix."""
+    return " ".join(parser.format_usage().split()).removeprefix("usage: ")
+
+
+# -- option types -------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def int_or_auto(text: str) -> int | Literal["auto"]:
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or a whole number") from None
+
+
+def parallel_arg(text: str) -> int | Literal["auto", "adaptive"]:
+    if text == "adaptive":
+        return "adaptive"
+    try:
+        value = int_or_auto(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 'auto', 'adaptive' or a whole number"
+        ) from None
+    if value != "auto" and value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 'auto', 'adaptive' or >= 1")
+    return value
+
+
+def parallel_list(text: str) -> list[int]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give parallel values as N,N,... (e.g. 1,2,4,8)")
+    return [positive_int(v) for v in values]
+
+
+def positive_number(text: str) -> float:
+    return _positive_float(text, "")
+
+
+def positive_seconds(text: str) -> float:
+    return _positive_float(text, "seconds")
+
+
+def _positive_float(text: str, unit: str) -> float:
+    """A number > 0; ``unit`` (if any) named in the messages."""
+    try:
+        value = float(text)
+    except ValueError:
+        of = f" of {unit}" if unit else ""
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number{of}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be > 0{' ' + unit if unit else ''}")
+    return value
+
+
+def variable(text: str) -> str:
+    if not text.isidentifier() or keyword.iskeyword(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Python variable name")
+    return text
+
+
+# -- splitting what was typed -------------------------------------------------------------------
+
+
+def shell_split(line: str, prog: str) -> list[str]:
+    try:
+        return shlex.split(line, comments=False, posix=True)
+    except ValueError as exc:  # "No closing quotation"
+        raise UsageError(f"{prog}: {exc}") from None
+
+
+def first_token(text: str, prog: str) -> tuple[str, str]:
+    """One shell-quoted token from the start of ``text`` and what follows it."""
+    stream = io.StringIO(text)  # what shlex makes of a str, kept to read its position
+    lexer = shlex.shlex(stream, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    try:
+        token = lexer.get_token()
+    except ValueError as exc:
+        raise UsageError(f"{prog}: {exc}") from None
+    consumed = stream.tell()
+    return token or "", text[consumed:]
+
+
+def widgets_available() -> bool:
+    """``nbollama.widgets`` is optional here: without it, ``dashboard`` and ``--watch`` do not exist."""
+    try:
+        return importlib.util.find_spec("nbollama.widgets") is not None
+    except (ImportError, ValueError):
+        return False
