@@ -17,7 +17,7 @@ kernel -> panel
   (4 Hz) and only when something changed (the snapshot's ``seq``, or its
   throughput figure, which decays after generation stops). ``engine`` is
   ``null`` when no engine is loaded or the engine was closed. The snapshot's
-  shape is ``nbollama._core._snapshot.EngineSnapshot``.
+  shape is ``nbollama._api.snapshot.EngineSnapshot``.
 - ``{"v": 1, "type": "cancelled", "slot": N, "request_id": id | null}``: the
   answer to ``cancel``; ``request_id`` is null when the slot was idle.
 - ``{"v": 1, "type": "error", "message": str}``: the answer to a message that
