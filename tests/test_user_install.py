@@ -192,8 +192,8 @@ def test_the_labextension_is_enabled(user_env: UserEnv) -> None:
         timeout=120,
         env=user_env.environ(),
     )
-    listing = out.stdout + out.stderr
-    assert re.search(r"nbollama v\S+ enabled\b.*OK", listing), listing
+    listing = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)  # its colours, off
+    assert re.search(r"nbollama v\S+ enabled OK \(python, nbollama\)", listing), listing
 
 
 @pytest.mark.notebook
