@@ -15,6 +15,7 @@ import pytest
 
 from nbollama import Engine
 from nbollama.models import default_model_path
+from nbollama.remote import RemoteEngine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,6 +29,15 @@ def model_path() -> Path:
 def engine(model_path: Path) -> Iterator[Engine]:
     with Engine.load(model_path, parallel=4, ctx=512) as shared:
         yield shared
+
+
+@pytest.fixture
+def engines() -> Iterator[list[RemoteEngine]]:
+    """Remote engines a test opens, closed afterwards whatever happens."""
+    opened: list[RemoteEngine] = []
+    yield opened
+    for engine in opened:
+        engine.close()
 
 
 @pytest.fixture

@@ -69,15 +69,6 @@ def vllm() -> Iterator[Fake]:
         yield fake
 
 
-@pytest.fixture
-def engines() -> Iterator[list[RemoteEngine]]:
-    """Engines a test opens, closed afterwards whatever happens."""
-    opened: list[RemoteEngine] = []
-    yield opened
-    for engine in opened:
-        engine.close()
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -237,14 +237,6 @@ def test_the_clients_hold_no_credential_in_clear_and_send_them_as_before() -> No
 # -- end to end: a connected engine ------------------------------------------------------------
 
 
-@pytest.fixture
-def engines() -> Iterator[list[RemoteEngine]]:
-    opened: list[RemoteEngine] = []
-    yield opened
-    for engine in opened:
-        engine.close()
-
-
 def _connection_of(engine: RemoteEngine) -> Connection:
     """The engine's connection, wherever it keeps it (found by walking, not by attribute name)."""
     found = [value for _, value in walk(engine) if isinstance(value, Connection)]
