@@ -475,7 +475,7 @@ def test_the_greedy_fast_path_picks_what_llama_cpp_greedy_picks(model_path: Path
         for seq, text in enumerate(["The capital of France is", "def fibonacci(n):"]):
             tokens = model.tokenize(text)
             batch.clear()
-            last = batch.add_span(np.asarray(tokens, dtype=np.int32), 0, seq, True)
+            last = batch.add_span(np.asarray(tokens, dtype=np.int32), 0, seq, True) + len(tokens) - 1
             pos = len(tokens)
             for _ in range(12):
                 assert context.decode(batch) == 0

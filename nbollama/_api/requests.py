@@ -18,6 +18,14 @@ from typing import Any, Literal
 import anyio
 import anyio.lowlevel
 
+from .outputs import (
+    MAX_LOGPROBS,
+    OUTPUT_FIELDS,
+    TokenLogprob,
+    check_output_options,
+    mean_logprob,
+)
+
 from ..exceptions import (
     InvalidParamsError,
     NbollamaError,
@@ -59,6 +67,10 @@ class SamplingParams:
     repeat_last_n: int = 64
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: alternatives per generated token (0-20): each token's log-probability with its top K; None: off
+    logprobs: int | None = None
+    #: the same for the prompt's tokens, from the prefill (turns prefix reuse off for the request)
+    prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, rule: str) -> InvalidParamsError:
@@ -80,6 +92,18 @@ class SamplingParams:
             raise bad("seed", self.seed, "must be a whole number or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", self.stop, "must be non-empty strings")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise bad(
+                "logprobs",
+                self.logprobs,
+                f"must be a whole number from 0 to {MAX_LOGPROBS}, or None",
+            )
+        if not isinstance(self.prompt_logprobs, bool):
+            raise bad("prompt_logprobs", self.prompt_logprobs, "must be True or False")
 
 
 @dataclass(frozen=True)
@@ -105,10 +129,39 @@ class Result:
     #: A remote server's own timings of this request, where it gives them (llama-server's
     #: ``timings``, Ollama's durations): ``prompt_ms``, ``predicted_ms``, ``predicted_per_second``...
     server_timings: Mapping[str, float] | None = field(default=None, compare=False)
+    #: with ``logprobs=K``: each generated token as the model computed it, in OpenAI's shape
+    logprobs: tuple[TokenLogprob, ...] | None = field(default=None, compare=False)
+    #: with ``prompt_logprobs=True``: the same for the prompt's tokens (None for the first token)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = field(default=None, compare=False)
+    #: with ``choices=``: the most likely option, and each option's probability over the options
+    choice: str | None = None
+    choice_probs: Mapping[str, float] | None = field(default=None, compare=False)
+    #: with ``json_schema=``/``regex=``/``grammar=``: the output parsed (a dict, or a model instance)
+    parsed: Any = field(default=None, compare=False)
+    #: why ``parsed`` is None although a format was asked for (cut short by max_tokens, invalid...)
+    parse_error: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.finish_reason in ("stop", "length")
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """Mean log-probability of the generated tokens (needs ``logprobs``)."""
+        return mean_logprob(self.logprobs)
+
+    @property
+    def perplexity(self) -> float | None:
+        """exp(-mean log-probability) of the generated tokens: 1 is certain (needs ``logprobs``)."""
+        mean = self.mean_logprob
+        return math.exp(-mean) if mean is not None else None
+
+    @property
+    def prompt_perplexity(self) -> float | None:
+        """The prompt's perplexity under the model (needs ``prompt_logprobs=True``)."""
+        scored = [t for t in self.prompt_logprobs or () if t is not None]
+        mean = mean_logprob(scored)
+        return math.exp(-mean) if mean is not None else None
 
     @property
     def gen_tps(self) -> float | None:
@@ -208,7 +261,10 @@ class Handle:
         error: str | None = None,
         exception: NbollamaError | None = None,
         token_ids: tuple[int, ...] = (),
+        **outputs: Any,
     ) -> Result:
+        """``outputs``: the ``Result`` fields of what the request asked beyond text (logprobs,
+        choice, parsed...)."""
         t = self.timing
         t.finished = time.perf_counter()
         with self._cond:
@@ -235,6 +291,7 @@ class Handle:
                 cached_tokens=self.cached_tokens,
                 server_timings=self.server_timings,
                 token_ids=token_ids,
+                **outputs,
             )
             self._status = _FINAL_STATUS[finish_reason]
             if finish_reason == "error":
@@ -386,7 +443,7 @@ def _call_quietly(callback: Callable[[Handle], object], handle: Handle) -> None:
 
 
 _SAMPLING_FIELDS = frozenset(f for f in SamplingParams.__dataclass_fields__ if f != "stop")
-_REQUEST_FIELDS = frozenset({"priority", "chat", "system", "stop"})
+_REQUEST_FIELDS = frozenset({"priority", "chat", "system", "stop"}) | OUTPUT_FIELDS
 
 
 def check_request_params(params: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
@@ -408,6 +465,7 @@ def check_request_params(params: dict[str, Any]) -> tuple[SamplingParams, dict[s
         "priority": params.get("priority", 0),
         "chat": params.get("chat", False),
         "system": params.get("system"),
+        "output": check_output_options(params),  # Choices, Constraint or None
     }
     if not isinstance(options["priority"], int) or isinstance(options["priority"], bool):
         raise InvalidParamsError(f"priority={options['priority']!r}: must be a whole number")

@@ -33,7 +33,7 @@ from .._api.monitor import Monitor
 from .._api.requests import Handle, SamplingParams
 from .._api.snapshot import EngineSnapshot, ParallelChange
 from .._logging import logger
-from ..exceptions import PromptTooLongError
+from ..exceptions import InvalidParamsError, PromptTooLongError
 from ..memory import format_bytes
 from ..models import resolve_model
 from ._adaptive import ParallelController
@@ -46,6 +46,7 @@ from ._llama import (
     supports_gpu_offload,
 )
 from ._loop import EngineLoop
+from ._outputs import prepare_output
 from ._runner import INVARIANT_ROWS, ModelRunner
 from ._scheduler import Scheduler
 from ._slots import Request, Slot
@@ -357,16 +358,15 @@ class Engine(EngineLoop):
                 ]
                 text = model.apply_chat_template(messages)
             tokens = np.asarray(model.tokenize(text), dtype=np.int32)
-        handle = Handle(
-            self._next_request_id(), prompt, len(tokens), sampling.max_tokens, self._cancel
-        )
-        request = Request(
-            handle=handle,
-            tokens=tokens,
-            params=sampling,
-            priority=options["priority"],
-            preview=preview_of(prompt),
-        )
+            handle = Handle(
+                self._next_request_id(), prompt, len(tokens), sampling.max_tokens, self._cancel
+            )
+            request = Request(handle, tokens, sampling, options["priority"], preview_of(prompt))
+            try:
+                prepare_output(request, text, options["output"], model)
+            except InvalidParamsError as exc:  # this prompt cannot run as asked
+                handle._finish("error", error=str(exc), exception=exc)
+                return request
         if len(tokens) == 0:
             self._fail_empty(handle, "the prompt is empty (no tokens)")
         elif len(tokens) >= self.ctx:

@@ -12,12 +12,15 @@ import os
 import re
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as ll
+import llguidance
+import llguidance.llamacpp
 import numpy as np
 import numpy.typing as npt
 
@@ -199,6 +202,8 @@ class LlamaModel:
                 )
         self._pieces: dict[int, bytes] = {}
         self._pieces_lock = threading.Lock()
+        self._guidance: llguidance.LLTokenizer | None = None
+        self._guidance_lock = threading.Lock()
         self._closed = False
 
     def meta(self, key: str) -> str | None:
@@ -236,13 +241,24 @@ class LlamaModel:
             self._pieces[token] = data
         return data
 
+    def guidance_tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's view of this vocabulary, built once (seconds for 262k tokens) and shared."""
+        with self._guidance_lock:
+            if self._guidance is None:
+                with warnings.catch_warnings():  # llguidance asks llama_cpp's deprecated per-token API
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._guidance = llguidance.llamacpp.lltokenizer_from_vocab(self.vocab)
+            return self._guidance
+
     def is_eog(self, token: int) -> bool:
         return bool(ll.llama_vocab_is_eog(self.vocab, token))
 
     def apply_chat_template(self, messages: Sequence[tuple[str, str]]) -> str:
         """Render messages with the model's own template (llama.cpp's built-in renderers)."""
         if self.chat_template is None:
-            raise InvalidParamsError(f"model {self.name!r} has no chat template in its GGUF metadata")
+            raise InvalidParamsError(
+                f"model {self.name!r} has no chat template in its GGUF metadata"
+            )
         keep = [(r.encode(), c.encode()) for r, c in messages]
         array = (ll.llama_chat_message * len(keep))()
         for i, (role, content) in enumerate(keep):
@@ -413,9 +429,17 @@ class Batch:
         return i
 
     def add_span(
-        self, tokens: npt.NDArray[np.int32], start_pos: int, seq: int, logits_last: bool
+        self,
+        tokens: npt.NDArray[np.int32],
+        start_pos: int,
+        seq: int,
+        logits_last: bool,
+        *,
+        logits_from: int | None = None,
     ) -> int:
-        """Append consecutive tokens of one sequence from position ``start_pos``; the last one's index."""
+        """Append consecutive tokens of one sequence from position ``start_pos``; the first one's
+        index. Logits come for the last token (``logits_last``) and for every position from
+        ``logits_from`` on."""
         i, n = self.n_tokens, len(tokens)
         end = i + n
         self.token[i:end] = tokens
@@ -423,10 +447,12 @@ class Batch:
         self.n_seq_id[i:end] = 1
         self.seq_id[i:end, 0] = seq
         self.logits[i:end] = 0
+        if logits_from is not None:
+            self.logits[i + max(logits_from - start_pos, 0) : end] = 1
         if logits_last:
             self.logits[end - 1] = 1
         self.n_tokens = self.raw.n_tokens = end
-        return end - 1
+        return i
 
 
 _openmp_lock = threading.Lock()

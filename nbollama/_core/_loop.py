@@ -14,12 +14,16 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .._api.base import EngineBase, error_of
+from .._api.outputs import TokenLogprob
 from .._api.requests import FinishReason
 from .._api.snapshot import ParallelChange, completed_request
 from .._logging import logger
 from ._adaptive import ParallelController
 from ._llama import DECODE_NO_KV_SLOT, DECODE_OK, LlamaModel, release_openmp_threads
+from ._outputs import outputs_of, take_scored
 from ._prefix import common_prefix
 from ._runner import ModelRunner, StepOutcome
 from ._scheduler import Scheduler, plan_step
@@ -71,11 +75,14 @@ class EngineLoop(EngineBase[Request]):
                 return
             self._runner.time_decode(self.parallel_max)  # warm-up: the first decode allocates
             timings = [
-                (rows, self._runner.time_decode(rows)) for rows in _calibration_rows(self.parallel_max)
+                (rows, self._runner.time_decode(rows))
+                for rows in _calibration_rows(self.parallel_max)
             ]
             self._controller.calibrate(timings)
         except Exception:  # the controller then starts from its default and learns as it runs
-            logger.warning("nbollama: timing decode steps for adaptive parallelism failed", exc_info=True)
+            logger.warning(
+                "nbollama: timing decode steps for adaptive parallelism failed", exc_info=True
+            )
         finally:
             self._calibrated.set()
 
@@ -122,7 +129,8 @@ class EngineLoop(EngineBase[Request]):
         ready shared prefix is copied in from its source slot now.
         """
         try:
-            request.sampler = self._runner.sampler_for(request.params, request.tokens)
+            if request.choice is None:  # a choice is scored, not sampled
+                request.sampler = self._runner.sampler_for(request.params, request.tokens)
             request.text = TextStream(request.params.stop)
             self._runner.keep_prefix(slot.id, request.n_prefilled)
             if request.copy_from is not None and request.copy_from.ready:
@@ -252,11 +260,20 @@ class EngineLoop(EngineBase[Request]):
             prompt_tokens += c.count
         if any(s.request is not None and s.request.copy_from is not None for s in self._slots):
             self._resolve_copies()  # before any token can finish a source slot
+        for slot_id, scored in outcome.scored.items():
+            request = self._slots[slot_id].request
+            if request is not None and slot_id not in outcome.failures:
+                take_scored(request, scored)
+        for c in plan.chunks:
+            request = self._slots[c.slot].request
+            if c.ends_prompt and request is not None and request.choice is not None:
+                if c.slot not in outcome.failures:
+                    self._advance_choice(self._slots[c.slot], outcome.choice_first.get(c.slot))
         produced = 0
         for slot_id, token in outcome.tokens.items():
             slot = self._slots[slot_id]
             try:
-                produced += self._accept(slot, token, now)
+                produced += self._accept(slot, token, now, outcome.logprobs.get(slot_id))
             except Exception as exc:  # this slot's token handling failed: end this request alone
                 logger.warning(
                     "nbollama: request in slot %s failed while handling its token",
@@ -274,7 +291,31 @@ class EngineLoop(EngineBase[Request]):
             self._totals.generated_tokens += produced
             self._seq += 1
 
-    def _accept(self, slot: Slot, token: int, now: float) -> int:
+    def _advance_choice(self, slot: Slot, first: list[float] | None) -> None:
+        """A choice request's prompt or one option's continuation is read: put the prompt back,
+        then score the next long option, or decide."""
+        request = slot.request
+        assert request is not None and request.choice is not None
+        choice = request.choice
+        prompt_len = len(choice.prompt)
+        if first is not None:
+            choice.take_first(first)
+        elif choice.current is not None:
+            choice.take_rest()
+            self._runner.keep_prefix(slot.id, prompt_len)  # the continuation's KV goes
+            slot.n_past = request.n_prefilled = prompt_len
+            request.tokens = choice.prompt
+        continuation = choice.next_continuation()
+        if continuation is not None:  # its tokens after the prompt, with a row each
+            request.tokens = np.concatenate([choice.prompt, continuation])
+            request.logits_from = prompt_len
+            return
+        request.logits_from = None
+        option, _ = choice.decide()
+        request.handle.timing.first_token = time.perf_counter()
+        self._finish(slot, "stop", tail=option)
+
+    def _accept(self, slot: Slot, token: int, now: float, entry: TokenLogprob | None = None) -> int:
         """Take a sampled token: stream its text or finish the request. Returns tokens produced."""
         request = slot.request
         assert request is not None and request.text is not None
@@ -288,9 +329,11 @@ class EngineLoop(EngineBase[Request]):
             return 0
         request.completion_tokens += 1
         request.output_ids.append(token)
+        if entry is not None:
+            request.entries.append(entry)
         handle._publish(request.text.feed(self._model.piece(token)), request.completion_tokens)
-        if request.text.stopped:
-            self._finish(slot, "stop")
+        if request.text.stopped or (request.matcher is not None and request.matcher.is_stopped()):
+            self._finish(slot, "stop")  # a stop string, or a format that is complete
         elif request.completion_tokens >= request.params.max_tokens or slot.n_past >= self.ctx:
             self._finish(slot, "length")  # its budget, or the slot's context, is used up
         else:
@@ -300,15 +343,18 @@ class EngineLoop(EngineBase[Request]):
                     slot.state = "generating"
         return 1
 
-    def _finish(self, slot: Slot, reason: FinishReason, *, error: str | None = None) -> None:
+    def _finish(
+        self, slot: Slot, reason: FinishReason, *, error: str | None = None, tail: str = ""
+    ) -> None:
         """End the slot's request: its result, its slot freed, the books kept."""
         request = slot.request
         if request is None:
             return
-        tail = ""
+        if request.choice is not None and request.choice.current is not None:
+            request.tokens = request.choice.prompt  # the cache keeps the prompt, not an option
         if request.text is not None:
             try:
-                tail = request.text.finish()
+                tail += request.text.finish()
             except Exception:  # a broken stream must not keep the slot
                 logger.debug(
                     "nbollama: flushing the text of request %s failed",
@@ -335,12 +381,14 @@ class EngineLoop(EngineBase[Request]):
             self._seq += 1
         if any(s.request is not None and s.request.copy_from is not None for s in self._slots):
             self._resolve_copies()  # requests waiting on this slot copy now, or prefill themselves
+        outputs = outputs_of(request, reason, request.handle.text + tail)
         result = request.handle._finish(
             reason,
             tail=tail,
             error=error,
             exception=error_of(reason, error),
             token_ids=tuple(request.output_ids),
+            **outputs,
         )
         self._recent.append(completed_request(result))
 
@@ -364,7 +412,6 @@ class EngineLoop(EngineBase[Request]):
                 request.sampler.free()
                 request.sampler = None
             request.handle._finish(reason, error=message)
-
 
 
 def _calibration_rows(max_parallel: int) -> list[int]:

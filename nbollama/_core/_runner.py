@@ -1,10 +1,12 @@
 """The model runner: the only part of the engine that touches the llama.cpp context, batch and samplers.
 
 ``run(plan)`` fills one batch from a ``StepPlan``, decodes it (halving the
-prompt chunks while the KV cache has no room) and samples every slot that
-has logits. A slot whose sampling fails is reported alone, so the engine can
-fail that request and keep the others, as llama.cpp's server releases only
-the slot that failed.
+prompt chunks while the KV cache has no room) and reads every row of logits
+it asked for: each slot's next token (within its format's mask, with its
+log-probabilities when asked), the scored prompt positions, and the first
+tokens of a request's choices. A slot whose row fails is reported alone, so
+the engine can fail that request and keep the others, as llama.cpp's server
+releases only the slot that failed.
 """
 
 from __future__ import annotations
@@ -12,8 +14,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+import llguidance
+import llguidance.numpy
+import numpy as np
+import numpy.typing as npt
+
+from .._api.outputs import TokenLogprob
 from .._api.requests import SamplingParams
 from ..exceptions import EngineError
 from ._llama import (
@@ -23,25 +30,32 @@ from ._llama import (
     LlamaContext,
     LlamaModel,
 )
-from ._sampler import Sampler, make_sampler
-from ._scheduler import StepPlan
+from ._logits import apply_mask, entry_for, mask_allows, masked_argmax, row_stats
+from ._sampler import GreedySampler, Sampler, make_sampler
+from ._scheduler import Chunk, StepPlan
 from ._slots import Request
-
-if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
 
 __all__ = ["ModelRunner", "StepOutcome"]
 
 
 @dataclass
 class StepOutcome:
-    """What one step did: the plan that was decoded, and each slot's sampled token or error."""
+    """What one step did: the plan that was decoded, and what each slot's rows gave."""
 
     status: int  # llama_decode's: 0 ok, 1 no KV room even for the smallest plan, else fatal for the step
     plan: StepPlan
     tokens: dict[int, int] = field(default_factory=dict)  # slot -> sampled token
-    failures: dict[int, str] = field(default_factory=dict)  # slot -> why sampling failed
+    failures: dict[int, str] = field(default_factory=dict)  # slot -> why its rows failed
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # slot -> its token's entry
+    #: slot -> (position, entry) of each scored prompt token (prompt logprobs, a choice's rest)
+    scored: dict[int, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
+    choice_first: dict[int, list[float]] = field(
+        default_factory=dict
+    )  # slot -> options' first tokens
+
+
+#: A row to read after a decode: (slot, batch index of its first row, its chunk; None for a decode)
+_Row = tuple[int, int, "Chunk | None"]
 
 
 #: Reproducible mode decodes at least this many rows at once. On llama.cpp's CPU
@@ -67,8 +81,11 @@ class ModelRunner:
         self.context = context
         self.batch = Batch(max(n_batch, context.n_seq))
         self.invariant = invariant
+        self._masks: npt.NDArray[np.int32] | None = None  # one llguidance bitmask row per slot
+        self._executor: llguidance.LLExecutor | None = None
 
     def sampler_for(self, params: SamplingParams, prompt: npt.NDArray[np.int32]) -> Sampler:
+        """(For a request that generates; a choice is scored and has none.)"""
         return make_sampler(params, n_vocab=self.model.n_vocab, prompt=prompt)
 
     def reset_sequence(self, seq: int) -> None:
@@ -82,14 +99,14 @@ class ModelRunner:
         self.context.copy_prefix(src, dst, n)
 
     def run(self, plan: StepPlan, requests: Mapping[int, Request]) -> StepOutcome:
-        """Decode ``plan`` (``requests``: slot -> its request), then sample where logits came out."""
+        """Decode ``plan`` (``requests``: slot -> its request), then read the rows it asked for."""
         if self.invariant or not self.context.kv_unified:
             return self._run_by_stream(plan, requests)
         current: StepPlan | None = plan
         status = DECODE_NO_KV_SLOT
-        outputs: dict[int, int] = {}
+        rows: list[_Row] = []
         while current is not None:
-            outputs = self._fill(current, requests)
+            rows = self._fill(current, requests)
             status = self.context.decode(self.batch)
             if status != DECODE_NO_KV_SLOT:
                 break
@@ -101,14 +118,116 @@ class ModelRunner:
         outcome = StepOutcome(status, decoded)
         if status != DECODE_OK:
             return outcome
-        for slot, index in outputs.items():
-            self._sample(outcome, slot, index, requests[slot])
+        self._read(outcome, rows, requests)
         return outcome
 
-    def _sample(self, outcome: StepOutcome, slot: int, index: int, request: Request) -> None:
+    def _read(
+        self, outcome: StepOutcome, rows: list[_Row], requests: Mapping[int, Request]
+    ) -> None:
+        """Everything the rows of the last decode say, before the next decode overwrites them."""
+        sampling: list[tuple[int, int]] = []  # (slot, batch index)
+        for slot, index, chunk in rows:
+            request = requests[slot]
+            if chunk is None:
+                sampling.append((slot, index))
+                continue
+            try:
+                if request.logits_from is not None:
+                    self._score_chunk(outcome, request, chunk, index)
+                if chunk.ends_prompt and request.choice is not None:
+                    if request.choice.current is None:  # the prompt's last row: every first token
+                        last = index + chunk.count - 1
+                        outcome.choice_first[slot] = self._first_tokens(request, last)
+                    continue  # a choice is scored, never sampled
+            except Exception as exc:  # this request's rows: it fails alone
+                outcome.failures[slot] = f"reading its logits failed: {type(exc).__name__}: {exc}"
+                continue
+            if chunk.ends_prompt:
+                sampling.append((slot, index + chunk.count - 1))
+        masks = self._fill_masks(sampling, requests)
+        for slot, index in sampling:
+            self._sample(outcome, slot, index, requests[slot], masks.get(slot))
+
+    def _score_chunk(
+        self, outcome: StepOutcome, request: Request, chunk: Chunk, first: int
+    ) -> None:
+        """The log-probability of the token after each row of this chunk (from ``logits_from`` on)."""
+        assert request.logits_from is not None
+        following = request.tokens[chunk.start + 1 : chunk.start + chunk.count + 1].tolist()
+        choice = request.choice
+        if choice is not None and choice.current is not None and chunk.ends_prompt:
+            following.append(int(choice.tokens[choice.current][-1]))  # the option's last token
+        k = request.params.logprobs or 0
+        scored = outcome.scored.setdefault(chunk.slot, [])
+        for pos in range(max(chunk.start, request.logits_from), chunk.start + chunk.count):
+            offset = pos - chunk.start
+            if offset >= len(following):
+                break
+            row = self.context.logits_row(first + offset)
+            entry = entry_for(row, row_stats(row, k), following[offset], self.model.piece)
+            scored.append((pos + 1, entry))
+
+    def _first_tokens(self, request: Request, index: int) -> list[float]:
+        """Every option's first-token log-probability, from one row."""
+        assert request.choice is not None
+        row = self.context.logits_row(index)
+        lse = row_stats(row, 0).lse
+        return [float(row[t]) - lse for t in request.choice.first_tokens]
+
+    def _fill_masks(
+        self, sampling: list[tuple[int, int]], requests: Mapping[int, Request]
+    ) -> dict[int, npt.NDArray[np.int32]]:
+        """The token masks of this step's constrained slots, in one llguidance call (it releases
+        the GIL and spreads the matchers over its threads)."""
+        matchers = [
+            (slot, matcher)
+            for slot, _ in sampling
+            if (matcher := requests[slot].matcher) is not None
+        ]
+        if not matchers:
+            return {}
+        if self._masks is None or self._executor is None:
+            self._masks = llguidance.numpy.allocate_token_bitmask(
+                self.context.n_seq, self.model.n_vocab
+            )
+            self._executor = llguidance.LLExecutor()
+        llguidance.numpy.fill_next_token_bitmask_par(
+            self._executor, [(matcher, slot) for slot, matcher in matchers], self._masks
+        )
+        return {slot: self._masks[slot] for slot, _ in matchers}
+
+    def _sample(
+        self,
+        outcome: StepOutcome,
+        slot: int,
+        index: int,
+        request: Request,
+        mask: npt.NDArray[np.int32] | None,
+    ) -> None:
+        """One slot's next token: log-probabilities from the raw row, then the mask, then the pick."""
         try:
-            assert request.sampler is not None, "a slot with logits has no sampler"
-            outcome.tokens[slot] = request.sampler.sample(self.context, index)
+            sampler = request.sampler
+            assert sampler is not None, "a slot with logits has no sampler"
+            row = self.context.logits_row(index)
+            k = request.params.logprobs
+            stats = row_stats(row, k) if k is not None else None
+            if mask is None:
+                token = sampler.sample(self.context, index)
+            elif isinstance(sampler, GreedySampler):
+                # llama.cpp's grammar fast path: the argmax is usually allowed, and one bit
+                # costs nothing next to masking 262k entries
+                token = int(row.argmax())
+                if not mask_allows(mask, token):
+                    token = masked_argmax(row, mask)
+            else:
+                apply_mask(row, mask)  # the chain reads this row in place: allowed tokens only
+                token = sampler.sample(self.context, index)
+            if stats is not None:
+                outcome.logprobs[slot] = entry_for(row, stats, token, self.model.piece)
+            matcher = request.matcher
+            if matcher is not None and not matcher.consume_token(token):
+                raise ValueError(f"the format refused token {token}: {matcher.get_error()}")
+            outcome.tokens[slot] = token
         except Exception as exc:  # one slot's sampler: that request fails, the step goes on
             outcome.failures[slot] = f"sampling failed: {type(exc).__name__}: {exc}"
 
@@ -132,14 +251,14 @@ class ModelRunner:
                 last = context.n_seq - 1
                 first = max(0, min(first, last - rows + 1))
             batch.clear()
-            outputs: dict[int, int] = {}
+            to_read: list[_Row] = []
             throwaway: list[tuple[int, int]] = []
             for seq in range(
                 first, last + 1
             ):  # consecutive ids: llama.cpp keeps them in one ubatch
                 d = real.get(seq)
                 if d is not None:
-                    outputs[seq] = batch.add(d.token, d.pos, seq, True)
+                    to_read.append((seq, batch.add(d.token, d.pos, seq, True), None))
                 else:
                     end = context.sequence_length(seq)
                     batch.add(0, end, seq, False)
@@ -149,20 +268,17 @@ class ModelRunner:
                 context.truncate_sequence(seq, end)
             if status != DECODE_OK:
                 return StepOutcome(status, StepPlan(plan.decodes))
-            for slot, index in outputs.items():
-                self._sample(outcome, slot, index, requests[slot])
+            self._read(outcome, to_read, requests)
         for c in plan.chunks:
             batch.clear()
-            tokens = requests[c.slot].tokens[c.start : c.start + c.count]
-            index = batch.add_span(tokens, c.start, c.slot, c.ends_prompt)
+            first = self._add_chunk(c, requests[c.slot])
             status = context.decode(batch)
             if status != DECODE_OK:
                 outcome.failures[c.slot] = (
                     f"llama_decode failed with status {status} on a prompt chunk"
                 )
                 continue
-            if c.ends_prompt:
-                self._sample(outcome, c.slot, index, requests[c.slot])
+            self._read(outcome, [(c.slot, first, c)], requests)
         return outcome
 
     def time_decode(self, rows: int) -> float:
@@ -185,19 +301,22 @@ class ModelRunner:
             raise EngineError(f"llama_decode failed with status {status} while timing {rows} rows")
         return seconds
 
-    def _fill(self, plan: StepPlan, requests: Mapping[int, Request]) -> dict[int, int]:
-        """Put the plan in the batch; slot -> batch index of its logits."""
+    def _fill(self, plan: StepPlan, requests: Mapping[int, Request]) -> list[_Row]:
+        """Put the plan in the batch; the rows to read after the decode."""
         batch = self.batch
         batch.clear()
-        outputs: dict[int, int] = {}
-        for d in plan.decodes:
-            outputs[d.slot] = batch.add(d.token, d.pos, d.slot, True)
-        for c in plan.chunks:
-            tokens = requests[c.slot].tokens[c.start : c.start + c.count]
-            last = batch.add_span(tokens, c.start, c.slot, c.ends_prompt)
-            if c.ends_prompt:
-                outputs[c.slot] = last
-        return outputs
+        rows: list[_Row] = [
+            (d.slot, batch.add(d.token, d.pos, d.slot, True), None) for d in plan.decodes
+        ]
+        rows += [(c.slot, self._add_chunk(c, requests[c.slot]), c) for c in plan.chunks]
+        return rows
+
+    def _add_chunk(self, chunk: Chunk, request: Request) -> int:
+        """A prompt chunk into the batch, with a row wherever one is read; its first batch index."""
+        tokens = request.tokens[chunk.start : chunk.start + chunk.count]
+        return self.batch.add_span(
+            tokens, chunk.start, chunk.slot, chunk.ends_prompt, logits_from=request.logits_from
+        )
 
     def close(self) -> None:
         self.context.close()

@@ -18,7 +18,13 @@ from .._api.queue import WaitingQueue
 from ._prefix import choose_slot, find_source
 from ._slots import Request, Slot
 
-__all__ = ["Decode", "Chunk", "StepPlan", "plan_step", "Scheduler"]
+__all__ = ["Decode", "Chunk", "StepPlan", "plan_step", "Scheduler", "SCORED_CHUNK"]
+
+#: A chunk whose every position gets a logits row (prompt logprobs, a choice's continuation)
+#: holds at most this many tokens: llama.cpp keeps an output buffer of n_vocab floats per row
+#: (1 MiB each with Gemma's 262k vocabulary), sized by the largest step it has seen.
+SCORED_CHUNK = 64
+
 
 @dataclass(frozen=True)
 class Decode:
@@ -102,10 +108,14 @@ def plan_step(
     )
     budget = token_budget - len(decodes)
     if chunk_size is None:
-        wanted = [
-            Chunk(s.id, request.n_prefilled, request.prefill_remaining, True)
-            for s, request in prefilling
-        ]
+        wanted = []
+        for s, request in prefilling:
+            count = request.prefill_remaining
+            if request.logits_from is not None:
+                count = min(count, max(request.logits_from - request.n_prefilled, 0) + SCORED_CHUNK)
+            wanted.append(
+                Chunk(s.id, request.n_prefilled, count, count == request.prefill_remaining)
+            )
         return StepPlan(decodes, _spend(wanted, budget))
     chunks: list[Chunk] = []
     for s, request in prefilling:
@@ -158,10 +168,11 @@ class Scheduler:
             if request is None:
                 break
             align = self.chunk_size or 1
-            slot, keep = choose_slot(request, idle, reuse=self.prefix_cache, align=align)
+            reuse = self.prefix_cache and request.reuses_prefix
+            slot, keep = choose_slot(request, idle, reuse=reuse, align=align)
             idle.remove(slot)
             slot.take(request, next(self._admitted), keep)
-            if self.prefix_cache:
+            if reuse:
                 request.copy_from = find_source(
                     request, slot, slots, keep, align=align, prompt_only=self.chunk_size is not None
                 )

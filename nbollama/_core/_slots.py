@@ -14,17 +14,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from .._api.outputs import Constraint, TokenLogprob
 from .._api.requests import FinishReason, Handle, SamplingParams
 from .._api.snapshot import BADGE_FOR_REASON, EndedRequest, SlotSnapshot, SlotState, idle_row
 
 if TYPE_CHECKING:
+    import llguidance
+
+    from ._choice import ChoiceScoring
     from ._sampler import Sampler
     from ._text import TextStream
 
 _NO_TOKENS: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
 
 __all__ = ["Request", "Slot", "Source"]
-
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,24 @@ class Request:
     copy_from: Source | None = None  # waiting for another slot's prefix before prefilling
     output_ids: list[int] = field(default_factory=list)  # sampled tokens, in order
     completion_tokens: int = 0
+    # what the request asked beyond text (see _logits and _choice)
+    entries: list[TokenLogprob] = field(default_factory=list)  # with logprobs: one per output token
+    prompt_entries: list[TokenLogprob | None] | None = None  # with prompt_logprobs
+    logits_from: int | None = (
+        None  # prompt positions from here on get a row: their next token is scored
+    )
+    choice: ChoiceScoring | None = None  # choices= : scored, not generated
+    constraint: Constraint | None = None
+    matcher: llguidance.LLMatcher | None = None  # the constraint's state, token by token
 
     @property
     def prompt_len(self) -> int:
         return len(self.tokens)
+
+    @property
+    def reuses_prefix(self) -> bool:
+        """Prompt logprobs need a row for every prompt token, so nothing cached can stand in."""
+        return not self.params.prompt_logprobs
 
     @property
     def prefill_remaining(self) -> int:
