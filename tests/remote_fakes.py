@@ -18,6 +18,14 @@ Wire formats, from the projects' docs:
   ``/v1/chat/completions`` stream SSE ending in ``data: [DONE]``, usage in a
   last chunk with empty ``choices`` when ``stream_options.include_usage``.
 * a plain OpenAI-compatible server: ``/v1/models`` and the two streams, nothing else.
+* llama-server (for the wire fields of logprobs and formats; the real one is
+  tested in ``test_remote_llama_server.py``): ``GET /props`` (``total_slots``),
+  ``POST /completion`` streaming SSE ``{content, tokens, stop,
+  tokens_predicted}`` chunks with no ``[DONE]``, the last ``stop: true`` with
+  ``stop_type`` and ``timings``; ``/v1/chat/completions`` as OpenAI's.
+
+Log-probabilities come back in each server's shape when asked (``remote_wire``);
+``words=`` makes a fake stream given text (a JSON answer, say) and then stop.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import remote_wire
 
 WORDS = ["alpha", " beta", " gamma", " delta", " epsilon", " zeta", " eta", " theta", " iota", " kappa"]
 OLLAMA_BUSY = "server busy, please try again.  maximum pending requests exceeded"
@@ -80,13 +90,17 @@ class Fake:
         max_queue: int = 512,
         break_after: int | None = None,  # with "BREAK" in the prompt: cut the connection after N tokens
         tls: ssl.SSLContext | None = None,
+        version: str | None = None,  # what /api/version (Ollama) or /version (vLLM) says
+        words: list[str] | None = None,  # stream these (then stop) instead of WORDS (until max_tokens)
     ) -> None:
         self.kind = kind
         self.parallel = parallel
         self.token_seconds = token_seconds
-        self.tokens = tokens
+        self.words = words
+        self.tokens = len(words) if words is not None and tokens is None else tokens
+        self.version = version or {"ollama": "0.12.6", "vllm": "0.11.0"}.get(kind, "")
         self.prompt_seconds = prompt_seconds
-        self.model = model or {"ollama": "llama3.2:latest", "vllm": "Qwen/Qwen3-0.6B", "openai": "gpt-fake"}[kind]
+        self.model = model or {"ollama": "llama3.2:latest", "vllm": "Qwen/Qwen3-0.6B", "openai": "gpt-fake", "llama-server": "fake-model"}[kind]
         self.api_key = api_key
         self.busy_first = busy_first
         self.max_queue = max_queue
@@ -218,7 +232,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if fake.kind == "ollama":
             if path == "/api/version":
-                return self._json(200, {"version": "0.12.6"})
+                return self._json(200, {"version": fake.version})
             if path == "/api/tags":
                 return self._json(200, {"models": [_ollama_model(fake.model, loaded=False)]})
             if path == "/api/ps":
@@ -228,6 +242,17 @@ class _Handler(BaseHTTPRequestHandler):
             return self._text(404, "404 page not found")
         if not self._authorised():
             return None
+        if fake.kind == "llama-server" and path in ("/props", "/health"):
+            if path == "/health":
+                return self._json(200, {"status": "ok"})
+            return self._json(200, {
+                "total_slots": fake.parallel,
+                "model_path": f"/models/{fake.model}.gguf",
+                "build_info": "b9999-fake",
+                "default_generation_settings": {"n_ctx": 2048},
+                "endpoint_slots": False,
+                "endpoint_metrics": False,
+            })
         if path == "/v1/models":
             card: dict[str, Any] = {"id": fake.model, "object": "model", "created": 1700000000, "owned_by": "fake"}
             if fake.kind == "vllm":
@@ -236,7 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.kind == "vllm" and path == "/metrics":
             return self._text(200, fake.metrics_text())
         if fake.kind == "vllm" and path == "/version":
-            return self._json(200, {"version": "0.11.0"})
+            return self._json(200, {"version": fake.version})
         if fake.kind == "vllm" and path == "/health":
             return self._text(200, "")
         return self._json(404, {"detail": "Not Found"})
@@ -256,6 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
             "ollama": ("/api/generate", "/api/chat"),
             "vllm": ("/v1/completions", "/v1/chat/completions"),
             "openai": ("/v1/completions", "/v1/chat/completions"),
+            "llama-server": ("/completion", "/v1/chat/completions"),
         }[fake.kind]
         if path not in known:
             return self._json(404, {"error": "not found"})
@@ -292,6 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _limit(self, body: dict[str, Any]) -> int:
         if self.fake.kind == "ollama":
             wanted = int((body.get("options") or {}).get("num_predict", 128))
+        elif "n_predict" in body:
+            wanted = int(body["n_predict"])
         else:
             wanted = int(body.get("max_tokens") or 16)
         return min(wanted, self.fake.tokens) if self.fake.tokens is not None else wanted
@@ -313,6 +341,8 @@ class _Handler(BaseHTTPRequestHandler):
         time.sleep(fake.prompt_seconds)
         started = time.perf_counter()
         model = body.get("model", fake.model)
+        words = fake.words or WORDS
+        echo = str(prompt) if body.get("echo") else None  # vLLM: the prompt and its logprobs first
         for i in range(n):
             if fake.stopping.is_set():
                 return
@@ -321,30 +351,45 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.close()
                 return
             time.sleep(fake.token_seconds)
-            word = WORDS[i % len(WORDS)]
+            word = words[i % len(words)]
             if ndjson:
                 item: dict[str, Any] = {"model": model, "created_at": "2026-01-01T00:00:00Z", "done": False}
                 if chat:
                     item["message"] = {"role": "assistant", "content": word}
                 else:
                     item["response"] = word
+                item.update(remote_wire.ollama(body, i, word))
                 self._chunk(json.dumps(item).encode() + b"\n")
+            elif path == "/completion":
+                data = {"index": 0, "content": word, "tokens": [1000 + i], "stop": False, "id_slot": -1,
+                        "tokens_predicted": i + 1, "tokens_evaluated": prompt_tokens}
+                data.update(remote_wire.llama_completion(body, i, word))
+                self._chunk(b"data: " + json.dumps(data).encode() + b"\n\n")
             else:
                 if chat:
                     delta: dict[str, Any] = {"content": word}
                     if i == 0:
                         delta["role"] = "assistant"
                     choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+                    choice.update(remote_wire.chat(fake.kind, body, i, word))
                     kind = "chat.completion.chunk"
                 else:
-                    choice = {"index": 0, "text": word, "logprobs": None, "finish_reason": None, "stop_reason": None}
+                    text = (echo + word) if echo is not None and i == 0 else word
+                    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": None, "stop_reason": None}
+                    choice.update(remote_wire.legacy(body, i, word, echo_prompt=echo if i == 0 else None))
                     kind = "text_completion"
                 if i == n - 1:
                     choice["finish_reason"] = reason
                 event = {"id": "cmpl-fake", "object": kind, "created": 1700000000, "model": model, "choices": [choice]}
                 self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
         elapsed_ns = int((time.perf_counter() - started) * 1e9)
-        if ndjson:
+        if path == "/completion":
+            last = {"index": 0, "content": "", "tokens": [], "stop": True, "id_slot": 0, "tokens_predicted": n,
+                    "tokens_evaluated": prompt_tokens, "stop_type": "limit" if reason == "length" else "eos",
+                    "timings": {"prompt_n": prompt_tokens, "prompt_ms": 2.0, "predicted_n": n,
+                                "predicted_ms": elapsed_ns / 1e6, "cache_n": 0}}
+            self._chunk(b"data: " + json.dumps(last).encode() + b"\n\n")
+        elif ndjson:
             final: dict[str, Any] = {
                 "model": model,
                 "created_at": "2026-01-01T00:00:01Z",

@@ -163,6 +163,30 @@ def test_the_snapshot_shows_the_servers_four_slots_changing_state(engine: Remote
     assert any(s["queue"]["length"] > 0 for s in seen)  # 12 prompts, 4 in flight
 
 
+def test_logprobs_and_a_json_schema_on_the_real_server(engine: RemoteEngine) -> None:
+    """n_probs comes back as OpenAI-shaped logprobs (greedy: each token is its top alternative),
+    and a json_schema output parses."""
+    result = engine.generate("The capital of France is", max_tokens=6, temperature=0.0, logprobs=3)[0]
+    assert result.ok and result.logprobs is not None and len(result.logprobs) == result.completion_tokens
+    assert "".join(t["token"] for t in result.logprobs) == result.text
+    for token in result.logprobs:
+        top = token["top_logprobs"]
+        assert len(top) == 3 and token["id"] >= 0 and token["logprob"] < 0
+        assert (top[0]["id"], top[0]["token"]) == (token["id"], token["token"])
+        assert top[0]["logprob"] == pytest.approx(token["logprob"])
+        assert [a["logprob"] for a in top] == sorted((a["logprob"] for a in top), reverse=True)
+    assert result.perplexity is not None and result.perplexity >= 1
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+        "required": ["name", "age"],
+    }
+    person = engine.generate("A person as JSON:", max_tokens=64, temperature=0.0, json_schema=schema)[0]
+    assert person.finish_reason == "stop" and person.parse_error is None, person
+    assert isinstance(person.parsed, dict) and {"name", "age"} <= set(person.parsed)
+    assert isinstance(person.parsed["age"], int) and 0 <= person.parsed["age"] <= 150
+
+
 def test_a_cancel_frees_the_servers_slot(engine: RemoteEngine, server: LlamaServer) -> None:
     handle = engine.submit("Write a very long story about a lighthouse keeper.", max_tokens=400)
     wait_for(lambda: handle.completion_tokens >= 3, what="tokens")

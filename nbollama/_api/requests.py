@@ -18,19 +18,18 @@ from typing import Any, Literal
 import anyio
 import anyio.lowlevel
 
+from ..exceptions import (
+    InvalidParamsError,
+    NbollamaError,
+    RequestFailedError,
+    RequestTimeoutError,
+)
 from .outputs import (
     MAX_LOGPROBS,
     OUTPUT_FIELDS,
     TokenLogprob,
     check_output_options,
     mean_logprob,
-)
-
-from ..exceptions import (
-    InvalidParamsError,
-    NbollamaError,
-    RequestFailedError,
-    RequestTimeoutError,
 )
 
 __all__ = [

@@ -13,23 +13,29 @@ Streams, each server's native one:
 Chat mode uses ``/v1/chat/completions`` (``/api/chat`` on Ollama). Only the
 sampling parameters a caller gave are sent (plus ``max_tokens``, always), so
 the server's and the model's own defaults hold for the rest; a parameter the
-kind of server has no word for is refused before anything is sent.
+kind of server has no word for is refused before anything is sent. The
+fields for log-probabilities and output formats, and how they read back, are
+``_outputs``'s; what a poll finds is ``_polls``'s.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httpx
 
+from .._api.outputs import OutputRequest, TokenLogprob
 from .._api.requests import SamplingParams
 from .._api.snapshot import RemoteModelFigures
 from ..exceptions import InvalidParamsError
 from ._detect import ServerInfo
 from ._http import error_message, get
-from ._metrics import Metrics, parse_metrics
+from ._metrics import parse_metrics
+from ._outputs import check_outputs, output_fields, read_choice, read_entries, read_llama
+from ._polls import ServerSlot, ServerState, llama_slots, vllm_state
+from ._polls import as_int as _int
+from ._polls import as_number as _number
 
 __all__ = ["Event", "ServerSlot", "ServerState", "Adapter", "adapter_for"]
 
@@ -49,50 +55,7 @@ class Event:
     slot: int | None = None
     error: str | None = None  # an error the server reported inside the stream
     final: bool = False  # nothing more will come for this request
-
-
-@dataclass(frozen=True)
-class ServerSlot:
-    """One llama-server slot, as ``/slots`` describes it."""
-
-    id: int
-    processing: bool
-    task: int | None = None
-    n_ctx: int | None = None
-    prompt_tokens: int | None = None
-    prompt_processed: int | None = None
-    prompt_cached: int | None = None
-    decoded: int = 0
-    max_tokens: int | None = None  # n_predict; None when unlimited
-
-
-@dataclass
-class ServerState:
-    """What one poll found (every field None/empty when the server does not tell)."""
-
-    wall: float = field(default_factory=time.time)
-    mono: float = field(default_factory=time.monotonic)
-    slots: list[ServerSlot] | None = None
-    slots_note: str = ""  # why there are no slots (e.g. llama-server --no-slots)
-    running: int | None = None
-    waiting: int | None = None
-    generated_total: float | None = None  # counter: tokens generated since the server started
-    kv_usage: float | None = None  # 0..1
-    kv_total: int | None = None  # tokens
-    prefix_hits: float | None = None
-    prefix_queries: float | None = None
-    ttft_sum: float | None = None
-    ttft_count: float | None = None
-    models: list[RemoteModelFigures] = field(default_factory=list)
-    metrics: bool = False
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    logprobs: list[TokenLogprob | None] | None = None  # the tokens of this item, when asked
 
 
 class Adapter:
@@ -123,6 +86,13 @@ class Adapter:
                 "leave it out, or connect with the server's own kind if it is llama-server or vLLM"
             )
 
+    def check_outputs(self, params: dict[str, Any]) -> None:
+        """Refuse logprobs, prompt logprobs, choices or a format this server cannot give, in one line."""
+        check_outputs(self.kind, self.info.version, params)
+
+    def _outputs(self, path: str, sampling: SamplingParams, output: OutputRequest) -> dict[str, Any]:
+        return output_fields(self.kind, self.info.version, path, sampling, output)
+
     def _sampling(self, sampling: SamplingParams, given: set[str]) -> dict[str, Any]:
         names = {
             "temperature": "temperature",
@@ -152,7 +122,14 @@ class Adapter:
         ]
 
     def build(
-        self, prompt: str, sampling: SamplingParams, given: set[str], *, chat: bool, system: str | None
+        self,
+        prompt: str,
+        sampling: SamplingParams,
+        given: set[str],
+        *,
+        chat: bool,
+        system: str | None,
+        output: OutputRequest = None,
     ) -> tuple[str, dict[str, Any]]:
         """The path and JSON body of one streamed request."""
         body: dict[str, Any] = {
@@ -162,11 +139,12 @@ class Adapter:
             "stream_options": {"include_usage": True},
             **self._sampling(sampling, given),
         }
+        path = "/v1/chat/completions" if chat else "/v1/completions"
         if chat:
             body["messages"] = self._messages(prompt, system)
-            return "/v1/chat/completions", body
-        body["prompt"] = prompt
-        return "/v1/completions", body
+        else:
+            body["prompt"] = prompt
+        return path, {**body, **self._outputs(path, sampling, output)}
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -186,6 +164,7 @@ class Adapter:
             if isinstance(text, str) and text:
                 event.text = text
                 event.new_tokens = 1
+            event.logprobs = read_choice(choice)
             reason = choice.get("finish_reason")
             if reason:
                 event.finish = "length" if reason == "length" else "stop"
@@ -233,28 +212,8 @@ class VLLMAdapter(Adapter):
         response.raise_for_status()
         metrics = parse_metrics(response.text)
         state = ServerState(metrics=True)
-        _vllm_state(metrics, state, self.info.kv_total)
+        vllm_state(metrics, state, self.info.kv_total)
         return state
-
-
-def _vllm_state(metrics: Metrics, state: ServerState, kv_total: int | None) -> None:
-    running = metrics.total("vllm:num_requests_running")
-    waiting = metrics.total("vllm:num_requests_waiting")
-    state.running = None if running is None else int(running)
-    state.waiting = None if waiting is None else int(waiting)
-    state.kv_usage = metrics.mean("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-    state.kv_total = kv_total
-    info = metrics.labels("vllm:cache_config_info")
-    if info and state.kv_total is None:
-        try:
-            state.kv_total = int(float(info["num_gpu_blocks"])) * int(float(info["block_size"]))
-        except (KeyError, ValueError, TypeError):
-            pass
-    state.prefix_hits = metrics.total("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
-    state.prefix_queries = metrics.total("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")
-    state.ttft_sum = metrics.total("vllm:time_to_first_token_seconds_sum")
-    state.ttft_count = metrics.total("vllm:time_to_first_token_seconds_count")
-    state.generated_total = metrics.total("vllm:generation_tokens_total")
 
 
 class LlamaServerAdapter(Adapter):
@@ -265,7 +224,14 @@ class LlamaServerAdapter(Adapter):
     server_slots = True
 
     def build(
-        self, prompt: str, sampling: SamplingParams, given: set[str], *, chat: bool, system: str | None
+        self,
+        prompt: str,
+        sampling: SamplingParams,
+        given: set[str],
+        *,
+        chat: bool,
+        system: str | None,
+        output: OutputRequest = None,
     ) -> tuple[str, dict[str, Any]]:
         options: dict[str, Any] = {}
         for name in sorted(given & self.supported):
@@ -284,6 +250,7 @@ class LlamaServerAdapter(Adapter):
                 "cache_prompt": True,
                 "return_progress": True,
                 **options,
+                **self._outputs("/v1/chat/completions", sampling, output),
             }
             return "/v1/chat/completions", body
         return "/completion", {
@@ -293,6 +260,7 @@ class LlamaServerAdapter(Adapter):
             "cache_prompt": True,
             "return_progress": True,
             **options,
+            **self._outputs("/completion", sampling, output),
         }
 
     def parse(self, data: Any) -> Event:
@@ -313,6 +281,7 @@ class LlamaServerAdapter(Adapter):
         content = data.get("content")
         if isinstance(content, str):
             event.text = content
+        event.logprobs = read_llama(data)
         event.tokens = _int(data.get("tokens_predicted"))
         if event.tokens is None and data.get("tokens"):
             event.new_tokens = len(data["tokens"]) if isinstance(data["tokens"], list) else 1
@@ -336,7 +305,7 @@ class LlamaServerAdapter(Adapter):
             elif response.status_code != 200:
                 state.slots_note = f"/slots: {error_message(response)}"
             else:
-                state.slots = _llama_slots(response.json())
+                state.slots = llama_slots(response.json())
         else:
             state.slots_note = "/slots is off on this server (llama-server --no-slots)"
         if self.info.metrics_endpoint:
@@ -352,45 +321,6 @@ class LlamaServerAdapter(Adapter):
         return state
 
 
-def _llama_slots(data: Any) -> list[ServerSlot]:
-    slots: list[ServerSlot] = []
-    for item in data if isinstance(data, list) else []:
-        if not isinstance(item, dict) or _int(item.get("id")) is None:
-            continue
-        nxt = item.get("next_token")
-        if isinstance(nxt, list):  # an object in the README, a one-element array in newer builds
-            nxt = nxt[0] if nxt else {}
-        nxt = nxt if isinstance(nxt, dict) else {}
-        params = item.get("params")
-        params = params if isinstance(params, dict) else {}
-        n_predict = _int(params.get("n_predict"))
-        if n_predict is None:
-            n_predict = _int(params.get("max_tokens"))
-        processing = bool(item.get("is_processing", item.get("state", 0) != 0))
-        decoded = (_int(nxt.get("n_decoded")) or 0) if processing else 0
-        prompt = _int(item.get("n_prompt_tokens")) if processing else None
-        processed = _int(item.get("n_prompt_tokens_processed")) if processing else None
-        cached = _int(item.get("n_prompt_tokens_cache")) if processing else None
-        if decoded > 0 and processed is not None:
-            # generating: the prompt is read in full; n_prompt_tokens also counts the tokens
-            # generated so far in current builds, so the prompt is what was processed or cached
-            prompt = processed + (cached or 0)
-        slots.append(
-            ServerSlot(
-                id=int(item["id"]),
-                processing=processing,
-                task=_int(item.get("id_task")) if processing else None,
-                n_ctx=_int(item.get("n_ctx")),
-                prompt_tokens=prompt,
-                prompt_processed=processed,
-                prompt_cached=cached,
-                decoded=decoded,
-                max_tokens=n_predict if n_predict is not None and n_predict > 0 else None,
-            )
-        )
-    return sorted(slots, key=lambda s: s.id)
-
-
 class OllamaAdapter(Adapter):
     kind = "ollama"
     supported = frozenset(
@@ -400,7 +330,14 @@ class OllamaAdapter(Adapter):
     busy_503 = True
 
     def build(
-        self, prompt: str, sampling: SamplingParams, given: set[str], *, chat: bool, system: str | None
+        self,
+        prompt: str,
+        sampling: SamplingParams,
+        given: set[str],
+        *,
+        chat: bool,
+        system: str | None,
+        output: OutputRequest = None,
     ) -> tuple[str, dict[str, Any]]:
         options: dict[str, Any] = {"num_predict": sampling.max_tokens}
         for name in sorted(given & self.supported):
@@ -415,6 +352,7 @@ class OllamaAdapter(Adapter):
                 "messages": self._messages(prompt, system),
                 "stream": True,
                 "options": options,
+                **self._outputs("/api/chat", sampling, output),
             }
         return "/api/generate", {
             "model": self.info.model,
@@ -422,6 +360,7 @@ class OllamaAdapter(Adapter):
             "raw": True,  # as written, like the in-kernel engine (no template)
             "stream": True,
             "options": options,
+            **self._outputs("/api/generate", sampling, output),
         }
 
     def parse(self, data: Any) -> Event:
@@ -434,6 +373,8 @@ class OllamaAdapter(Adapter):
         event = Event(text=text if isinstance(text, str) else "")
         if event.text:
             event.new_tokens = 1  # Ollama streams one token per object
+        if "logprobs" in data:
+            event.logprobs = read_entries(data["logprobs"])
         if data.get("done"):
             event.final = True
             event.finish = "length" if data.get("done_reason") == "length" else "stop"

@@ -42,6 +42,7 @@ from ..exceptions import InvalidParamsError
 from ._adapters import Adapter, ServerState, adapter_for
 from ._detect import ServerInfo
 from ._http import Connection
+from ._outputs import OUTPUT_PARAMS, OutputBooks
 from ._poller import StatePoller, WatchedMonitor
 from ._rows import STALE_STATE, RemoteRows
 from ._stream import BUSY_RETRIES, RemoteHandle, _Request
@@ -212,8 +213,9 @@ class RemoteEngine(RemoteRows):
     ) -> _Request:
         handle = RemoteHandle(self._next_request_id(), prompt, 0, sampling.max_tokens, self._cancel)
         given = cast("set[str]", checked)  # what _check_params returned
+        output = options["output"]
         path, body = self._adapter.build(
-            prompt, sampling, given, chat=bool(options["chat"]), system=options["system"]
+            prompt, sampling, given, chat=bool(options["chat"]), system=options["system"], output=output
         )
         request = _Request(
             handle=handle,
@@ -223,6 +225,7 @@ class RemoteEngine(RemoteRows):
             preview=preview_of(prompt),
             max_tokens=sampling.max_tokens,
             order=next(self._order),
+            books=OutputBooks.wanted(sampling, output, body, prompt),
         )
         if not prompt.strip() and not options["chat"]:
             self._fail_empty(handle)
@@ -278,9 +281,11 @@ class RemoteEngine(RemoteRows):
     # -- submitting (``EngineBase.submit_many`` calls these) ------------------------------
 
     def _check_params(self, params: dict[str, Any]) -> set[str]:
-        """Every sampling parameter given is sent; one this kind of server has no word for raises."""
-        given = set(params) - _REQUEST_FIELDS
+        """Every sampling parameter given is sent; one this kind of server has no word for raises,
+        and so do logprobs, choices or a format it cannot give (nothing is sent either way)."""
+        given = set(params) - _REQUEST_FIELDS - OUTPUT_PARAMS
         self._adapter.check(given)
+        self._adapter.check_outputs(params)
         return given
 
     def _enqueue(self, requests: Sequence[_Request]) -> None:

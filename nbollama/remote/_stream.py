@@ -32,6 +32,7 @@ from ..exceptions import NbollamaError, PromptTooLongError, QueueFullError, Remo
 from ._adapters import Adapter, Event, ServerState
 from ._detect import ServerInfo
 from ._http import STREAM_HEADERS, Connection, error_message
+from ._outputs import OutputBooks
 from ._poller import StatePoller
 
 __all__ = ["RemoteHandle", "RemoteStreams", "BUSY_RETRIES", "BUSY_FIRST_WAIT"]
@@ -84,6 +85,7 @@ class _Request:
     cancel_requested: bool = False
     prompt_known: bool = False
     rates: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32))
+    books: OutputBooks | None = None  # logprobs and a format, when the request asked
 
     @property
     def id(self) -> int:
@@ -298,6 +300,8 @@ class RemoteStreams(EngineBase[_Request]):
             if _CONTEXT_WORDS.search(event.error):
                 raise _Failed(PromptTooLongError(f"{self.url}: {event.error}"))
             raise _Failed(RemoteError(self.url, f"the server reported: {event.error}"))
+        if request.books is not None:
+            event.text = request.books.take(event.text, event.logprobs)
         if event.prompt_tokens is not None:
             handle.prompt_tokens = event.prompt_tokens
             request.prompt_known = True
@@ -350,7 +354,17 @@ class RemoteStreams(EngineBase[_Request]):
             handle._place(row)
         if self._closing and reason == "cancelled" and error is None:
             error = "the engine was closed"
-        result = handle._finish(reason, error=error, exception=exception)
+        outputs = (
+            request.books.outputs(
+                reason,
+                prompt_tokens=handle.prompt_tokens if request.prompt_known else None,
+                completion_tokens=handle.completion_tokens,
+                max_tokens=request.max_tokens,
+            )
+            if request.books is not None
+            else {}
+        )
+        result = handle._finish(reason, error=error, exception=exception, **outputs)
         with self._lock:
             self._totals.ended(reason)
             if request.prompt_known:

@@ -1,0 +1,218 @@
+"""Structured outputs against free generation and against llama-server's grammar sampler.
+
+* **Choices**: 400 short reviews, "positive" or "negative", parallel 8. The
+  engine's ``choices=`` (scored from the prefill) against 2 greedy tokens
+  unconstrained, and against ``llama-server -np 8`` with a grammar that allows
+  only the two labels.
+* **JSON**: a schema with an enum, a number and a short string array, 64
+  tokens, parallel 8: the engine constrained against unconstrained, and
+  against llama-server with ``json_schema``.
+
+Each system runs in its own process; rounds alternate the order; the tables
+give medians and ratios with their range over rounds.
+
+    python -m nbollama.llama_server build     # once
+    python benchmarks/structured.py           # 3 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+from _harness import Run, Worker, each, interleave, machine_line, median
+
+from nbollama.llama_server import LlamaServer, find_binary
+from nbollama.models import resolve_model
+
+LABELS = ["positive", "negative"]
+GOOD = ["wonderful", "great", "lovely", "excellent", "fantastic", "superb", "delightful", "perfect", "charming", "brilliant"]
+BAD = ["awful", "terrible", "boring", "broken", "dreadful", "useless", "disappointing", "horrible", "poor", "annoying"]
+THINGS = ["film", "meal", "hotel", "phone", "book", "service", "concert", "game", "laptop", "course"]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"enum": LABELS},
+        "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+    },
+    "required": ["sentiment", "stars", "tags"],
+    "additionalProperties": False,
+}
+
+
+def reviews(n: int) -> list[str]:
+    """``n`` short reviews, half of them good, from templates (no download)."""
+    words = itertools.cycle(
+        [(a, t) for a, t in itertools.product(GOOD, THINGS)] + [(a, t) for a, t in itertools.product(BAD, THINGS)]
+    )
+    good_bad = [next(words) for _ in range(200)]
+    picked = [good_bad[(i * 7) % len(good_bad)] for i in range(n)]
+    return [
+        f"Review: The {thing} was {adjective}, I would say so to anyone.\n"
+        "Answer with exactly one word, positive or negative.\nSentiment:"
+        for adjective, thing in picked
+    ]
+
+
+def server_run(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[Run, list[str]]:
+    """N client threads over ``/completion``, each taking the next body when its last is answered."""
+    todo: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
+    for item in enumerate(bodies):
+        todo.put(item)
+    texts: list[str] = [""] * len(bodies)
+    tokens: list[int] = []
+    errors: list[str] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            while True:
+                try:
+                    i, body = todo.get_nowait()
+                except queue.Empty:
+                    return
+                answer = http.post("/completion", json=body)
+                if answer.status_code != 200:
+                    errors.append(answer.text)
+                    return
+                data = answer.json()
+                texts[i] = data["content"]
+                tokens.append(int(data["tokens_predicted"]))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"llama-server answered with an error: {errors[0][:300]}")
+    return {"tokens": float(sum(tokens)), "wall": wall, "tps": sum(tokens) / wall, "pps": len(bodies) / wall}, texts
+
+
+def with_pps(run: Run, n: int) -> Run:
+    return {**run, "pps": n / run["wall"]}
+
+
+def valid_json(text: str) -> bool:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return False
+    return (
+        isinstance(data, dict)
+        and set(data) == {"sentiment", "stars", "tags"}
+        and data["sentiment"] in LABELS
+        and isinstance(data["stars"], int)
+        and 1 <= data["stars"] <= 5
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reviews", type=int, default=400)
+    parser.add_argument("--json-prompts", type=int, default=32)
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--ctx", type=int, default=512, help="context per slot, for both")
+    args = parser.parse_args(argv)
+    binary = find_binary()
+    if binary is None:
+        raise SystemExit("llama-server is not built: run `python -m nbollama.llama_server build` first")
+    prompts = reviews(args.reviews)
+    json_prompts = [p.replace("Sentiment:", "As JSON:") for p in prompts[: args.json_prompts]]
+    n = args.parallel
+    print(
+        f"{machine_line()}; reviews={len(prompts)} json prompts={len(json_prompts)} parallel={n} "
+        f"threads={args.threads} ctx/slot={args.ctx} rounds={args.rounds}",
+        flush=True,
+    )
+    config = {"parallel": n, "ctx": args.ctx, "threads": args.threads, "prefix_cache": False}
+    server = LlamaServer(
+        resolve_model(None),
+        ["-np", str(n), "-c", str(args.ctx * n), "-t", str(args.threads), "-tb", str(args.threads),
+         "-b", "512", "-ub", "512"],
+    ).start()
+    choices_w, free_w, json_w = Worker("engine", dict(config)), Worker("engine", dict(config)), Worker("engine", dict(config))
+    label_grammar = 'root ::= " positive" | " negative"'
+    seen: dict[str, list[str]] = {}
+
+    def engine(worker: Worker, job: dict[str, Any], name: str, count: int) -> Run:
+        run = worker.run(job)
+        seen[name] = run.pop("texts")  # type: ignore[arg-type]
+        return with_pps(run, count)
+
+    def on_server(bodies: list[dict[str, Any]], name: str) -> Run:
+        run, texts = server_run(server.url, bodies, n)
+        seen[name] = texts
+        return run
+
+    try:
+        server_run(server.url, [{"prompt": "Warm up.", "n_predict": 2}], 1)
+        label_bodies = [
+            {"prompt": p, "n_predict": 3, "temperature": 0.0, "cache_prompt": False, "grammar": label_grammar}
+            for p in prompts
+        ]
+        json_bodies = [
+            {"prompt": p, "n_predict": 64, "temperature": 0.0, "cache_prompt": False, "json_schema": SCHEMA}
+            for p in json_prompts
+        ]
+        runs = interleave(
+            [
+                ("choices", lambda: engine(choices_w, {"prompts": prompts, "choices": LABELS}, "choices", len(prompts))),
+                ("2 tokens", lambda: engine(free_w, {"prompts": prompts, "max_tokens": 2, "temperature": 0.0}, "2 tokens", len(prompts))),
+                ("server grammar", lambda: on_server(label_bodies, "server grammar")),
+                ("json", lambda: engine(json_w, {"prompts": json_prompts, "max_tokens": 64, "temperature": 0.0, "json_schema": SCHEMA}, "json", len(json_prompts))),
+                ("json free", lambda: engine(free_w, {"prompts": json_prompts, "max_tokens": 64, "temperature": 0.0}, "json free", len(json_prompts))),
+                ("server json_schema", lambda: on_server(json_bodies, "server json_schema")),
+            ],
+            args.rounds,
+        )
+    finally:
+        for w in (choices_w, free_w, json_w):
+            w.close()
+        server.stop()
+
+    labels_ok = sum(t in LABELS for t in seen["choices"])
+    free_ok = sum(t.strip() in LABELS for t in seen["2 tokens"])
+    server_ok = sum(t.strip() in LABELS for t in seen["server grammar"])
+    json_ok = sum(valid_json(t) for t in seen["json"])
+    server_json_ok = sum(valid_json(t) for t in seen["server json_schema"])
+    print()
+    print(f"valid labels: choices {labels_ok}/{len(prompts)}, 2 tokens free {free_ok}/{len(prompts)}, "
+          f"server grammar {server_ok}/{len(prompts)}; "
+          f"positive among choices: {seen['choices'].count('positive')}")
+    print(f"valid JSON: engine {json_ok}/{len(json_prompts)}, server json_schema {server_json_ok}/{len(json_prompts)}")
+    print()
+
+    def ratio_row(name: str, over: str, key: str) -> str:
+        a, b = runs[name], runs[over]
+        ratios = [x[key] / y[key] for x, y in zip(a, b)]
+        return f"{median(a, key) / median(b, key):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x)"
+
+    print("| choices, 400 reviews, parallel 8 | prompts/s (median) | per round | choices / this (range) |")
+    print("|---|---:|---|---|")
+    for name in ("choices", "2 tokens", "server grammar"):
+        print(f"| {name} | {median(runs[name], 'pps'):.1f} | {each(runs[name], 'pps')} | "
+              f"{ratio_row('choices', name, 'pps') if name != 'choices' else ''} |")
+    print()
+    print("| JSON, 64 tokens, parallel 8 | tok/s (median) | per round | json / this (range) |")
+    print("|---|---:|---|---|")
+    for name in ("json", "json free", "server json_schema"):
+        print(f"| {name} | {median(runs[name]):.1f} | {each(runs[name])} | "
+              f"{ratio_row('json', name, 'tps') if name != 'json' else ''} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
