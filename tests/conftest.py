@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from IPython.core.displaypub import CapturingDisplayPublisher
+from IPython.core.interactiveshell import InteractiveShell
 
-from nbollama import Engine
+from nbollama import Engine, session
 from nbollama.models import default_model_path
 from nbollama.remote import RemoteEngine
 
@@ -44,7 +47,9 @@ def engines() -> Iterator[list[RemoteEngine]]:
 def idle_engine(engine: Engine) -> Engine:
     """The shared engine, after checking no earlier test left requests behind."""
     snap = engine.snapshot()
-    assert snap["queue"]["length"] == 0 and snap["busy_slots"] == 0, "a previous test leaked requests"
+    assert snap["queue"]["length"] == 0 and snap["busy_slots"] == 0, (
+        "a previous test leaked requests"
+    )
     return engine
 
 
@@ -67,3 +72,46 @@ def noisy_outputs(nb: object) -> list[str]:
             elif kind == "stream" and output.get("name") == "stderr":
                 found.append(f"cell {number}: stderr: {output.get('text', '')[:500]}")
     return found
+
+
+# -- the magics in an in-process IPython shell (test_magics, test_magics_outputs) -------------------
+
+
+@pytest.fixture(scope="module")
+def shell() -> Iterator[InteractiveShell]:
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "nbollama")
+    yield ip
+    # keep the shared engine open: detach it before the extension closes "its" engine
+    session.set_engine(None, close_previous=False)
+    ip.run_line_magic("unload_ext", "nbollama")
+
+
+@pytest.fixture
+def shown(shell: InteractiveShell) -> Iterator[list[dict[str, Any]]]:
+    """Every display the magics publish during the test, in order."""
+    previous = shell.display_pub
+    publisher = CapturingDisplayPublisher()
+    shell.display_pub = publisher
+    yield publisher.outputs
+    shell.display_pub = previous
+
+
+@pytest.fixture
+def kernel_engine(idle_engine: Engine) -> Iterator[Engine]:
+    """The shared engine as the kernel's engine, detached (not closed) afterwards."""
+    session.set_engine(idle_engine, close_previous=False)
+    yield idle_engine
+    session.set_engine(None, close_previous=False)
+    snap = idle_engine.snapshot()
+    assert snap["busy_slots"] == 0 and snap["queue"]["length"] == 0, (
+        "the test left requests running"
+    )
+
+
+@pytest.fixture
+def no_engine() -> Iterator[None]:
+    """No kernel engine; whatever a test loads is closed afterwards (never the shared one)."""
+    session.set_engine(None, close_previous=False)
+    yield
+    session.unload()

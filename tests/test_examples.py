@@ -81,6 +81,29 @@ assert accuracy > 0.75 and labelled["predicted"].notna().all(), labelled["text"]
 assert len(labels._repr_html_()) < 20_000  # a summary, not every row
 assert len(from_python) == 100 and all(r.ok for r in from_python)
 """,
+    "11_structured_outputs.ipynb": """
+assert len(labels) == len(reviews) == N_REVIEWS and labels.ok, labels
+assert set(labelled["choice"]) <= {"positive", "negative"} and labelled["choice"].notna().all()
+assert ((labelled["p_positive"] + labelled["p_negative"] - 1).abs() < 1e-6).all()
+assert accuracy > 0.7, labelled[["review", "label", "choice", "p_positive"]].head()
+assert len(records) == N_PEOPLE and {"name", "age", "city", "parse_error"} <= set(extracted.columns)
+assert extracted["parse_error"].isna().mean() >= 0.8, extracted["parse_error"]
+assert all(isinstance(r.parsed, dict) and set(r.parsed) == {"name", "age", "city"} for r in records if r.parse_error is None)
+assert typed is None or all(type(r.parsed).__name__ == "Person" for r in typed if r.parse_error is None)
+import re
+assert all(re.fullmatch(r" (19|20)[0-9][0-9]", r.text) for r in years), years.texts
+assert len(cost) == 4 and (cost["seconds"] > 0).all() and (cost["ok"] == cost["prompts"]).all(), cost
+""",
+    "12_logprobs.ipynb": """
+assert len(first.logprobs) == first.completion_tokens and all(len(t["top_logprobs"]) == 5 for t in first.logprobs)
+top = [sharpness[f"T={t}"].max() for t in TEMPERATURES]
+assert top[0] >= top[1] >= top[2] and abs(sharpness["T=0.8"].sum() - 1) < 1e-9, sharpness
+assert all(samples[c].sum() == SAMPLES for c in samples.columns)
+assert (samples["T=0.2"] > 0).sum() <= (samples["T=1.5"] > 0).sum(), samples
+assert 0 <= coin_tosses["margin"].iloc[0] == margins["margin"].min() <= 1
+assert perplexity.loc["a plain sentence", "prompt perplexity"] < perplexity.loc["letters at random", "prompt perplexity"]
+assert all(r.prompt_logprobs[0] is None and r.logprobs and r.perplexity >= 1 for r in viewed)
+""",
     "08_tune_a_server.ipynb": """
 assert len(first) == 4 and all(r.ok and r.text for r in first)
 assert [r.concurrency for r in sweep.rows] == CONCURRENCY

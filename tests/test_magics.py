@@ -13,13 +13,11 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
 
 import pytest
-from IPython.core.displaypub import CapturingDisplayPublisher
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
@@ -45,46 +43,6 @@ from nbollama.magics._parse_nbollama import (
 from nbollama.results import BackgroundGeneration, Results
 
 # -- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "nbollama")
-    yield ip
-    # keep the shared engine open: detach it before the extension closes "its" engine
-    session.set_engine(None, close_previous=False)
-    ip.run_line_magic("unload_ext", "nbollama")
-
-
-@pytest.fixture
-def shown(shell: InteractiveShell) -> Iterator[list[dict[str, Any]]]:
-    """Every display the magics publish during the test, in order."""
-    previous = shell.display_pub
-    publisher = CapturingDisplayPublisher()
-    shell.display_pub = publisher
-    yield publisher.outputs
-    shell.display_pub = previous
-
-
-@pytest.fixture
-def kernel_engine(idle_engine: Engine) -> Iterator[Engine]:
-    """The shared engine as the kernel's engine, detached (not closed) afterwards."""
-    session.set_engine(idle_engine, close_previous=False)
-    yield idle_engine
-    session.set_engine(None, close_previous=False)
-    snap = idle_engine.snapshot()
-    assert snap["busy_slots"] == 0 and snap["queue"]["length"] == 0, (
-        "the test left requests running"
-    )
-
-
-@pytest.fixture
-def no_engine() -> Iterator[None]:
-    """No kernel engine; whatever a test loads is closed afterwards (never the shared one)."""
-    session.set_engine(None, close_previous=False)
-    yield
-    session.unload()
 
 
 def cards(html_text: str) -> list[str]:

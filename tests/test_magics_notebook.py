@@ -67,6 +67,11 @@ CELLS: list[tuple[str, list[str]]] = [
     ),
     ("%%generate --max-tokens 12 --out after\nThe capital of France is", []),
     ("print(json.dumps([after[0].finish_reason, after[0].completion_tokens]))", []),
+    (  # 13, 14: logprobs and choices, as a saved notebook keeps them
+        "%%generate --logprobs 3 --max-tokens 6 --temperature 0 --out lp\nThe sky is",
+        [],
+    ),
+    ("%%generate --choices yes,no --out yn\nIs water wet? Answer:", []),
 ]
 
 
@@ -328,6 +333,25 @@ def test_interrupt_cancels_and_the_next_cell_generates(
 def test_written_notebook_is_valid(executed: tuple[NotebookNode, RecordingClient]) -> None:
     nb, _ = executed
     nbformat.validate(nb)
+
+
+def test_the_token_view_and_the_choice_stay_in_the_saved_notebook(
+    executed: tuple[NotebookNode, RecordingClient],
+) -> None:
+    """What the file holds is what nbviewer shows: the view is HTML and CSS, no script."""
+    nb, _ = executed
+    (view,) = [o for o in nb.cells[13].outputs if o["output_type"] == "display_data"]
+    page = view["data"]["text/html"]
+    assert page.count('class="nbollama-tokenview"') == 1 and "<script" not in page
+    assert ".nbtv-t:hover>.nbtv-alts" in page and ".nbtv-t:focus-within>.nbtv-alts" in page
+    tokens = re.findall(r'<span class="nbtv-t" tabindex="0"', page)
+    assert len(tokens) >= 1 and page.count('role="tooltip"') >= len(tokens)
+    assert "perplexity" in view["data"]["text/plain"]
+    (choice,) = [o for o in nb.cells[14].outputs if o["output_type"] == "display_data"]
+    assert 'class="nbollama-choice"' in choice["data"]["text/html"]
+    assert re.search(
+        r"choice: (yes|no) \(\d+\.\d%\); (yes|no) \d+\.\d%", choice["data"]["text/plain"]
+    )
 
 
 # -- a 1,000-prompt cell ---------------------------------------------------------------------

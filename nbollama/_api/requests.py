@@ -8,6 +8,7 @@ are woken without ever blocking the engine's thread on the loop.
 
 from __future__ import annotations
 
+import html
 import math
 import threading
 import time
@@ -31,6 +32,7 @@ from .outputs import (
     check_output_options,
     mean_logprob,
 )
+from .tokenview import token_view_html
 
 __all__ = [
     "check_request_params",
@@ -143,6 +145,20 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.finish_reason in ("stop", "length")
+
+    def _repr_html_(self) -> str | None:
+        """The token view in a notebook when log-probabilities were asked for (else the plain repr)."""
+        if not self.logprobs and not self.prompt_logprobs:
+            return None
+        return token_view_html(self.logprobs or (), prompt_logprobs=self.prompt_logprobs)
+
+    def show(self) -> None:
+        """Display the tokens shaded by probability, alternatives on hover (needs ``logprobs=K``)."""
+        from IPython.display import HTML, display
+
+        hint = "no log-probabilities here: ask with <code>logprobs=5</code> to see them"
+        view = self._repr_html_() or f"<pre>{html.escape(self.text)}</pre><i>{hint}</i>"
+        display(HTML(view))  # type: ignore[no-untyped-call]
 
     @property
     def mean_logprob(self) -> float | None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
 from ..exceptions import InvalidParamsError
@@ -44,6 +45,14 @@ def _preview(text: str, limit: int = _PREVIEW) -> str:
     return folded if len(folded) <= limit else folded[: limit - 1] + "…"
 
 
+def _answer(result: Result) -> str:
+    """What a row shows: the text, or the choice with its probability over the options."""
+    if result.choice is None:
+        return result.text
+    p = (result.choice_probs or {}).get(result.choice)
+    return result.choice if p is None else f"{result.choice} ({p:.0%})"
+
+
 def _ms(seconds: float | None) -> str:
     return "" if seconds is None else f"{seconds * 1000:.0f} ms"
 
@@ -72,6 +81,70 @@ _STATS: tuple[_Stat, ...] = (  # label, how to read it off a result, how to show
     ("total time", lambda r: r.total_time, _duration),
 )
 _PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class _Extra:
+    """The columns of what the requests asked beyond text, and each row's values."""
+
+    names: list[str]
+    rows: list[dict[str, Any]]
+
+
+def _fields(parsed: Any) -> Mapping[str, Any] | None:
+    """The top-level fields of a parsed output: a dict's items, a pydantic model's ``model_dump()``."""
+    if isinstance(parsed, Mapping):
+        return parsed
+    dump = getattr(parsed, "model_dump", None)
+    if callable(dump):
+        dumped = dump()
+        return dumped if isinstance(dumped, Mapping) else None
+    return None
+
+
+def _output_columns(results: Sequence[Result]) -> _Extra:
+    """Columns for choices (``choice``, ``p_<option>``), logprobs (``mean_logprob``,
+    ``perplexity``, ``prompt_perplexity``) and formats (the parsed fields, ``parse_error``),
+    only for what some request asked."""
+    names: list[str] = []
+    rows: list[dict[str, Any]] = [{} for _ in results]
+    options: dict[str, None] = {}
+    for r in results:
+        options.update(dict.fromkeys(r.choice_probs or ()))
+    if options or any(r.choice is not None for r in results):
+        names += ["choice", *(f"p_{o}" for o in options)]
+        for row, r in zip(rows, results):
+            row["choice"] = r.choice
+            for o in options:
+                row[f"p_{o}"] = None if r.choice_probs is None else r.choice_probs.get(o)
+    if any(r.logprobs is not None for r in results):
+        names += ["mean_logprob", "perplexity"]
+        for row, r in zip(rows, results):
+            row.update(mean_logprob=r.mean_logprob, perplexity=r.perplexity)
+    if any(r.prompt_logprobs is not None for r in results):
+        names.append("prompt_perplexity")
+        for row, r in zip(rows, results):
+            row["prompt_perplexity"] = r.prompt_perplexity
+    if any(r.parsed is not None or r.parse_error is not None for r in results):
+        fields: dict[str, str] = {}  # field -> its column (prefixed where a column has its name)
+        taken = {*_COLUMNS, *names, "parse_error", "parsed"}
+        for r in results:
+            for key in _fields(r.parsed) or ():
+                if key not in fields:
+                    fields[key] = f"parsed_{key}" if str(key) in taken else str(key)
+        others = any(
+            r.parsed is not None and not isinstance(r.parsed, str) and _fields(r.parsed) is None
+            for r in results
+        )
+        names += [*fields.values(), *(["parsed"] if others else []), "parse_error"]
+        for row, r in zip(rows, results):
+            values = _fields(r.parsed) or {}
+            for key, column in fields.items():
+                row[column] = values.get(key)
+            if others:
+                row["parsed"] = r.parsed if _fields(r.parsed) is None else None
+            row["parse_error"] = r.parse_error
+    return _Extra(names, rows)
 
 
 class Results(Sequence[Result]):
@@ -155,6 +228,13 @@ class Results(Sequence[Result]):
     def to_pandas(self, join: pandas.DataFrame | None = None) -> pandas.DataFrame:
         """One row per prompt: texts, finish reasons and timings (seconds), ready to plot.
 
+        Requests that asked for more get more columns: ``choice`` and one
+        ``p_<option>`` per option (``choices=``); ``mean_logprob`` and
+        ``perplexity`` (``logprobs=``), ``prompt_perplexity``
+        (``prompt_logprobs=True``); the parsed output's top-level fields
+        (``json_schema=``; ``parsed_<name>`` where a column has the name) and
+        ``parse_error`` (any format).
+
         From a cell that ran ``--each`` over a pandas Series or DataFrame, the
         rows carry its index. ``join=frame`` returns ``frame`` with these
         columns added (``_result`` appended to a name it already has): row by
@@ -163,7 +243,10 @@ class Results(Sequence[Result]):
         import pandas as pd  # here, not at the top: `import nbollama` stays light
 
         rows = [{column: getattr(r, column) for column in _COLUMNS} for r in self._items]
-        frame = pd.DataFrame(rows, columns=list(_COLUMNS))
+        extra = _output_columns(self._items)
+        for row, more in zip(rows, extra.rows):
+            row.update(more)
+        frame = pd.DataFrame(rows, columns=[*_COLUMNS, *extra.names])
         if self._index is not None:
             frame.index = pd.Index(list(self._index))
         if join is None:
@@ -234,7 +317,7 @@ class Results(Sequence[Result]):
                 )
                 continue
             r = self._items[i]
-            shown = r.error if r.finish_reason == "error" and r.error else r.text
+            shown = r.error if r.finish_reason == "error" and r.error else _answer(r)
             lines.append(
                 f"[{i}] {r.finish_reason:<9} {r.completion_tokens:>5} tok  {_preview(shown, 72)!r}"
             )
@@ -274,7 +357,7 @@ class Results(Sequence[Result]):
             if r.finish_reason == "error" and r.error:
                 text = f'<span style="color:#c62828">{html.escape(_preview(r.error))}</span>'
             else:
-                text = html.escape(_preview(r.text))
+                text = html.escape(_preview(_answer(r)))
             rows.append(
                 "<tr>"
                 f"<td {_NOWRAP}>{i}</td><td {_NOWRAP}>{'' if r.slot is None else r.slot}</td>"

@@ -225,6 +225,20 @@ class NbollamaMagics(Magics):
             --watch               a compact engine dashboard above the outputs
                                   (with nbollama.widgets)
 
+        Beyond text (checked before anything runs; one of --choices, --json-schema,
+        --regex, --grammar per cell)::
+
+            --logprobs K          each token's probability and its top K alternatives
+                                  (0-20): the card shows the tokens shaded, hover for more
+            --prompt-logprobs     the same for the prompt's tokens (its perplexity)
+            --choices A,B,C       pick the most likely option after the prompt, scored,
+                                  not generated (or --choices VAR: a list in the notebook)
+            --choice-score S      sum (default) or mean: the options' token logprobs
+            --json-schema VAR     output JSON following VAR: a schema dict or a pydantic
+                                  model class; each Result.parsed holds it
+            --regex PATTERN       output matching PATTERN (quote it: '[0-9]+')
+            --grammar VAR         output following the grammar in VAR (Lark or GBNF)
+
         Ctrl-C (interrupt the kernel) cancels the cell's requests and frees their
         slots; what was generated stays visible, marked "cancelled", and is stored
         in ``--out VAR`` as a partial ``Results``. The KeyboardInterrupt is then
@@ -242,6 +256,10 @@ class NbollamaMagics(Magics):
             The capital of {item} is
 
             %generate --max-tokens 32 What's a KV cache?
+
+            %%generate --each reviews --choices positive,negative
+            Review: {review}
+            Sentiment:
         """
         shell = self.shell
         assert shell is not None  # load_ipython_extension gives the magics their shell

@@ -15,6 +15,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
+from .._api.outputs import OutputRequest
 from ..engine import SamplingParams, check_request_params
 from ..exceptions import InvalidParamsError
 from ._args import (
@@ -77,6 +78,8 @@ class GenerateCall:
     cards: bool = False
     #: With ``--each`` over a pandas Series or DataFrame: each prompt's row label, for ``Results.to_pandas()``.
     index: tuple[Any, ...] | None = field(default=None, hash=False)
+    #: ``--choices`` or a format (``--json-schema``, ``--regex``, ``--grammar``), checked; None: neither.
+    output: OutputRequest = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         # a read-only view: the call is a value, its params must not change after checking
@@ -122,6 +125,13 @@ def _generate_parser(*, line: bool) -> _GenerateParser:
     add("--markdown", action="store_true")
     add("--quiet", action="store_true")
     add("--cards", action="store_true")
+    add("--logprobs", type=int, metavar="K")
+    add("--prompt-logprobs", action="store_true")
+    add("--choices", metavar="A,B|VAR")
+    add("--choice-score", choices=("sum", "mean"))
+    add("--json-schema", type=variable, metavar="VAR")
+    add("--regex", metavar="PATTERN")
+    add("--grammar", type=variable, metavar="VAR")
     if widgets_available():
         add("--watch", action="store_true")
     return _GenerateParser(parser, frozenset(valued))
@@ -156,6 +166,58 @@ def _split_line_form(line: str, spec: _GenerateParser) -> tuple[list[str], str]:
         rest = after
 
 
+def _choices(prog: str, text: str, namespace: Mapping[str, Any]) -> object:
+    """``--choices A,B,C`` (each option stripped: the engine adds the space a continuation
+    needs), or ``--choices VAR`` naming a list in the notebook."""
+    if text.isidentifier() and "," not in text:
+        if text not in namespace:
+            raise UsageError(
+                f"{prog}: --choices {text}: give the options as A,B or name a list in the "
+                f"notebook (there is no variable {text!r})"
+            )
+        value = namespace[text]
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            return value  # the engine's check says what it wants
+        return tuple(value)
+    return tuple(part.strip() for part in text.split(","))
+
+
+def _from_namespace(prog: str, option: str, name: str, namespace: Mapping[str, Any]) -> object:
+    if name not in namespace:
+        raise UsageError(f"{prog}: {option} {name}: there is no variable {name!r} in the notebook")
+    return namespace[name]
+
+
+def _raw_regex(raw_tokens: list[str], expanded: str) -> str:
+    """``--regex``'s pattern as typed: ``{3}`` is a quantifier there, not a ``{name}`` to expand."""
+    for i, token in enumerate(raw_tokens):
+        if token == "--regex" and i + 1 < len(raw_tokens):
+            return raw_tokens[i + 1]
+        if token.startswith("--regex="):
+            return token.removeprefix("--regex=")
+    return expanded
+
+
+def _output_params(prog: str, args: Any, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The keywords of ``--logprobs`` and the rest, as ``engine.submit`` takes them."""
+    params: dict[str, Any] = {}
+    if args.logprobs is not None:
+        params["logprobs"] = args.logprobs
+    if args.prompt_logprobs:
+        params["prompt_logprobs"] = True
+    if args.choices is not None:
+        params["choices"] = _choices(prog, args.choices, namespace)
+    if args.choice_score is not None:
+        params["choice_score"] = args.choice_score
+    if args.json_schema is not None:
+        params["json_schema"] = _from_namespace(prog, "--json-schema", args.json_schema, namespace)
+    if args.regex is not None:
+        params["regex"] = args.regex
+    if args.grammar is not None:
+        params["grammar"] = _from_namespace(prog, "--grammar", args.grammar, namespace)
+    return params
+
+
 def _no_expansion(line: str) -> str:
     return line
 
@@ -173,7 +235,8 @@ def parse_generate(
     ``expand_options`` is IPython's ``$name`` expansion, applied to the cell
     form's options line only (the line form's prompt stays verbatim). Every
     sampling value is checked with the engine's own rules, so a bad one is a
-    UsageError before any engine is loaded.
+    UsageError before any engine is loaded; so are ``--choices`` and the
+    formats (a bad schema, regex or grammar), with the engine's own check.
     """
     spec = _generate_parser(line=cell is None)
     prog = spec.parser.prog
@@ -182,6 +245,8 @@ def parse_generate(
     else:
         tokens, body = shell_split(expand_options(line), prog), cell
     args = spec.parser.parse_args(tokens)
+    if cell is not None and args.regex is not None:
+        args.regex = _raw_regex(shell_split(line, prog), args.regex)
     if args.help:
         return GenerateHelpCall(
             usage=usage_line(spec.parser),
@@ -216,6 +281,7 @@ def parse_generate(
         params["chat"] = True
     elif args.chat is not None:
         params["chat"] = args.chat
+    params.update(_output_params(prog, args, namespace))
     try:
         sampling, request = check_request_params(dict(params))
     except InvalidParamsError as exc:
@@ -239,4 +305,5 @@ def parse_generate(
         priority=request["priority"],
         cards=args.cards,
         index=index,
+        output=request["output"],
     )

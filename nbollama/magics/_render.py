@@ -8,13 +8,16 @@ the live display, the final display or a test asks for it.
 from __future__ import annotations
 
 import html
+import json
 import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from .._api.progress import ProgressState, progress_bundle, progress_html, progress_text, short
 from .._api.snapshot import BADGE_FOR_REASON
+from .._api.tokenview import token_view_html
 from .._palette import badge_html
 from ..engine import Handle, Result
 from ..results import Results
@@ -105,6 +108,7 @@ class _View:
     figures: str
     error: str | None = None
     elide: int = 0  # leading prompt characters every prompt of the cell shares
+    result: Result | None = None  # once finished: its choice, parsed output and logprobs
 
 
 def _figures(result: Result) -> str:
@@ -116,6 +120,10 @@ def _figures(result: Result) -> str:
         parts.append(f"{result.gen_tps:.1f} tok/s")
     if result.queue_wait >= 0.05:
         parts.append(f"queued {result.queue_wait:.2f} s")
+    if result.perplexity is not None:
+        parts.append(f"perplexity {result.perplexity:.2f}")
+    if result.prompt_perplexity is not None:
+        parts.append(f"prompt perplexity {result.prompt_perplexity:.2f}")
     parts.append(result.finish_reason)
     return " · ".join(parts)
 
@@ -130,6 +138,7 @@ def _final_view(number: int, result: Result, elide: int = 0) -> _View:
         figures=_figures(result),
         error=result.error if result.finish_reason == "error" else None,
         elide=elide,
+        result=result,
     )
 
 
@@ -179,12 +188,119 @@ def _card_html(view: _View) -> str:
         f'<span title="{html.escape(view.prompt[:_TITLE_CHARS], quote=True)}" style="flex:1;'
         f'min-width:0;overflow:hidden;text-overflow:ellipsis;white-space:nowrap">'
         f"{html.escape(_preview(view.prompt, view.elide))}</span></div>"
-        '<div class="nbollama-text" style="white-space:pre-wrap;word-break:break-word;'
-        "font-family:var(--jp-code-font-family,monospace);font-size:var(--jp-code-font-size,13px);"
-        f'margin:4px 0;max-height:24em;overflow-y:auto">{html.escape(view.text)}</div>'
+        f"{_answer_html(view)}"
         '<div class="nbollama-figures" style="font-size:11px;color:var(--jp-ui-font-color2,#777)">'
         f"{html.escape(view.figures)}</div>{error}</div>"
     )
+
+
+def _answer_html(view: _View) -> str:
+    """The card's middle: the choice's bars, the text (as its tokens when logprobs were asked),
+    the parsed output."""
+    result = view.result
+    parts = []
+    if result is not None and result.choice is not None:
+        parts.append(_choice_html(result))
+    if result is not None and result.logprobs is not None:
+        body: str | None = token_view_html(
+            result.logprobs, prompt_logprobs=result.prompt_logprobs, summary=False
+        )
+    elif result is not None and result.choice is not None and _same(view.text, result.choice):
+        body = None  # the choice's bars say it
+    else:
+        body = html.escape(view.text)  # an empty area too: it fills as the text streams
+    if body is not None:
+        parts.append(
+            '<div class="nbollama-text" style="white-space:pre-wrap;word-break:break-word;'
+            "font-family:var(--jp-code-font-family,monospace);font-size:var(--jp-code-font-size,13px);"
+            f'margin:4px 0;max-height:24em;overflow-y:auto">{body}</div>'
+        )
+    if result is not None:
+        parts.append(_parsed_html(result))
+    return "".join(parts)
+
+
+def _same(text: str, choice: str) -> bool:
+    return not text.strip() or text.strip() == choice.strip()
+
+
+def _choice_html(result: Result) -> str:
+    """Every option's probability over the options, as bars; the choice marked."""
+    probs = dict(result.choice_probs or {})
+    if not probs and result.choice is not None:
+        probs = {result.choice: float("nan")}
+    cells = []
+    for option, p in probs.items():
+        chosen = option == result.choice
+        width = 0.0 if p != p else max(0.0, min(100.0, p * 100))
+        shown = "" if p != p else f"{p:.1%}"
+        weight = "font-weight:700;" if chosen else ""
+        cells.append(
+            f'<span style="color:#2e7d32;font-weight:700">{"✓" if chosen else ""}</span>'
+            f'<span title="{html.escape(option, quote=True)}" style="{weight}min-width:0;white-space:pre;'
+            f'overflow:hidden;text-overflow:ellipsis;font-family:var(--jp-code-font-family,monospace)">'
+            f"{html.escape(option)}</span>"
+            '<span style="height:8px;background:var(--jp-layout-color3,#e0e0e0);border-radius:4px;'
+            f'overflow:hidden"><span style="display:block;height:100%;width:{width:.1f}%;'
+            f'background:{"#1e88e5" if chosen else "#90a4ae"}"></span></span>'
+            f'<span style="{weight}text-align:right;font-variant-numeric:tabular-nums">{shown}</span>'
+        )
+    return (
+        '<div class="nbollama-choice" style="display:grid;grid-template-columns:1em '
+        "fit-content(45%) minmax(4em,1fr) 3.5em;gap:2px 6px;align-items:center;"
+        f'font-size:12px;margin:4px 0">{"".join(cells)}</div>'
+    )
+
+
+_FIELD_CHARS = 200
+
+
+def _fields_of(parsed: Any) -> Mapping[str, Any] | None:
+    if isinstance(parsed, Mapping):
+        return parsed
+    dump = getattr(parsed, "model_dump", None)
+    value = dump() if callable(dump) else None
+    return value if isinstance(value, Mapping) else None
+
+
+def _parsed_html(result: Result) -> str:
+    """A format's outcome: the parsed output's top-level fields, or why it did not parse."""
+    if result.parse_error is not None:
+        return (
+            '<div class="nbollama-parsed" style="color:#c62828;font-size:12px;margin:2px 0">'
+            f"not parsed: {html.escape(result.parse_error)}</div>"
+        )
+    parsed = result.parsed
+    if parsed is None or isinstance(parsed, str):
+        return ""  # no format asked, or a regex/grammar: the text above is the output
+    fields = _fields_of(parsed)
+    kind = "dict" if isinstance(parsed, Mapping) else type(parsed).__name__
+    if fields is None:
+        rows = f'<code style="white-space:pre-wrap">{html.escape(_shorten(parsed))}</code>'
+    else:
+        rows = "".join(
+            f'<span style="color:var(--jp-ui-font-color2,#666)">{html.escape(str(k))}</span>'
+            f'<code style="white-space:pre-wrap;word-break:break-word;background:none">'
+            f"{html.escape(_shorten(v))}</code>"
+            for k, v in fields.items()
+        )
+        rows = (
+            '<div style="display:grid;grid-template-columns:max-content 1fr;gap:1px 8px">'
+            f"{rows}</div>"
+        )
+    return (
+        '<div class="nbollama-parsed" style="font-size:12px;margin:4px 0;padding:3px 6px;'
+        'border-left:3px solid #2e7d32;background:var(--jp-layout-color2,#f5f5f5)">'
+        f'<div style="color:#2e7d32;font-size:11px">parsed ({html.escape(kind)})</div>{rows}</div>'
+    )
+
+
+def _shorten(value: Any) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= _FIELD_CHARS else text[: _FIELD_CHARS - 1] + "…"
 
 
 def _html(views: Sequence[_View]) -> str:
@@ -193,10 +309,33 @@ def _html(views: Sequence[_View]) -> str:
     return f'<div class="nbollama-generate" style="display:grid;grid-template-columns:{columns};gap:8px">{cards}</div>'
 
 
+def _extras_text(view: _View) -> list[str]:
+    """The choice and the parsed output as lines, for the plain-text and Markdown twins."""
+    result = view.result
+    if result is None:
+        return []
+    lines = []
+    if result.choice is not None:
+        probs = result.choice_probs or {}
+        shown = [f"{o} {p:.1%}" for o, p in probs.items() if o != result.choice]
+        p = probs.get(result.choice)
+        lines.append(
+            f"choice: {result.choice}"
+            + ("" if p is None else f" ({p:.1%})")
+            + (f"; {', '.join(shown)}" if shown else "")
+        )
+    if result.parse_error is not None:
+        lines.append(f"not parsed: {result.parse_error}")
+    elif result.parsed is not None and not isinstance(result.parsed, str):
+        fields = _fields_of(result.parsed)
+        lines.append(f"parsed: {_shorten(result.parsed if fields is None else dict(fields))}")
+    return lines
+
+
 def _plain(views: Sequence[_View]) -> str:
     blocks = []
     for v in views:
-        block = f"{_head_text(v)}\n{v.text}\n({v.figures})"
+        block = "\n".join([_head_text(v), *_extras_text(v), v.text, f"({v.figures})"])
         if v.error:
             block += f"\nerror: {v.error}"
         blocks.append(block)
@@ -208,6 +347,8 @@ def _markdown(views: Sequence[_View]) -> str:
     for v in views:
         head = _MARKDOWN_SPECIALS.sub(r"\\\1", _head_text(v))
         body = v.text if v.text.strip() else "*(no text)*"
+        extras = "".join(_MARKDOWN_SPECIALS.sub(r"\\\1", line) + "\n\n" for line in _extras_text(v))
+        body = extras + body
         tail = _MARKDOWN_SPECIALS.sub(
             r"\\\1", v.figures + (f" · error: {v.error}" if v.error else "")
         )
@@ -254,12 +395,19 @@ def big_final_bundle(
     state = replace(state, running=(), latest=())
     where = f"<code>{html.escape(out)}</code>" if out else "the cell's value"
     reasons = ", ".join(f"{n} {reason}" for reason, n in results.finish_reasons().items())
+    tokens = (
+        f"; <code>{html.escape(out or 'results')}[i].show()</code> shows row i's tokens"
+        if any(r.logprobs is not None for r in results)
+        else ""
+    )
     note = (
         f'<div style="font-size:12px;color:var(--jp-ui-font-color2,#666)">{html.escape(reasons)}; '
-        f"every result is in {where} (<code>.to_pandas()</code>)</div>"
+        f"every result is in {where} (<code>.to_pandas()</code>){tokens}</div>"
     )
     body = progress_html(state) + note + (results._repr_html_() if table else "")
     text = progress_text(state) + f"\n{reasons}" + (f"\n{results!r}" if table else "")
+    if tokens:
+        text += f"\n{out or 'results'}[i].show() shows row i's tokens"
     html_out = f'<div class="nbollama-generate nbollama-generate-big">{body}</div>'
     return {"text/html": html_out, "text/plain": text}
 
