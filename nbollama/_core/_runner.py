@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import llguidance
@@ -30,7 +31,7 @@ from ._llama import (
     LlamaContext,
     LlamaModel,
 )
-from ._logits import apply_mask, entry_for, mask_allows, masked_argmax, row_stats
+from ._logits import apply_mask, entry_for, masked_argmax, row_stats
 from ._sampler import GreedySampler, Sampler, make_sampler
 from ._scheduler import Chunk, StepPlan
 from ._slots import Request
@@ -82,7 +83,7 @@ class ModelRunner:
         self.batch = Batch(max(n_batch, context.n_seq))
         self.invariant = invariant
         self._masks: npt.NDArray[np.int32] | None = None  # one llguidance bitmask row per slot
-        self._executor: llguidance.LLExecutor | None = None
+        self._mask_thread: ThreadPoolExecutor | None = None
 
     def sampler_for(self, params: SamplingParams, prompt: npt.NDArray[np.int32]) -> Sampler:
         """(For a request that generates; a choice is scored and has none.)"""
@@ -102,6 +103,7 @@ class ModelRunner:
         """Decode ``plan`` (``requests``: slot -> its request), then read the rows it asked for."""
         if self.invariant or not self.context.kv_unified:
             return self._run_by_stream(plan, requests)
+        ahead = self._masks_ahead(plan, requests)
         current: StepPlan | None = plan
         status = DECODE_NO_KV_SLOT
         rows: list[_Row] = []
@@ -116,13 +118,18 @@ class ModelRunner:
             current = smaller
         decoded = current if current is not None else plan
         outcome = StepOutcome(status, decoded)
+        masks = _masks_of(ahead)  # joined even when the decode failed: the thread is free again
         if status != DECODE_OK:
             return outcome
-        self._read(outcome, rows, requests)
+        self._read(outcome, rows, requests, masks)
         return outcome
 
     def _read(
-        self, outcome: StepOutcome, rows: list[_Row], requests: Mapping[int, Request]
+        self,
+        outcome: StepOutcome,
+        rows: list[_Row],
+        requests: Mapping[int, Request],
+        masks: Mapping[int, npt.NDArray[np.int32] | str],
     ) -> None:
         """Everything the rows of the last decode say, before the next decode overwrites them."""
         sampling: list[tuple[int, int]] = []  # (slot, batch index)
@@ -144,9 +151,18 @@ class ModelRunner:
                 continue
             if chunk.ends_prompt:
                 sampling.append((slot, index + chunk.count - 1))
-        masks = self._fill_masks(sampling, requests)
         for slot, index in sampling:
-            self._sample(outcome, slot, index, requests[slot], masks.get(slot))
+            mask = masks.get(slot)
+            if (
+                requests[slot].matcher is not None
+                and not isinstance(requests[slot].sampler, GreedySampler)
+                and not isinstance(mask, np.ndarray)
+            ):
+                outcome.failures[slot] = f"its format's token mask failed: {mask or 'not computed'}"
+                continue
+            self._sample(
+                outcome, slot, index, requests[slot], mask if isinstance(mask, np.ndarray) else None
+            )
 
     def _score_chunk(
         self, outcome: StepOutcome, request: Request, chunk: Chunk, first: int
@@ -174,27 +190,48 @@ class ModelRunner:
         lse = row_stats(row, 0).lse
         return [float(row[t]) - lse for t in request.choice.first_tokens]
 
-    def _fill_masks(
-        self, sampling: list[tuple[int, int]], requests: Mapping[int, Request]
-    ) -> dict[int, npt.NDArray[np.int32]]:
-        """The token masks of this step's constrained slots, in one llguidance call (it releases
-        the GIL and spreads the matchers over its threads)."""
+    def _masks_ahead(
+        self, plan: StepPlan, requests: Mapping[int, Request]
+    ) -> Future[dict[int, npt.NDArray[np.int32] | str]] | None:
+        """Start filling the token masks of the plan's constrained slots, to overlap the decode.
+
+        A mask depends only on what the format has consumed so far, never on
+        the logits about to be computed, so llguidance (which releases the GIL)
+        fills it on a thread of its own while ``llama_decode`` runs. Greedy
+        slots are left out: they check their argmax first and need a mask only
+        when it is refused (``_pick_greedy``).
+        """
+        sampled = [d.slot for d in plan.decodes] + [c.slot for c in plan.chunks if c.ends_prompt]
         matchers = [
-            (slot, matcher)
-            for slot, _ in sampling
-            if (matcher := requests[slot].matcher) is not None
+            (slot, m)
+            for slot in sampled
+            if (m := requests[slot].matcher) is not None
+            and not isinstance(requests[slot].sampler, GreedySampler)
         ]
         if not matchers:
-            return {}
-        if self._masks is None or self._executor is None:
+            return None
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="nbollama-masks")
+        return self._mask_thread.submit(_fill_masks, matchers, self._mask_rows())
+
+    def _mask_rows(self) -> npt.NDArray[np.int32]:
+        if self._masks is None:
             self._masks = llguidance.numpy.allocate_token_bitmask(
                 self.context.n_seq, self.model.n_vocab
             )
-            self._executor = llguidance.LLExecutor()
-        llguidance.numpy.fill_next_token_bitmask_par(
-            self._executor, [(matcher, slot) for slot, matcher in matchers], self._masks
-        )
-        return {slot: self._masks[slot] for slot, _ in matchers}
+        return self._masks
+
+    def _pick_greedy(
+        self, row: npt.NDArray[np.float32], matcher: llguidance.LLMatcher, slot: int
+    ) -> int:
+        """llama.cpp's grammar fast path: the argmax, if the format takes it (checking one token
+        costs a fraction of a mask over 262k); else the best token the mask allows."""
+        token = int(row.argmax())
+        if matcher.validate_tokens([token]) == 1:
+            return token
+        masks = self._mask_rows()
+        llguidance.numpy.fill_next_token_bitmask(matcher, masks, slot)
+        return masked_argmax(row, masks[slot])
 
     def _sample(
         self,
@@ -211,20 +248,16 @@ class ModelRunner:
             row = self.context.logits_row(index)
             k = request.params.logprobs
             stats = row_stats(row, k) if k is not None else None
-            if mask is None:
+            matcher = request.matcher
+            if matcher is not None and isinstance(sampler, GreedySampler):
+                token = self._pick_greedy(row, matcher, slot)
+            elif mask is None:
                 token = sampler.sample(self.context, index)
-            elif isinstance(sampler, GreedySampler):
-                # llama.cpp's grammar fast path: the argmax is usually allowed, and one bit
-                # costs nothing next to masking 262k entries
-                token = int(row.argmax())
-                if not mask_allows(mask, token):
-                    token = masked_argmax(row, mask)
             else:
                 apply_mask(row, mask)  # the chain reads this row in place: allowed tokens only
                 token = sampler.sample(self.context, index)
             if stats is not None:
                 outcome.logprobs[slot] = entry_for(row, stats, token, self.model.piece)
-            matcher = request.matcher
             if matcher is not None and not matcher.consume_token(token):
                 raise ValueError(f"the format refused token {token}: {matcher.get_error()}")
             outcome.tokens[slot] = token
@@ -241,6 +274,7 @@ class ModelRunner:
         the smallest count whose kernels give every row the same result.
         """
         outcome = StepOutcome(DECODE_OK, plan)
+        ahead = self._masks_ahead(plan, requests)  # filled while the first decode runs
         batch, context = self.batch, self.context
         rows = INVARIANT_ROWS if self.invariant else 1
         if plan.decodes:
@@ -267,8 +301,9 @@ class ModelRunner:
             for seq, end in throwaway:
                 context.truncate_sequence(seq, end)
             if status != DECODE_OK:
+                _masks_of(ahead)  # the mask thread is done before anyone else uses it
                 return StepOutcome(status, StepPlan(plan.decodes))
-            self._read(outcome, to_read, requests)
+            self._read(outcome, to_read, requests, _masks_of(ahead))
         for c in plan.chunks:
             batch.clear()
             first = self._add_chunk(c, requests[c.slot])
@@ -278,7 +313,7 @@ class ModelRunner:
                     f"llama_decode failed with status {status} on a prompt chunk"
                 )
                 continue
-            self._read(outcome, [(c.slot, first, c)], requests)
+            self._read(outcome, [(c.slot, first, c)], requests, _masks_of(ahead))
         return outcome
 
     def time_decode(self, rows: int) -> float:
@@ -319,4 +354,27 @@ class ModelRunner:
         )
 
     def close(self) -> None:
+        if self._mask_thread is not None:
+            self._mask_thread.shutdown(wait=True)
         self.context.close()
+
+
+def _fill_masks(
+    matchers: list[tuple[int, llguidance.LLMatcher]], masks: npt.NDArray[np.int32]
+) -> dict[int, npt.NDArray[np.int32] | str]:
+    """(The mask thread.) Each matcher's next-token mask into its slot's row; a failure is that
+    slot's alone, named."""
+    out: dict[int, npt.NDArray[np.int32] | str] = {}
+    for slot, matcher in matchers:
+        try:
+            llguidance.numpy.fill_next_token_bitmask(matcher, masks, slot)
+            out[slot] = masks[slot]
+        except Exception as exc:
+            out[slot] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _masks_of(
+    ahead: Future[dict[int, npt.NDArray[np.int32] | str]] | None,
+) -> dict[int, npt.NDArray[np.int32] | str]:
+    return ahead.result() if ahead is not None else {}

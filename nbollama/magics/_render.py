@@ -122,8 +122,8 @@ def _figures(result: Result) -> str:
         parts.append(f"queued {result.queue_wait:.2f} s")
     if result.perplexity is not None:
         parts.append(f"perplexity {result.perplexity:.2f}")
-    if result.prompt_perplexity is not None:
-        parts.append(f"prompt perplexity {result.prompt_perplexity:.2f}")
+    if result.prompt_perplexity is not None:  # every prompt token needed a row: no prefix reuse
+        parts.append(f"prompt perplexity {result.prompt_perplexity:.2f} (prompt prefilled whole)")
     parts.append(result.finish_reason)
     return " · ".join(parts)
 
