@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,3 +108,43 @@ def machine_line() -> str:
     import platform
 
     return f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def server_run(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[Run, list[str]]:
+    """``clients`` threads over llama-server's ``/completion``, each sending the next body when its
+    last is answered (not streamed: the server's cheapest mode); the run and each answer's text."""
+    import httpx
+
+    todo: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
+    for item in enumerate(bodies):
+        todo.put(item)
+    texts: list[str] = [""] * len(bodies)
+    tokens: list[int] = []
+    errors: list[str] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            while True:
+                try:
+                    i, body = todo.get_nowait()
+                except queue.Empty:
+                    return
+                answer = http.post("/completion", json=body)
+                if answer.status_code != 200:
+                    errors.append(answer.text)
+                    return
+                data = answer.json()
+                texts[i] = data["content"]
+                tokens.append(int(data["tokens_predicted"]))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"llama-server answered with an error: {errors[0][:300]}")
+    run = {"tokens": float(sum(tokens)), "wall": wall, "tps": sum(tokens) / wall, "pps": len(bodies) / wall}
+    return run, texts

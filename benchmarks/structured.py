@@ -24,14 +24,10 @@ import argparse
 import itertools
 import json
 import os
-import queue
 import sys
-import threading
-import time
 from typing import Any
 
-import httpx
-from _harness import Run, Worker, each, interleave, machine_line, median
+from _harness import Run, Worker, each, interleave, machine_line, median, server_run
 
 from nbollama.llama_server import LlamaServer, find_binary
 from nbollama.models import resolve_model
@@ -64,42 +60,6 @@ def reviews(n: int) -> list[str]:
         "Answer with exactly one word, positive or negative.\nSentiment:"
         for adjective, thing in picked
     ]
-
-
-def server_run(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[Run, list[str]]:
-    """N client threads over ``/completion``, each taking the next body when its last is answered."""
-    todo: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
-    for item in enumerate(bodies):
-        todo.put(item)
-    texts: list[str] = [""] * len(bodies)
-    tokens: list[int] = []
-    errors: list[str] = []
-
-    def client() -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
-            while True:
-                try:
-                    i, body = todo.get_nowait()
-                except queue.Empty:
-                    return
-                answer = http.post("/completion", json=body)
-                if answer.status_code != 200:
-                    errors.append(answer.text)
-                    return
-                data = answer.json()
-                texts[i] = data["content"]
-                tokens.append(int(data["tokens_predicted"]))
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"llama-server answered with an error: {errors[0][:300]}")
-    return {"tokens": float(sum(tokens)), "wall": wall, "tps": sum(tokens) / wall, "pps": len(bodies) / wall}, texts
 
 
 def with_pps(run: Run, n: int) -> Run:

@@ -15,53 +15,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import sys
-import threading
-import time
 from typing import Any
 
-import httpx
-from _harness import Run, Worker, each, interleave, load_prompts, machine_line, median
+from _harness import Run, Worker, each, interleave, load_prompts, machine_line, median, server_run
 
 from nbollama.llama_server import LlamaServer, find_binary
 from nbollama.models import resolve_model
 
 
-def server_run(url: str, prompts: list[str], max_tokens: int, clients: int) -> Run:
+def server_run_of(url: str, prompts: list[str], max_tokens: int, clients: int) -> Run:
     """N client threads, each taking the next prompt when its last one is answered."""
-    todo: queue.Queue[str] = queue.Queue()
-    for prompt in prompts:
-        todo.put(prompt)
-    tokens: list[int] = []
-    errors: list[str] = []
-
-    def client() -> None:
-        with httpx.Client(base_url=url, timeout=600) as http:
-            while True:
-                try:
-                    prompt = todo.get_nowait()
-                except queue.Empty:
-                    return
-                answer = http.post(
-                    "/completion",
-                    json={"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "cache_prompt": False},
-                )
-                if answer.status_code != 200:
-                    errors.append(answer.text)
-                    return
-                tokens.append(int(answer.json()["tokens_predicted"]))
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"llama-server answered with an error: {errors[0][:300]}")
-    return {"tokens": float(sum(tokens)), "wall": wall, "tps": sum(tokens) / wall}
+    bodies = [
+        {"prompt": p, "n_predict": max_tokens, "temperature": 0.0, "cache_prompt": False} for p in prompts
+    ]
+    return server_run(url, bodies, clients)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
             {"model": args.model, "parallel": n, "ctx": args.ctx, "threads": args.threads, "prefix_cache": False},
         )
         try:
-            server_run(server.url, prompts[:n], 4, n)  # warm up
+            server_run_of(server.url, prompts[:n], 4, n)  # warm up
             job: dict[str, Any] = {"prompts": prompts, "max_tokens": args.max_tokens, "temperature": 0.0}
             runs = interleave(
                 [
                     ("engine", lambda w=worker, j=job: w.run(j)),
-                    ("server", lambda u=server.url, c=n: server_run(u, prompts, args.max_tokens, c)),
+                    ("server", lambda u=server.url, c=n: server_run_of(u, prompts, args.max_tokens, c)),
                 ],
                 args.rounds,
             )

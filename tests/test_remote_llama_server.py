@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-from IPython.core.displaypub import CapturingDisplayPublisher
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
@@ -87,19 +86,11 @@ def _busy_slots(url: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def shell() -> Iterator[InteractiveShell]:
+    """conftest's shell, but unloading closes the engine a test connected (conftest's keeps it)."""
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "nbollama")
     yield ip
     ip.run_line_magic("unload_ext", "nbollama")
-
-
-@pytest.fixture
-def shown(shell: InteractiveShell) -> Iterator[list[dict[str, Any]]]:
-    previous = shell.display_pub
-    publisher = CapturingDisplayPublisher()
-    shell.display_pub = publisher
-    yield publisher.outputs
-    shell.display_pub = previous
 
 
 def test_detects_llama_server(engine: RemoteEngine, server: LlamaServer) -> None:

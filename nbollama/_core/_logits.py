@@ -21,7 +21,6 @@ __all__ = [
     "RowStats",
     "row_stats",
     "entry_for",
-    "mask_allows",
     "apply_mask",
     "masked_argmax",
 ]
@@ -107,12 +106,6 @@ def entry_for(
         id=token,
         top_logprobs=top,
     )
-
-
-def mask_allows(mask: npt.NDArray[np.int32], token: int) -> bool:
-    """Whether llguidance's bitmask (32 tokens per word, lowest bit first) allows ``token``."""
-    word = int(mask[token >> 5])
-    return bool((word >> (token & 31)) & 1)
 
 
 def _allowed(mask: npt.NDArray[np.int32], n_vocab: int) -> npt.NDArray[np.bool_]:

@@ -223,17 +223,12 @@ def _alternative(item: Any) -> TopLogprob | None:
 
 def read_entry(item: Any) -> TokenLogprob | None:
     """One token in the shape llama-server, OpenAI chat and Ollama share (``top_probs`` too)."""
-    if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+    chosen = _alternative(item)
+    if chosen is None:
         return None
-    value = _value(item)
-    if value is None:
-        return None
-    token = item["token"]
     tops = item.get("top_logprobs", item.get("top_probs"))
     alternatives = [a for a in map(_alternative, tops if isinstance(tops, list) else []) if a is not None]
-    return TokenLogprob(
-        token=token, logprob=value, bytes=_bytes(item, token), id=_id(item), top_logprobs=alternatives
-    )
+    return TokenLogprob(**chosen, top_logprobs=alternatives)
 
 
 def read_entries(items: Any) -> list[TokenLogprob | None]:
