@@ -56,7 +56,13 @@ def engine_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
             **extra,
         }
 
-    return {"ready": True, "summary": engine.summary}, run
+    return {
+        "ready": True,
+        "summary": engine.summary,
+        "kv_bytes": engine.kv_bytes,
+        "kv_type": engine.kv_type,
+        "parallel": engine.parallel,
+    }, run
 
 
 def sequential_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:

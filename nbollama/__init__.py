@@ -43,11 +43,13 @@ from .session import (
     connect,
     current_engine,
     disconnect,
+    engines,
     generate,
     load,
     on_engine_change,
     set_engine,
     unload,
+    use,
 )
 
 __version__ = "0.1.0"
@@ -59,6 +61,8 @@ __all__ = [
     "SamplingParams",
     "Subscription",
     "current_engine",
+    "engines",
+    "use",
     "set_engine",
     "load",
     "unload",

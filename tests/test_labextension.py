@@ -523,6 +523,74 @@ def test_panel_shows_adaptive_reproducible_and_cache_hits_after_a_python_load(
     assert not ours, ours
 
 
+TWO_ENGINES_CELLS = [
+    "%load_ext nbollama\n"
+    "%nbollama load --as small --parallel 2 --ctx 256\n"
+    "%nbollama load --as wide --parallel 6 --ctx 256 --kv-type q8_0",
+    "%nbollama use wide",
+    "%nbollama unload small",
+]
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+def test_panel_shows_two_engines_with_a_selector(lab: LabServer) -> None:
+    """Two named engines: the panel lists both in its selector, shows the default's slots, follows
+    a pick in the selector and ``%nbollama use``, and hides the selector when one is left."""
+    from playwright.sync_api import expect, sync_playwright
+
+    _write_notebook(lab.root / "engines.ipynb", TWO_ENGINES_CELLS)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 950})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.set_default_timeout(60_000)
+            page.goto(f"{lab.url}/lab/workspaces/engines/tree/engines.ipynb?token={lab.token}")
+            page.locator(CODE_CELLS).first.wait_for()
+            panel = page.locator("#nbollama-panel")
+            page.locator('.lm-TabBar-tab[data-id="nbollama-panel"]').click()
+            expect(panel).to_be_visible()
+            _run_first_cell(page)
+            select = panel.locator(".nbollama-engine-select")
+            expect(select).to_be_visible(timeout=30_000)
+            expect(select.locator("option")).to_have_count(2)
+            expect(select.locator("option").nth(0)).to_have_text(re.compile(r"^small · .* · 2 slots · f16 \(default\)$"))
+            expect(select.locator("option").nth(1)).to_have_text(re.compile(r"^wide · .* · 6 slots · q8_0$"))
+            expect(panel).to_have_attribute("data-shown", "small")
+            expect(panel.locator(".nbollama-slot-row")).to_have_count(2)
+            panel.screenshot(path=str(ARTIFACTS / "panel-two-engines.png"))
+
+            select.select_option("wide")  # a pick in the panel shows that engine
+            expect(panel).to_have_attribute("data-shown", "wide")
+            expect(panel.locator(".nbollama-slot-row")).to_have_count(6)
+            expect(panel.locator(".nbollama-memory-kv")).to_contain_text("q8_0")
+
+            select.select_option("small")
+            expect(panel.locator(".nbollama-slot-row")).to_have_count(2)
+            _run_cell(page, 1)  # %nbollama use wide: the kernel's default moves, the selection stays
+            _wait_cell_done(page, 1)
+            expect(select.locator("option").nth(1)).to_have_text(re.compile(r"\(default\)$"))
+            expect(panel).to_have_attribute("data-shown", "small")
+
+            _run_cell(page, 2)  # unloading the engine shown: the panel goes back to the default
+            _wait_cell_done(page, 2)
+            expect(panel).to_have_attribute("data-shown", "wide")
+            expect(select).to_be_hidden()
+            expect(panel.locator(".nbollama-slot-row")).to_have_count(6)
+        except Exception:
+            for opened in browser.contexts[0].pages if browser.contexts else []:
+                opened.screenshot(path=str(ARTIFACTS / "panel-engines-failure.png"))
+            raise
+        finally:
+            browser.close()
+            _shut_down_kernel(lab, "engines.ipynb")
+    ours = [e for e in errors if "nbollama" in e.lower()]
+    assert not ours, ours
+
+
 def _shut_down_kernel(lab: LabServer, notebook: str) -> None:
     """Delete the notebook's session (and so its kernel) through the server's REST API."""
     headers = {"Authorization": f"token {lab.token}"}

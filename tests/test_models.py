@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGUFEndian, GGUFWriter
 
 from nbollama import Engine, ModelLoadError, ModelNotFoundError
-from nbollama.models import cache_dir, default_model_path, read_gguf_header, resolve_model
+from nbollama.models import (
+    GGUFHeader,
+    cache_dir,
+    default_model_path,
+    read_gguf_header,
+    resolve_model,
+)
 
 
 def test_default_model_is_assembled_into_the_cache(model_path: Path) -> None:
@@ -113,3 +123,100 @@ def test_hostile_headers_give_model_load_errors(tmp_path: Path, data: bytes, mes
     bad.write_bytes(data)
     with pytest.raises(ModelLoadError, match=message):
         read_gguf_header(bad)
+
+
+# -- the header reader: gguf's GGUFReader, fitted for a check on every load ---------------------------
+
+
+def _tiny(path: Path, *, endianess: GGUFEndian = GGUFEndian.LITTLE, file_type: int | None = None) -> Path:
+    """A small whole GGUF file written by gguf's own writer: arrays, strings, one F32 tensor."""
+    writer = GGUFWriter(path, "llama", endianess=endianess)
+    writer.add_name("tiny")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])
+    writer.add_array("tokenizer.ggml.scores", [0.5, 0.25, 0.125])
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    writer.add_tensor("w", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("endianess", [GGUFEndian.LITTLE, GGUFEndian.BIG])
+def test_a_small_file_reads_whole(tmp_path: Path, endianess: GGUFEndian) -> None:
+    header = read_gguf_header(_tiny(tmp_path / "tiny.gguf", endianess=endianess))
+    assert (header.name, header.architecture, header.version, header.n_tensors) == ("tiny", "llama", 3, 1)
+    assert header.metadata["tokenizer.ggml.tokens"] == 3 == header.metadata["tokenizer.ggml.scores"]
+    assert (header.data_size, header.parameters, header.quantisation) == (4 * 8 * 4, 32, None)
+
+
+def test_bundled_model_quantisation_and_parameters(model_path: Path) -> None:
+    header = read_gguf_header(model_path)
+    assert header.quantisation == "Q4_K_M"
+    assert header.parameters is not None and 250e6 < header.parameters < 290e6  # "270M"
+
+
+@pytest.mark.parametrize(
+    ("file_type", "name"), [(0, "F32"), (1, "F16"), (7, "Q8_0"), (15, "Q4_K_M"), (1024, None), (999, "type 999")]
+)
+def test_quantisation_names_follow_llama_cpp(file_type: int, name: str | None) -> None:
+    header = GGUFHeader(Path("m.gguf"), 3, 0, {"general.file_type": file_type}, 0, 0)
+    assert header.quantisation == name
+
+
+def test_a_tensor_type_newer_than_gguf_is_not_refused(tmp_path: Path) -> None:
+    path = _tiny(tmp_path / "new-type.gguf")
+    data = bytearray(path.read_bytes())
+    at = data.index(struct.pack("<Q", 1) + b"w") + 9 + 4 + 16  # name, n_dims, two dims: the type
+    data[at : at + 4] = struct.pack("<I", 250)
+    path.write_bytes(bytes(data))
+    header = read_gguf_header(path)
+    assert header.data_size == -1 and header.n_tensors == 1
+
+
+def test_small_file_with_tensor_data_cut_off(tmp_path: Path) -> None:
+    path = _tiny(tmp_path / "cut.gguf")
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(ModelLoadError, match="its tensors need .* bytes, the file has .* interrupted download"):
+        read_gguf_header(path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc (Linux)")
+def test_the_file_is_unmapped_and_closed_after_reading(tmp_path: Path, model_path: Path) -> None:
+    """GGUFReader memory-maps the file: success or failure, nothing of it stays open."""
+    whole = _tiny(tmp_path / "whole.gguf")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(model_path.read_bytes()[:4096])
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_header(3, _key("general.alignment") + struct.pack("<If", 6, 0.5), 1))
+    big = tmp_path / "big.gguf"  # the real model under a path of its own: engines may map the original
+    try:
+        os.link(model_path, big)
+    except OSError:
+        big.symlink_to(model_path)
+    before = len(os.listdir("/proc/self/fd"))
+    read_gguf_header(whole)
+    read_gguf_header(big)
+    for broken in (cut, bad):
+        with pytest.raises(ModelLoadError) as info:
+            read_gguf_header(broken)
+        assert info.value.__context__ is None  # no traceback keeping the reader (and its map) alive
+    assert len(os.listdir("/proc/self/fd")) == before
+    maps = Path("/proc/self/maps").read_text()
+    assert not any(str(p) in maps for p in (whole, cut, bad, big))
+    for path in (whole, cut, bad):
+        path.unlink()
+
+
+def test_the_bundled_header_reads_fast(model_path: Path) -> None:
+    """It runs on every load: GGUFReader as shipped takes ~16 s on this vocabulary."""
+    best = min(_timed(read_gguf_header, model_path) for _ in range(3))
+    assert best < 0.5, f"read_gguf_header took {best:.2f} s"
+
+
+def _timed(function: Callable[[Path], object], path: Path) -> float:
+    start = time.perf_counter()
+    function(path)
+    return time.perf_counter() - start

@@ -13,6 +13,7 @@ import { ISignal, Signal } from '@lumino/signaling';
 
 import {
   ConnectionPhase,
+  IEngineEntry,
   IEngineSnapshot,
   PROTOCOL_VERSION,
   PanelMessage,
@@ -36,6 +37,11 @@ export interface ILinkState {
   snapshot: IEngineSnapshot | null;
   history: number[];
   notice: INotice | null;
+  /** the kernel's engines (several: the panel shows a selector) */
+  engines: IEngineEntry[];
+  defaultName: string | null;
+  /** the engine the snapshots are of */
+  shown: string | null;
 }
 
 /** Statuses after which the kernel's comms are gone and must be reopened. */
@@ -55,7 +61,10 @@ export class KernelLink {
       phase: this._phase,
       snapshot: this._snapshot,
       history: this._history,
-      notice: this._notice
+      notice: this._notice,
+      engines: this._engines,
+      defaultName: this._defaultName,
+      shown: this._shown
     };
   }
 
@@ -83,6 +92,11 @@ export class KernelLink {
   /** Ask the kernel to cancel whatever slot `slot` is serving. */
   cancel(slot: number): void {
     this._send({ type: 'cancel', slot });
+  }
+
+  /** Show the engine called `name` (null: the kernel's default). */
+  select(name: string | null): void {
+    this._send({ type: 'select', name });
   }
 
   /** Ask the kernel for a snapshot now. */
@@ -241,6 +255,12 @@ export class KernelLink {
         this._snapshot = engine;
         break;
       }
+      case 'engines':
+        this._phase = 'connected';
+        this._engines = msg.engines;
+        this._defaultName = msg.default;
+        this._shown = msg.shown;
+        break;
       case 'cancelled':
         this._notice = { text: cancelNotice(msg.slot, msg.request_id), isError: false };
         break;
@@ -268,6 +288,9 @@ export class KernelLink {
     this._snapshot = null;
     this._history = [];
     this._notice = null;
+    this._engines = [];
+    this._defaultName = null;
+    this._shown = null;
     this._changed.emit();
   }
 
@@ -280,6 +303,9 @@ export class KernelLink {
   private _snapshot: IEngineSnapshot | null = null;
   private _history: number[] = [];
   private _notice: INotice | null = null;
+  private _engines: IEngineEntry[] = [];
+  private _defaultName: string | null = null;
+  private _shown: string | null = null;
   private _isDisposed = false;
   private _changed = new Signal<this, void>(this);
 }

@@ -81,6 +81,8 @@ export interface IMemoryFigures {
   gpus: IGPUFigures[];
   kv_bytes: number | null;
   kv_estimate: string;
+  /** "f16", "q8_0", "K q8_0 / V f16"; "" when unknown (absent from older kernels) */
+  kv_type?: string;
   note: string;
 }
 
@@ -162,6 +164,8 @@ export interface IEngineSnapshot {
   v: number;
   time: number;
   seq: number;
+  /** the engine's name in the kernel ("default", `--as NAME`); absent from older kernels */
+  name?: string;
   closed: boolean;
   /** 'local', or the kind of server; absent from older kernels */
   kind?: string;
@@ -195,16 +199,36 @@ export interface IEngineSnapshot {
   remote?: IRemoteFigures | null;
 }
 
+/** One of the kernel's engines, as the `engines` message lists it. */
+export interface IEngineEntry {
+  name: string;
+  kind: string;
+  model: string;
+  parallel: number;
+  kv_type: string;
+}
+
+/** The kernel's engines: which there are, the default, and the one the snapshots are of. */
+export interface IEnginesMessage {
+  v: number;
+  type: 'engines';
+  engines: IEngineEntry[];
+  default: string | null;
+  shown: string | null;
+}
+
 /** Messages the kernel sends on the `nbollama` comm. */
 export type KernelMessage =
   | { v: number; type: 'snapshot'; engine: IEngineSnapshot | null }
   | { v: number; type: 'error'; message: string }
-  | { v: number; type: 'cancelled'; slot: number; request_id: number | null };
+  | { v: number; type: 'cancelled'; slot: number; request_id: number | null }
+  | IEnginesMessage;
 
 /** Messages the panel sends on the `nbollama` comm. */
 export type PanelMessage =
   | { type: 'cancel'; slot: number }
-  | { type: 'refresh' };
+  | { type: 'refresh' }
+  | { type: 'select'; name: string | null };
 
 /**
  * Where the panel stands with the current notebook's kernel.
@@ -361,6 +385,31 @@ export function parseKernelMessage(
         type: 'error',
         message: typeof data.message === 'string' ? data.message : 'error'
       };
+    case 'engines': {
+      if (!Array.isArray(data.engines)) {
+        return { invalid: 'engines message without a list of engines' };
+      }
+      const engines: IEngineEntry[] = [];
+      for (const entry of data.engines) {
+        if (!isRecord(entry) || typeof entry.name !== 'string') {
+          return { invalid: 'engines message with an engine without a name' };
+        }
+        engines.push({
+          name: entry.name,
+          kind: typeof entry.kind === 'string' ? entry.kind : '',
+          model: typeof entry.model === 'string' ? entry.model : '',
+          parallel: isNumber(entry.parallel) ? entry.parallel : 0,
+          kv_type: typeof entry.kv_type === 'string' ? entry.kv_type : ''
+        });
+      }
+      return {
+        v: PROTOCOL_VERSION,
+        type: 'engines',
+        engines,
+        default: typeof data.default === 'string' ? data.default : null,
+        shown: typeof data.shown === 'string' ? data.shown : null
+      };
+    }
     case 'cancelled':
       if (!isNumber(data.slot)) {
         return { invalid: 'cancelled message without a slot' };
@@ -584,7 +633,7 @@ export function memoryView(snapshot: IEngineSnapshot): IMemoryView {
     fraction,
     kvFraction,
     text: `${formatBytes(used)} / ${formatBytes(total)}`,
-    kvText: `KV cache ${formatBytes(kvBytes)}`,
+    kvText: `KV cache ${formatBytes(kvBytes)}` + (memory.kv_type ? ` · ${memory.kv_type}` : ''),
     note: memory.note ?? ''
   };
 }
@@ -933,6 +982,19 @@ export function engineView(
 }
 
 /** The text shown after the kernel answered a cancel. */
+/** The selector's label for one engine: its name, model, slots and KV type, and whether it is the default. */
+export function engineOptionLabel(entry: IEngineEntry, defaultName: string | null): string {
+  const parts = [entry.name, entry.model];
+  if (entry.kind !== '' && entry.kind !== 'local') {
+    parts.push(entry.kind);
+  }
+  parts.push(`${entry.parallel} slot${entry.parallel === 1 ? '' : 's'}`);
+  if (entry.kv_type !== '') {
+    parts.push(entry.kv_type);
+  }
+  return parts.join(' · ') + (entry.name === defaultName ? ' (default)' : '');
+}
+
 export function cancelNotice(slot: number, requestId: number | null): string {
   return requestId === null
     ? `Slot ${slot} was idle: nothing to cancel.`

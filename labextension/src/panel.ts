@@ -12,9 +12,11 @@ import { Widget } from '@lumino/widgets';
 import { KernelLink } from './connection';
 import { nbollamaIcon } from './icon';
 import {
+  IEngineEntry,
   ISlotRowView,
   SPARK_HEIGHT,
   SPARK_WIDTH,
+  engineOptionLabel,
   engineView,
   hintView
 } from './model';
@@ -71,6 +73,13 @@ export class NbollamaPanel extends Widget {
 
     this._live = el('div', 'nbollama-live', root);
     const header = el('div', 'nbollama-header', this._live);
+    // several engines in the kernel: which one the panel shows
+    this._engineSelect = el('select', 'nbollama-engine-select jp-mod-styled', header);
+    this._engineSelect.setAttribute('aria-label', 'engine shown');
+    this._engineSelect.title = 'The kernel has several engines: pick the one to show';
+    this._engineSelect.addEventListener('change', () => {
+      this._link.select(this._engineSelect.value);
+    });
     this._model = el('div', 'nbollama-model', header);
     this._meta = el('div', 'nbollama-meta', header);
     // modes that change what the figures mean: adaptive parallelism, reproducible decoding
@@ -167,6 +176,7 @@ export class NbollamaPanel extends Widget {
       return;
     }
 
+    this._renderEngines(state.engines, state.defaultName, state.shown ?? state.snapshot.name ?? null);
     const view = engineView(state.snapshot, state.history);
     setText(this._model, view.model);
     setText(this._meta, view.meta);
@@ -216,6 +226,30 @@ export class NbollamaPanel extends Widget {
     setText(this._memKVText, mem.kvText);
     this._memText.title = mem.note;
     this.node.dataset.memorySource = mem.source;
+  }
+
+  /** The selector: shown only with several engines; options rebuilt only when the list changed. */
+  private _renderEngines(engines: IEngineEntry[], defaultName: string | null, shown: string | null): void {
+    const select = this._engineSelect;
+    select.hidden = engines.length < 2;
+    this.node.dataset.engines = String(engines.length);
+    const labels = engines.map(e => engineOptionLabel(e, defaultName));
+    const key = JSON.stringify(labels);
+    if (select.dataset.key !== key) {
+      select.dataset.key = key;
+      select.replaceChildren(
+        ...engines.map((e, i) => {
+          const option = document.createElement('option');
+          option.value = e.name;
+          option.textContent = labels[i];
+          return option;
+        })
+      );
+    }
+    if (shown !== null && select.value !== shown) {
+      select.value = shown;
+    }
+    this.node.dataset.shown = shown ?? '';
   }
 
   private _updateRows(rows: ISlotRowView[]): void {
@@ -288,6 +322,7 @@ export class NbollamaPanel extends Widget {
   }
 
   private _link: KernelLink;
+  private _engineSelect: HTMLSelectElement;
   private _hint: HTMLDivElement;
   private _hintText: HTMLSpanElement;
   private _hintCode: HTMLElement;

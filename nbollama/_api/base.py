@@ -150,6 +150,8 @@ class EngineBase(ABC, Generic[R]):
         self._closed = False
         self._close_started = False
         self._close_done = threading.Event()
+        #: the engine's name in the kernel ("default", or ``--as NAME``); results carry it
+        self.name = ""
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -311,6 +313,7 @@ class EngineBase(ABC, Generic[R]):
             v=SNAPSHOT_VERSION,
             time=time.time(),
             seq=seq,
+            name=self.name,
             closed=self._closed,
             slots=slots,
             queue={"length": queue_length, "max": self._queue_limit()},

@@ -20,6 +20,9 @@ __all__ = ["EngineLike"]
 
 @runtime_checkable
 class EngineLike(Protocol):
+    #: the engine's name in the kernel ("default", ``--as NAME``); "" outside one
+    name: str
+
     @property
     def parallel(self) -> int: ...
 

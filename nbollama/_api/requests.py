@@ -141,6 +141,8 @@ class Result:
     parsed: Any = field(default=None, compare=False)
     #: why ``parsed`` is None although a format was asked for (cut short by max_tokens, invalid...)
     parse_error: str | None = None
+    #: the engine that answered: its name in the kernel ("default", ``--as NAME``), else its model's name
+    model: str = ""
 
     @property
     def ok(self) -> bool:
@@ -242,6 +244,7 @@ class Handle:
         self._completion_tokens = 0
         self.cached_tokens = 0  # set by the engine when the request reuses a cached prefix
         self.server_timings: Mapping[str, float] | None = None  # set by a remote engine
+        self.model = ""  # set by the engine: its name in the kernel, else its model's
         self._result: Result | None = None
         self._exception: NbollamaError | None = None
         self._wakers: list[_LoopWaker] = []
@@ -306,6 +309,7 @@ class Handle:
                 cached_tokens=self.cached_tokens,
                 server_timings=self.server_timings,
                 token_ids=token_ids,
+                model=self.model,
                 **outputs,
             )
             self._status = _FINAL_STATUS[finish_reason]

@@ -25,6 +25,7 @@ _EDGE_ROWS = 5
 _NOWRAP = 'style="white-space:nowrap"'
 _COLUMNS = (
     "id",
+    "model",
     "prompt",
     "text",
     "finish_reason",
@@ -38,6 +39,13 @@ _COLUMNS = (
     "total_time",
     "slot",
 )
+
+
+def _prompt_index(prompts: list[str], n: int, *, name: str) -> Any:
+    """The prompts as an index of ``n`` rows (padded when an engine answered fewer)."""
+    import pandas as pd
+
+    return pd.Index(prompts + [""] * (n - len(prompts)), name=name)
 
 
 def _preview(text: str, limit: int = _PREVIEW) -> str:
@@ -270,6 +278,31 @@ class Results(Sequence[Result]):
         return join.merge(
             frame, how="left", left_index=True, right_index=True, suffixes=("", "_result")
         )
+
+    def compare(self, values: str | Sequence[str] = "text") -> pandas.DataFrame:
+        """One row per prompt, one column per engine: the results of a ``--models a,b`` cell side by side.
+
+        ``values`` picks the figure in the cells (any ``to_pandas()`` column,
+        e.g. ``"gen_tps"``); a list of them gives one column group per figure.
+        The n-th result of each engine is the n-th prompt, as a cell sends them.
+        """
+        frame = self.to_pandas().reset_index(drop=True)
+        wanted = [values] if isinstance(values, str) else list(values)
+        unknown = [v for v in wanted if v not in frame.columns]
+        if unknown or not wanted:
+            raise InvalidParamsError(
+                f"compare(values={values!r}): {unknown or 'nothing'} not among the columns {list(frame.columns)}"
+            )
+        models = list(dict.fromkeys(frame["model"]))
+        frame["_row"] = frame.groupby("model", sort=False).cumcount()
+        side = frame.pivot(index="_row", columns="model", values=wanted)
+        side = side.reindex(columns=[(v, m) for v in wanted for m in models])
+        if isinstance(values, str):
+            side.columns = side.columns.droplevel(0)
+        prompts = frame[frame["model"] == models[0]]["prompt"].tolist() if models else []
+        side.index = _prompt_index(prompts, len(side), name="prompt")
+        side.columns.name = "model" if isinstance(values, str) else side.columns.names[-1]
+        return side
 
     # -- how it shows ---------------------------------------------------------------
 

@@ -198,7 +198,8 @@ class MemoryFigures(TypedDict):
     host_available: int | None  # None: remote
     gpus: list[GPUFigures]
     kv_bytes: int | None  # None: unknown remotely
-    kv_estimate: str  # "4 slots x 2048 ctx x 18.0 KiB/token = 144 MiB"
+    kv_estimate: str  # "4 slots x 2048 ctx x 18.0 KiB/token (f16) = 144 MiB"
+    kv_type: str  # "f16", "q8_0", "K q8_0 / V f16"; "" when unknown (a server's)
     note: str  # why the figures come from where they do (e.g. NVML's error)
 
 
@@ -314,6 +315,7 @@ class EngineSnapshot(_RemotePart):
     v: int
     time: float  # time.time() when taken
     seq: int  # increases whenever anything in the engine changed
+    name: str  # the engine's name in the kernel ("default", or %nbollama load --as NAME); "" outside one
     closed: bool
     kind: EngineKind
     endpoint: str | None  # a remote engine's URL, credentials redacted; None for the local one

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import memory as _memory
+from .._api.kvcache import check_kv_types
 from .._api.queue import DEFAULT_MAX_QUEUE, MAX_QUEUE_ENV, resolve_max_queue
 from .._api.queue import whole_number as _whole
 from ..exceptions import EngineClosedError, InvalidParamsError
 from ._adaptive import Target
+from ._kvprobe import KVCacheType, kv_bytes_per_slot
 from ._llama import LlamaModel
 
 __all__ = [
@@ -49,6 +51,8 @@ class LoadOptions:
     threads: int | None = None
     max_queue: int | None = None
     flash_attn: bool | Literal["auto"] = "auto"
+    kv_type: str = "f16"  # K, and V unless kv_type_v says otherwise
+    kv_type_v: str | None = None
     kv_unified: bool = False
     prefix_cache: bool = True
     reproducible: bool = False
@@ -97,6 +101,7 @@ class LoadOptions:
             raise InvalidParamsError(
                 f"flash_attn={loaded.flash_attn!r}: must be 'auto', True or False"
             )
+        check_kv_types(loaded.kv_type, loaded.kv_type_v, loaded.flash_attn)
         for name in ("kv_unified", "prefix_cache", "reproducible"):
             if not isinstance(getattr(loaded, name), bool):
                 raise InvalidParamsError(f"{name}={getattr(loaded, name)!r}: must be True or False")
@@ -127,6 +132,8 @@ class EngineConfig:
     max_queue: int
     parallel_reason: str
     flash_attn: bool | None = None
+    type_k: str = "f16"
+    type_v: str = "f16"
     kv_unified: bool = False
     prefix_cache: bool = True
     reproducible: bool = False
@@ -137,8 +144,15 @@ class EngineConfig:
     def resolve(
         cls, model: LlamaModel, options: LoadOptions, *, threads: int | None = None
     ) -> EngineConfig:
+        type_k, type_v = check_kv_types(options.kv_type, options.kv_type_v, options.flash_attn)
+        flash_attn = None if options.flash_attn == "auto" else bool(options.flash_attn)
         parallel, reason = choose_parallel(
-            model, options.parallel, options.ctx, options.n_batch, options.max_parallel
+            model,
+            options.parallel,
+            options.ctx,
+            options.n_batch,
+            options.max_parallel,
+            kv=KVCacheType(type_k, type_v, flash_attn),
         )
         return cls(
             model_path=model.path,
@@ -149,7 +163,9 @@ class EngineConfig:
             gpu_layers=model.gpu_layers,
             max_queue=resolve_max_queue(options.max_queue),
             parallel_reason=reason,
-            flash_attn=None if options.flash_attn == "auto" else bool(options.flash_attn),
+            flash_attn=flash_attn,
+            type_k=type_k,
+            type_v=type_v,
             kv_unified=options.kv_unified,
             prefix_cache=options.prefix_cache,
             reproducible=options.reproducible,
@@ -165,8 +181,14 @@ def choose_parallel(
     ctx: int,
     n_batch: int,
     max_parallel: int | None = None,
+    *,
+    kv: KVCacheType | None = None,
 ) -> tuple[int, str]:
-    """The number of slots and why: 1 for recurrent models, the memory rule for 'auto', else as asked."""
+    """The number of slots and why: 1 for recurrent models, the memory rule for 'auto', else as asked.
+
+    'auto', and 'adaptive' without ``max_parallel``, count slots of the KV
+    type asked for: a q8_0 slot costs about half an f16 one, so more fit.
+    """
     if model.is_recurrent or model.is_hybrid:
         kind = "recurrent" if model.is_recurrent else "hybrid"
         reason = (
@@ -176,17 +198,25 @@ def choose_parallel(
         if parallel != 1:
             warnings.warn(f"nbollama: {reason}", RuntimeWarning, stacklevel=4)
         return 1, reason
-    if parallel == "adaptive":
-        slots = max_parallel or DEFAULT_MAX_PARALLEL
-        return slots, f"adaptive: up to {slots} slots, moved while it runs"
-    if parallel != "auto":
+    if parallel == "adaptive" and max_parallel is not None:
+        return max_parallel, f"adaptive: up to {max_parallel} slots, moved while it runs"
+    if parallel not in ("auto", "adaptive"):
         return int(parallel), f"parallel={parallel} as asked"
-    per_slot = model.kv_geometry.bytes_per_token * ctx
+    kv = kv or KVCacheType()
+    per_slot = kv_bytes_per_slot(model, kv, ctx)
     # compute + output buffers: logits rows for every slot and the batch's activations
-    shared = model.n_vocab * 4 * _memory.AUTO_PARALLEL + n_batch * model.n_embd * 4 * 16
+    most = DEFAULT_MAX_PARALLEL if parallel == "adaptive" else _memory.AUTO_PARALLEL
+    shared = model.n_vocab * 4 * most + n_batch * model.n_embd * 4 * 16
     choice = _memory.choose_parallel(
-        per_slot, shared, on_gpu=model.gpu_layers != 0, env_value=os.environ.get(NUM_PARALLEL_ENV)
+        per_slot,
+        shared,
+        on_gpu=model.gpu_layers != 0,
+        env_value=None if parallel == "adaptive" else os.environ.get(NUM_PARALLEL_ENV),
+        most=most,
+        kv_type=kv.label,
     )
+    if parallel == "adaptive":
+        return choice.parallel, f"adaptive: up to {choice.parallel} slots, moved while it runs ({choice.reason})"
     return choice.parallel, choice.reason
 
 

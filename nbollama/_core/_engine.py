@@ -29,15 +29,17 @@ import numpy as np
 
 from .. import memory as _memory
 from .._api.base import after_engines_closed, check_slot, prefix_hit_rate, preview_of
+from .._api.kvcache import check_kv_types, kv_label
 from .._api.monitor import Monitor
 from .._api.requests import Handle, SamplingParams
 from .._api.snapshot import EngineSnapshot, ParallelChange
 from .._logging import logger
 from ..exceptions import InvalidParamsError, PromptTooLongError
 from ..memory import format_bytes
-from ..models import resolve_model
+from ..models import resolve_model, same_file
 from ._adaptive import ParallelController
 from ._config import EngineConfig, LoadOptions, Weights
+from ._kvprobe import KVCacheType, Scorer, kv_bytes_per_slot
 from ._llama import (
     LlamaContext,
     LlamaModel,
@@ -58,7 +60,8 @@ __all__ = ["Engine"]
 REPRODUCIBLE_CHUNK = 128
 _HISTORY = 32  # adaptive parallelism's changes kept for views
 
-after_engines_closed(silence_llama_log)  # C++ teardown may log after Python is gone
+after_engines_closed(silence_llama_log)
+  # C++ teardown may log after Python is gone
 
 
 class Engine(EngineLoop):
@@ -84,12 +87,15 @@ class Engine(EngineLoop):
         threads: int | None = None,
         max_queue: int | None = None,
         flash_attn: bool | Literal["auto"] = "auto",
+        kv_type: str = "f16",
+        kv_type_v: str | None = None,
         kv_unified: bool = False,
         prefix_cache: bool = True,
         reproducible: bool = False,
         max_parallel: int | None = None,
         min_tps: float | None = None,
         max_ttft: float | None = None,
+        share_weights_with: Engine | None = None,
     ) -> Engine:
         """Load a GGUF model (``None``/``"default"``: the bundled Gemma 3 270M) and start the slots.
 
@@ -98,6 +104,10 @@ class Engine(EngineLoop):
         built with a GPU backend, none otherwise. ``flash_attn`` and
         ``kv_unified`` pass through to llama.cpp (``kv_unified=True`` lets all
         slots share one KV buffer instead of one stream each).
+        ``kv_type`` stores the KV cache's K (and V, unless ``kv_type_v`` says
+        otherwise) in f16, q8_0 (about half the bytes) or q4_0 (about a
+        quarter); a quantised V needs flash attention, so it is refused with
+        ``flash_attn=False`` instead of silently staying f16.
         ``prefix_cache`` keeps each slot's tokens after its request and reuses
         shared prompt prefixes (``False`` prefills every prompt in full).
         ``reproducible=True`` makes a request's tokens depend only on the model,
@@ -108,6 +118,9 @@ class Engine(EngineLoop):
         running request keeps that many tokens/s), ``max_ttft`` (seconds to the
         first token, queue wait included), or with neither, the most
         throughput short of where one more slot adds less than 5%.
+        ``share_weights_with=other`` borrows an open engine's weights when it
+        was loaded from the same file with the same GPU layers, instead of
+        reading the file again (the session does this for named engines).
         """
         options = LoadOptions.check(
             parallel=parallel,
@@ -117,6 +130,8 @@ class Engine(EngineLoop):
             threads=threads,
             max_queue=max_queue,
             flash_attn=flash_attn,
+            kv_type=kv_type,
+            kv_type_v=kv_type_v,
             kv_unified=kv_unified,
             prefix_cache=prefix_cache,
             reproducible=reproducible,
@@ -127,9 +142,14 @@ class Engine(EngineLoop):
         started = time.perf_counter()
         path = resolve_model(model)
         release_openmp_threads()  # see its docstring: an idle team on this thread slows every engine
-        weights = Weights(
-            LlamaModel(path, gpu_layers=options.layers(supports_gpu_offload()))
-        ).acquire()
+        layers = options.layers(supports_gpu_offload())
+        donor = share_weights_with
+        if donor is not None and not donor.closed and donor.gpu_layers == layers and same_file(
+            donor.model_path, path
+        ):
+            weights = donor._weights.acquire()
+        else:
+            weights = Weights(LlamaModel(path, gpu_layers=layers)).acquire()
         try:
             return cls._on_weights(weights, options, started)
         finally:
@@ -163,6 +183,8 @@ class Engine(EngineLoop):
                 threads=config.threads,
                 flash_attn=config.flash_attn,
                 kv_unified=config.kv_unified,
+                type_k=config.type_k,
+                type_v=config.type_v,
             )
         except BaseException:
             self._weights.release()
@@ -210,14 +232,16 @@ class Engine(EngineLoop):
 
         The model file is not read again; this engine keeps running. Used by
         the parallelism sweep, which tries several ``parallel`` values in turn.
-        ``modes`` (``prefix_cache``, ``reproducible``, and with
-        ``parallel="adaptive"`` its ``max_parallel``, ``min_tps``, ``max_ttft``)
-        default to this engine's, adaptive targets excepted.
+        ``modes`` (``prefix_cache``, ``reproducible``, ``kv_type``,
+        ``kv_type_v``, and with ``parallel="adaptive"`` its ``max_parallel``,
+        ``min_tps``, ``max_ttft``) default to this engine's, adaptive targets excepted.
         """
         self._check_open()
-        inherited = {
+        inherited: dict[str, Any] = {
             "prefix_cache": self._config.prefix_cache,
             "reproducible": self._config.reproducible,
+            "kv_type": self._config.type_k,
+            "kv_type_v": self._config.type_v if "kv_type" not in modes else None,
         }
         options = LoadOptions.check(
             parallel=parallel,
@@ -299,16 +323,57 @@ class Engine(EngineLoop):
         return self._model.kv_geometry.bytes_per_token * self._runner.context.n_seq * self.ctx
 
     @property
+    def kv_type(self) -> str:
+        """The KV cache's precision: ``'f16'``, ``'q8_0'``, or ``'K q8_0 / V f16'`` when they differ."""
+        return kv_label(self._config.type_k, self._config.type_v)
+
+    @property
+    def flash_attn(self) -> bool:
+        """Whether llama.cpp runs flash attention (what ``flash_attn="auto"`` became)."""
+        return self._runner.context.flash_attn
+
+    def kv_bytes_per_slot(
+        self, kv_type: str | None = None, kv_type_v: str | None = None, *, ctx: int | None = None
+    ) -> int:
+        """One slot's KV bytes in a type (default: this engine's) at ``ctx`` tokens, as llama.cpp allocates them."""
+        self._check_open()
+        if kv_type is None:
+            type_k, type_v = self._config.type_k, self._config.type_v
+        else:
+            type_k, type_v = check_kv_types(kv_type, kv_type_v, self._config.flash_attn)
+        kv = KVCacheType(type_k, type_v, self._config.flash_attn)
+        with self._weights.borrowed() as model:
+            return kv_bytes_per_slot(model, kv, self.ctx if ctx is None else ctx)
+
+    def scorer(self, kv_type: str = "f16", kv_type_v: str | None = None, *, ctx: int = 512) -> Scorer:
+        """A private context on this engine's weights that scores token sequences in a KV type.
+
+        For measurements (``nbollama.bench.kv_quality``); close it when done.
+        """
+        self._check_open()
+        type_k, type_v = check_kv_types(kv_type, kv_type_v, self._config.flash_attn)
+        kv = KVCacheType(type_k, type_v, self._config.flash_attn)
+        weights = self._weights.acquire()
+        try:
+            return Scorer(weights.model, kv, ctx=ctx, threads=self.threads, release=weights.release)
+        except BaseException:
+            weights.release()
+            raise
+
+    @property
     def kv_estimate(self) -> str:
-        per_token = self._model.kv_geometry.bytes_per_token
         streams = self._runner.context.n_seq
+        allocated = self._runner.context.kv_bytes
+        per_token = (
+            allocated // (streams * self.ctx) if allocated else self._model.kv_geometry.bytes_per_token
+        )
         spares = streams - self.parallel_max
         who = f"{self.parallel_max} slots" + (
             f" + {spares} spare (reproducible mode pads to {streams})" if spares else ""
         )
         return (
-            f"{who} x {self.ctx} ctx x {format_bytes(per_token)}/token "
-            f"= {format_bytes(per_token * streams * self.ctx)} at most"
+            f"{who} x {self.ctx} ctx x {format_bytes(per_token)}/token ({self.kv_type}) "
+            f"= {format_bytes(per_token * streams * self.ctx)}"
         )
 
     @property
@@ -325,7 +390,7 @@ class Engine(EngineLoop):
         """The one line that says what was loaded and why parallel is what it is."""
         return (
             f"nbollama: model={self.model_name} parallel={self.parallel} ctx/slot={self.ctx} "
-            f"kv={format_bytes(self.kv_bytes)} n_batch={self.n_batch} threads={self.threads} "
+            f"kv={format_bytes(self.kv_bytes)} ({self.kv_type}) n_batch={self.n_batch} threads={self.threads} "
             f"gpu_layers={self.gpu_layers}{' reproducible' if self.reproducible else ''} "
             f"load={self.load_seconds:.1f}s ({self.parallel_reason})"
         )
@@ -361,6 +426,7 @@ class Engine(EngineLoop):
             handle = Handle(
                 self._next_request_id(), prompt, len(tokens), sampling.max_tokens, self._cancel
             )
+            handle.model = self.name or self.model_name
             request = Request(handle, tokens, sampling, options["priority"], preview_of(prompt))
             try:
                 prepare_output(request, text, options["output"], model)
@@ -460,7 +526,7 @@ class Engine(EngineLoop):
                 "total": self.parallel_max * self.ctx,
                 "bytes": self.kv_bytes,
             },
-            memory=_memory.memory_figures(self.kv_bytes, self.kv_estimate),
+            memory=_memory.memory_figures(self.kv_bytes, self.kv_estimate, self.kv_type),
             prefix_cache={
                 "enabled": self._config.prefix_cache,
                 "hit_rate": prefix_hit_rate(books[0]),

@@ -43,6 +43,11 @@ DECODE_NO_KV_SLOT = 1
 DECODE_ABORTED = 2
 
 _MIB = 1024 * 1024
+_LOG_DEBUG, _LOG_CONT = 1, 5  # ggml_log_level values
+# KV cache type names (nbollama._api.kvcache.KV_TYPES) -> ggml's type ids
+_GGML_TYPES = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30,
+}  # fmt: skip
 
 
 class _LlamaLog:
@@ -56,6 +61,7 @@ class _LlamaLog:
         self._lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=400)
         self._lock = threading.Lock()
         self._partial = ""
+        self._level = 0
         self._serial = 0
         self._callback = ll.llama_log_callback(self._on_log)
         ll.llama_log_set(self._callback, ctypes.c_void_p(0))
@@ -64,6 +70,11 @@ class _LlamaLog:
         chunk = (text or b"").decode("utf-8", errors="replace")
         if os.environ.get("NBOLLAMA_VERBOSE"):
             sys.stderr.write(chunk)
+        if level == _LOG_CONT:
+            level = self._level
+        self._level = level
+        if level == _LOG_DEBUG:
+            return  # a graph build logs dozens of debug lines: they would push out the buffer sizes
         with self._lock:
             self._partial += chunk
             while "\n" in self._partial:
@@ -296,6 +307,8 @@ class LlamaContext:
         threads: int,
         flash_attn: bool | None = None,
         kv_unified: bool = False,
+        type_k: str = "f16",
+        type_v: str = "f16",
     ) -> None:
         log = _ensure_backend()
         params = ll.llama_context_default_params()
@@ -317,13 +330,15 @@ class LlamaContext:
             True: ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             False: ll.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attn]
+        params.type_k = _GGML_TYPES[type_k]
+        params.type_v = _GGML_TYPES[type_v]
         params.no_perf = True
         with log.capture() as lines:
             ptr = ll.llama_init_from_model(model.ptr, params)
         if not ptr:
             raise ContextError(
                 f"llama.cpp could not create a context of {n_seq} x {ctx_per_slot} tokens "
-                f"(n_batch={n_batch}): {_failure_reason(lines)}"
+                f"(n_batch={n_batch}, KV K {type_k} / V {type_v}): {_failure_reason(lines)}"
             )
         self.ptr = ptr
         self.model = model
@@ -333,7 +348,13 @@ class LlamaContext:
         self.n_vocab = model.n_vocab
         self.kv_unified = kv_unified
         self.ctx_per_slot = min(ctx_per_slot, int(ll.llama_n_ctx_seq(ptr)))
+        self.type_k, self.type_v = type_k, type_v
         self.kv_bytes = int(_buffer_mib(lines, "KV") * _MIB)
+        # llama.cpp says what "auto" became: "flash_attn = auto -> enabled"
+        resolved = [ln for ln in lines if "flash_attn" in ln or "Flash Attention" in ln]
+        self.flash_attn = flash_attn if flash_attn is not None else not any(
+            "disabled" in ln for ln in resolved
+        )
         self.compute_bytes = int(
             (_buffer_mib(lines, "compute") + _buffer_mib(lines, "output")) * _MIB
         )

@@ -36,28 +36,35 @@ from ._parse_nbollama import (
     DashboardCall,
     DisconnectCall,
     LoadCall,
+    ModelsCall,
     StatusCall,
     UnloadCall,
+    UseCall,
     parse_nbollama,
 )
 from ._prompts import interpolate, split_prompts
 from ._render import (
-    NO_ENGINE_MESSAGE,
     disconnected_message,
     generate_help,
     nbollama_help,
     unloaded_message,
 )
 from ._run import (
+    ModelsListing,
     connect,
     load,
+    models_listing,
+    named_or_usage,
     open_dashboard,
     run_bench,
+    run_compared,
     run_in_background,
     run_in_foreground,
     start_cell,
+    status_report,
+    unload_engine,
 )
-from ._status import StatusReport
+from ._status import EnginesReport, StatusReport
 
 __all__ = [
     "NbollamaMagics",
@@ -74,7 +81,9 @@ class NbollamaMagics(Magics):
     """``%nbollama`` and ``%%generate``/``%generate``, registered by ``%load_ext nbollama``."""
 
     @line_magic("nbollama")  # type: ignore[arg-type]  # IPython mistypes the named form
-    def nbollama_magic(self, line: str) -> StatusReport | SweepResult | RemoteSweepResult | None:
+    def nbollama_magic(
+        self, line: str
+    ) -> StatusReport | EnginesReport | ModelsListing | SweepResult | RemoteSweepResult | None:
         """Manage the kernel's engine: one model, N parallel slots.
 
         Usage::
@@ -82,20 +91,35 @@ class NbollamaMagics(Magics):
             %nbollama load [MODEL] [--parallel N|auto|adaptive] [--ctx N] [--gpu-layers N|auto]
                            [--threads N] [--batch N] [--no-prefix-cache] [--reproducible]
                            [--max-parallel N] [--min-tps R | --max-ttft S]
-            %nbollama status
+                           [--kv-type f16|q8_0|q4_0] [--kv-type-v TYPE] [--flash-attn on|off|auto]
+                           [--as NAME] [--download]
+            %nbollama status [NAME]
             %nbollama dashboard
-            %nbollama bench [--parallel 1,2,4,8] [--prompts N] [--max-tokens N] [--ctx N] [--apply]
-            %nbollama unload
+            %nbollama bench [--parallel 1,2,4,8] [--prompts N] [--max-tokens N] [--ctx N]
+                            [--kv-type f16,q8_0,q4_0] [--apply]
+            %nbollama unload [NAME]
             %nbollama connect URL [--kind auto|llama-server|ollama|vllm|openai] [--model NAME]
                               [--api-key-env VAR] [--max-inflight N] [--timeout S] [--ca-bundle PATH]
-            %nbollama disconnect
+                              [--as NAME]
+            %nbollama disconnect [NAME]
+            %nbollama use NAME
+            %nbollama models [FOLDER ...]
             %nbollama help
 
         ``load`` replaces the kernel's engine (the old one's requests are
         cancelled and its memory freed first) and prints one line: the model,
         the effective number of slots and why, the context per slot, the KV
-        cache size and the load time. MODEL is a ``.gguf`` path; without it,
-        the bundled Gemma 3 270M. ``--ctx`` is the context of ONE slot: the KV
+        cache size and the load time. MODEL is a ``.gguf`` path, an Ollama
+        name (``gemma3:270m``, from its store), ``hf:ORG/REPO/FILE.gguf`` (the
+        Hugging Face cache; ``--download`` fetches it when missing); without
+        it, the bundled Gemma 3 270M. ``--as NAME`` loads it as the engine
+        called NAME, beside the others (the first engine stays the default;
+        ``use NAME`` switches it, ``unload NAME`` closes one, ``status`` lists
+        them all); two engines from one file share its weights. A load that
+        would not fit next to the loaded engines is refused first, saying how
+        much it needs and how much is free. ``models`` lists the GGUF models
+        on this machine: Ollama's store, the Hugging Face cache, LM Studio's
+        folder and any FOLDER given. ``--ctx`` is the context of ONE slot: the KV
         cache holds parallel × ctx tokens. ``--parallel auto`` picks what fits
         in memory (``NBOLLAMA_NUM_PARALLEL`` overrides it). ``--parallel adaptive``
         reserves ``--max-parallel`` slots (8 by default) and moves how many take
@@ -107,6 +131,10 @@ class NbollamaMagics(Magics):
         ``--reproducible`` makes each request's tokens independent of what else
         runs: of ``parallel``, the slot, the other prompts and when they came
         (same prompt, same seed, same text), at some cost in throughput.
+        ``--kv-type q8_0`` stores the KV cache in 8 bits (about half of f16's
+        bytes, so about twice the slots in the same memory), ``q4_0`` in 4;
+        ``--kv-type-v`` sets V apart from K. A quantised V needs flash
+        attention: with ``--flash-attn off`` it is an error, never a silent f16.
 
         ``status`` shows slots, queue, throughput, KV cache and memory as a
         table; ``dashboard`` (with ``nbollama.widgets``) a live view of them;
@@ -117,6 +145,10 @@ class NbollamaMagics(Magics):
         fired at once; it shows the table (tok/s, TTFT, per-request tok/s, peak
         memory), the plot and the recommended value (the smallest within 10% of
         the best throughput); ``--apply`` switches the engine to it.
+        ``--kv-type f16,q8_0,q4_0`` sweeps each KV type x parallel, measures
+        each type's quality against f16 (greedy texts, KL divergence,
+        perplexity: ``nbollama.bench.kv_quality``) and recommends a type too,
+        with the server settings that give the same.
 
         ``connect`` makes a server the kernel's engine: llama-server, Ollama,
         vLLM or any OpenAI-compatible one, its kind found from its own
@@ -137,6 +169,8 @@ class NbollamaMagics(Magics):
 
             %nbollama load
             %nbollama load ~/models/qwen2.5-0.5b-q4_k_m.gguf --parallel 4 --ctx 2048
+            %nbollama load gemma3:270m --as small --parallel 2
+            %nbollama use small
             %nbollama status
             %nbollama connect http://gpu-box:11434
             %nbollama connect https://llm.example.org/v1 --kind openai --model m --api-key-env EXAMPLE_KEY
@@ -146,32 +180,35 @@ class NbollamaMagics(Magics):
             print(load(call).summary)
             return None
         if isinstance(call, StatusCall):
-            engine = session.current_engine()
-            if engine is None:
-                print(NO_ENGINE_MESSAGE)
-                return None
-            return StatusReport(engine.snapshot())
+            return status_report(call.name)
         if isinstance(call, DashboardCall):
             display(open_dashboard())
             return None
         if isinstance(call, BenchCall):
             return run_bench(call)
         if isinstance(call, UnloadCall):
-            print(unloaded_message(session.unload()))
+            print(unloaded_message(unload_engine(call.name), call.name))
             return None
         if isinstance(call, ConnectCall):
             print(connect(call).summary)
             return None
         if isinstance(call, DisconnectCall):
-            engine = session.current_engine()
+            engine = named_or_usage("%nbollama disconnect", call.name) if call.name else session.current_engine()
             what: str | None
             if isinstance(engine, RemoteEngine):
                 what = f"disconnected from {engine.kind} at {engine.url} (the server keeps running)"
             else:
                 what = None if engine is None else "engine closed, its memory freed"
-            session.disconnect()
+            session.disconnect(call.name)
             print(disconnected_message(what))
             return None
+        if isinstance(call, UseCall):
+            engine = named_or_usage("%nbollama use", call.name)
+            session.use(call.name)
+            print(f"nbollama: {call.name!r} is the default engine now: {engine.summary}")
+            return None
+        if isinstance(call, ModelsCall):
+            return models_listing(call.folders)
         print(nbollama_help(call))
         return None
 
@@ -224,6 +261,9 @@ class NbollamaMagics(Magics):
             --quiet               no live output, only the value
             --watch               a compact engine dashboard above the outputs
                                   (with nbollama.widgets)
+            --model NAME          ask the engine called NAME (%nbollama load --as NAME)
+            --models A,B          ask each engine named: one table, a column per engine;
+                                  the Results hold all (model column; VAR.compare())
 
         Beyond text (checked before anything runs; one of --choices, --json-schema,
         --regex, --grammar per cell)::
@@ -260,6 +300,9 @@ class NbollamaMagics(Magics):
             %%generate --each reviews --choices positive,negative
             Review: {review}
             Sentiment:
+
+            %%generate --models small,lab --max-tokens 32 --out side
+            Explain continuous batching in one sentence.
         """
         shell = self.shell
         assert shell is not None  # load_ipython_extension gives the magics their shell
@@ -267,11 +310,13 @@ class NbollamaMagics(Magics):
         if isinstance(call, GenerateHelpCall):
             print(generate_help(call, self.generate.__doc__ or ""))
             return None
-        run = start_cell(shell, call)
-
         def store(value: Results | BackgroundGeneration) -> None:
             if call.out is not None:
                 shell.user_ns[call.out] = value
+
+        if call.models:
+            return run_compared(call, store)
+        run = start_cell(shell, call)
 
         if call.background:
             return run_in_background(run, call.out, store)
@@ -301,7 +346,9 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    """``%unload_ext nbollama``: close the engine, then remove the magics and the comm target."""
+    """``%unload_ext nbollama``: close the engines, then remove the magics and the comm target."""
+    for name in list(session.engines()):
+        session.unload(name)
     session.unload()
     manager = ipython.magics_manager
     instance = manager.registry.pop(NbollamaMagics.__name__, None)

@@ -15,6 +15,8 @@ from typing import Literal, NoReturn
 
 from IPython.core.error import UsageError
 
+from .._api.kvcache import KV_TYPES
+
 __all__ = [
     "Parser",
     "usage_line",
@@ -87,6 +89,42 @@ def parallel_list(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("give parallel values as N,N,... (e.g. 1,2,4,8)")
     return [positive_int(v) for v in values]
+
+
+def flash_attn_arg(text: str) -> bool | Literal["auto"]:
+    """``--flash-attn on|off|auto``, as llama-server's ``-fa`` spells it."""
+    choices: dict[str, bool | Literal["auto"]] = {"on": True, "off": False, "auto": "auto"}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"{text!r} is not on, off or auto")
+    return choices[text.lower()]
+
+
+def engine_name(text: str) -> str:
+    """An engine's name (``--as small``): no spaces or commas, so ``--models a,b`` can list names."""
+    if not text or any(c in text for c in ", \t") or text.startswith("-"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an engine name: use letters, digits, - or _ (e.g. small)")
+    return text
+
+
+def engine_names(text: str) -> tuple[str, ...]:
+    """``--models small,lab``: two or more engine names."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    for name in names:
+        engine_name(name)
+    if len(names) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two or more engine names, e.g. small,lab (one: --model NAME)")
+    return names
+
+
+def kv_type_list(text: str) -> tuple[str, ...]:
+    """``--kv-type f16,q8_0,q4_0`` for a sweep, each name checked."""
+    values = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
+    bad = [v for v in values if v not in KV_TYPES]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(bad) or repr(text)} is not a KV type: give some of {', '.join(KV_TYPES)}"
+        )
+    return values
 
 
 def positive_number(text: str) -> float:

@@ -20,6 +20,8 @@ from ..engine import SamplingParams, check_request_params
 from ..exceptions import InvalidParamsError
 from ._args import (
     Parser,
+    engine_name,
+    engine_names,
     first_token,
     positive_int,
     shell_split,
@@ -80,6 +82,9 @@ class GenerateCall:
     index: tuple[Any, ...] | None = field(default=None, hash=False)
     #: ``--choices`` or a format (``--json-schema``, ``--regex``, ``--grammar``), checked; None: neither.
     output: OutputRequest = field(default=None, hash=False)
+    #: ``--model NAME``: the engine of that name (None: the default); ``--models a,b``: each of them.
+    model: str | None = None
+    models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # a read-only view: the call is a value, its params must not change after checking
@@ -132,6 +137,9 @@ def _generate_parser(*, line: bool) -> _GenerateParser:
     add("--json-schema", type=variable, metavar="VAR")
     add("--regex", metavar="PATTERN")
     add("--grammar", type=variable, metavar="VAR")
+    target = parser.add_mutually_exclusive_group()
+    add("--model", to=target, type=engine_name, metavar="NAME")
+    add("--models", to=target, type=engine_names, metavar="A,B")
     if widgets_available():
         add("--watch", action="store_true")
     return _GenerateParser(parser, frozenset(valued))
@@ -252,6 +260,10 @@ def parse_generate(
             usage=usage_line(spec.parser),
             watch_available="--watch" in spec.parser.format_usage(),
         )
+    if args.models:
+        clash = [o for o, on in (("--background", args.background), ("--watch", getattr(args, "watch", False))) if on]
+        if clash:
+            raise UsageError(f"{prog}: --models runs in the cell and shows one table: not with {', '.join(clash)}")
     if args.system is not None and args.chat is False:
         raise UsageError(
             f"{prog}: --system needs --chat (the system message goes through the chat template)"
@@ -306,4 +318,6 @@ def parse_generate(
         cards=args.cards,
         index=index,
         output=request["output"],
+        model=args.model,
+        models=args.models or (),
     )

@@ -16,7 +16,10 @@ from ..engine import LoadOptions
 from ..exceptions import InvalidParamsError
 from ._args import (
     Parser,
+    engine_name,
+    flash_attn_arg,
     int_or_auto,
+    kv_type_list,
     parallel_arg,
     parallel_list,
     positive_int,
@@ -36,6 +39,8 @@ __all__ = [
     "UnloadCall",
     "ConnectCall",
     "DisconnectCall",
+    "UseCall",
+    "ModelsCall",
     "HelpCall",
     "NbollamaCall",
     "parse_nbollama",
@@ -43,13 +48,15 @@ __all__ = [
 
 #: ``%nbollama`` subcommands and their one-line help.
 COMMANDS: dict[str, str] = {
-    "load": "load a model as the kernel's engine (replaces the current one)",
-    "status": "slots, queue, throughput and memory, as a table",
+    "load": "load a model as the kernel's engine (replaces the current one; --as NAME adds one beside it)",
+    "status": "slots, queue, throughput and memory, as a table (every engine, or one: status NAME)",
     "dashboard": "a live dashboard of the kernel's engine",
     "bench": "measure throughput and latency at several parallel values; recommend one",
-    "unload": "close the engine and free its memory",
+    "unload": "close the engine (or the one called NAME) and free its memory",
     "connect": "use a llama-server, Ollama, vLLM or OpenAI-compatible server as the kernel's engine",
     "disconnect": "close the connection to the server (it keeps running); like unload",
+    "use": "make the engine called NAME the default: cells, generate() and the views follow it",
+    "models": "the GGUF models on this machine: Ollama's store, the Hugging Face cache, LM Studio, folders",
     "help": "this help",
 }
 
@@ -75,6 +82,11 @@ def _nbollama_parser(*, dashboard: bool) -> tuple[Parser, dict[str, Parser]]:
     load.add_argument("--batch", type=positive_int, metavar="N")
     load.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None)
     load.add_argument("--reproducible", action="store_true", default=None)
+    load.add_argument("--kv-type", metavar="f16|q8_0|q4_0")
+    load.add_argument("--kv-type-v", metavar="TYPE")
+    load.add_argument("--flash-attn", type=flash_attn_arg, metavar="on|off|auto")
+    load.add_argument("--as", dest="name", type=engine_name, metavar="NAME")
+    load.add_argument("--download", action="store_true", default=None)
     connect = subs["connect"]
     connect.add_argument("url", metavar="URL")
     connect.add_argument("--kind", choices=_remote_kinds(), default="auto")
@@ -83,6 +95,12 @@ def _nbollama_parser(*, dashboard: bool) -> tuple[Parser, dict[str, Parser]]:
     connect.add_argument("--max-inflight", type=positive_int, metavar="N")
     connect.add_argument("--timeout", type=positive_seconds, metavar="SECONDS")
     connect.add_argument("--ca-bundle", metavar="PATH")
+    connect.add_argument("--as", dest="name", type=engine_name, metavar="NAME")
+    subs["status"].add_argument("name", nargs="?", type=engine_name, metavar="NAME")
+    subs["unload"].add_argument("name", nargs="?", type=engine_name, metavar="NAME")
+    subs["disconnect"].add_argument("name", nargs="?", type=engine_name, metavar="NAME")
+    subs["use"].add_argument("name", type=engine_name, metavar="NAME")
+    subs["models"].add_argument("folders", nargs="*", metavar="FOLDER")
     bench = subs["bench"]
     # a remote engine sweeps client concurrency (default 1,2,4,8,16,32); the local one parallel (1,2,4,8)
     bench.add_argument(
@@ -96,6 +114,7 @@ def _nbollama_parser(*, dashboard: bool) -> tuple[Parser, dict[str, Parser]]:
     bench.add_argument("--prompts", type=positive_int, default=16, metavar="N")
     bench.add_argument("--max-tokens", type=positive_int, default=64, metavar="N")
     bench.add_argument("--ctx", type=positive_int, metavar="N")
+    bench.add_argument("--kv-type", dest="kv_types", type=kv_type_list, metavar="f16,q8_0,...")
     bench.add_argument("--apply", action="store_true")
     return parser, subs
 
@@ -115,15 +134,40 @@ class LoadCall:
     max_parallel: int | None = None
     min_tps: float | None = None
     max_ttft: float | None = None
+    kv_type: str | None = None
+    kv_type_v: str | None = None
+    flash_attn: bool | Literal["auto"] | None = None
+    name: str | None = None  # --as NAME
+    download: bool | None = None  # hf:... not in the cache: fetch it
 
     def options(self) -> dict[str, Any]:
-        """Keywords for ``session.load``: only those given, so the engine's defaults hold."""
-        return _given(self, but="model")
+        """The load options given (``LoadOptions``' keywords), so the engine's defaults hold."""
+        return _given(self, but=("model", "name", "download"))
+
+    def keywords(self) -> dict[str, Any]:
+        """Keywords for ``session.load``: the options, the name and ``download``."""
+        return _given(self, but=("model",))
 
 
 @dataclass(frozen=True)
 class StatusCall:
-    """``%nbollama status``."""
+    """``%nbollama status [NAME]``: every engine, or the one called NAME."""
+
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class UseCall:
+    """``%nbollama use NAME``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ModelsCall:
+    """``%nbollama models [FOLDER ...]``."""
+
+    folders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,11 +184,14 @@ class BenchCall:
     max_tokens: int
     ctx: int | None
     apply: bool
+    kv_types: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
 class UnloadCall:
-    """``%nbollama unload``."""
+    """``%nbollama unload [NAME]``."""
+
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,10 +208,11 @@ class ConnectCall:
     max_inflight: int | None = None
     timeout: float | None = None
     ca_bundle: str | None = None
+    name: str | None = None  # --as NAME
 
     def options(self) -> dict[str, Any]:
         """Keywords for ``session.connect``: only those given."""
-        return _given(self, but="url")
+        return _given(self, but=("url",))
 
     def __repr__(self) -> str:
         from ..remote import redact_url
@@ -174,7 +222,9 @@ class ConnectCall:
 
 @dataclass(frozen=True)
 class DisconnectCall:
-    """``%nbollama disconnect``."""
+    """``%nbollama disconnect [NAME]``."""
+
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,13 +242,15 @@ NbollamaCall: TypeAlias = (
     | UnloadCall
     | ConnectCall
     | DisconnectCall
+    | UseCall
+    | ModelsCall
     | HelpCall
 )
 
 
-def _given(call: Any, *, but: str) -> dict[str, Any]:
-    """A call's fields, all but ``but``, that were given (not None), in their order."""
-    values = ((f.name, getattr(call, f.name)) for f in fields(call) if f.name != but)
+def _given(call: Any, *, but: tuple[str, ...]) -> dict[str, Any]:
+    """A call's fields, all but those in ``but``, that were given (not None), in their order."""
+    values = ((f.name, getattr(call, f.name)) for f in fields(call) if f.name not in but)
     return {name: value for name, value in values if value is not None}
 
 
@@ -233,11 +285,20 @@ def parse_nbollama(line: str) -> NbollamaCall:
             max_parallel=args.max_parallel,
             min_tps=args.min_tps,
             max_ttft=args.max_ttft,
+            kv_type=args.kv_type,
+            kv_type_v=args.kv_type_v,
+            flash_attn=args.flash_attn,
+            name=args.name,
+            download=args.download,
         )
         _check_load_options("%nbollama load", **load.options())
         return load
     if command == "status":
-        return StatusCall()
+        return StatusCall(args.name)
+    if command == "use":
+        return UseCall(args.name)
+    if command == "models":
+        return ModelsCall(tuple(args.folders))
     if command == "dashboard":
         return DashboardCall()
     if command == "bench":
@@ -249,9 +310,10 @@ def parse_nbollama(line: str) -> NbollamaCall:
             max_tokens=args.max_tokens,
             ctx=args.ctx,
             apply=args.apply,
+            kv_types=args.kv_types,
         )
     if command == "unload":
-        return UnloadCall()
+        return UnloadCall(args.name)
     if command == "connect":
         call = ConnectCall(
             url=args.url,
@@ -261,14 +323,15 @@ def parse_nbollama(line: str) -> NbollamaCall:
             max_inflight=args.max_inflight,
             timeout=args.timeout,
             ca_bundle=args.ca_bundle,
+            name=args.name,
         )
         from ..remote import check_connect
 
         try:
-            check_connect(call.url, **call.options())  # the URL, the key's variable, the CA file
+            check_connect(call.url, **_given(call, but=("url", "name")))  # the URL, the key's variable, the CA file
         except InvalidParamsError as exc:
             raise UsageError(f"%nbollama connect: {exc}") from None
         return call
     if command == "disconnect":
-        return DisconnectCall()
+        return DisconnectCall(args.name)
     return HelpCall(tuple((usage_line(sub), COMMANDS[name]) for name, sub in subs.items()))

@@ -84,13 +84,12 @@ def disconnected_message(what: str | None) -> str:
     return f"nbollama: {what}"
 
 
-def unloaded_message(had_engine: bool) -> str:
-    """What ``%nbollama unload`` prints."""
-    return (
-        "nbollama: engine closed, its memory freed"
-        if had_engine
-        else "nbollama: no engine was loaded"
-    )
+def unloaded_message(had_engine: bool, name: str | None = None) -> str:
+    """What ``%nbollama unload [NAME]`` prints."""
+    which = f"engine {name!r}" if name else "engine"
+    if not had_engine:
+        return f"nbollama: no {which} was loaded" if name else "nbollama: no engine was loaded"
+    return f"nbollama: {which} closed, its memory freed"
 
 
 # -- one cell's prompts ------------------------------------------------------------------------

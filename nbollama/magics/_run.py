@@ -35,10 +35,13 @@ from ..exceptions import ModelError, NbollamaError
 from ..remote import RemoteEngine
 from ..remote._bench import DEFAULT_CONCURRENCY, RemoteSweepResult, remote_sweep
 from ..results import BackgroundGeneration, Results
+from ..sources import ModelEntry, find_models, format_models_table, models_html
+from ._compare import start_compare
 from ._parse_generate import GenerateCall
 from ._parse_nbollama import BenchCall, ConnectCall, LoadCall
 from ._render import (
     CARDS_MAX,
+    NO_ENGINE_MESSAGE,
     applied_inflight_message,
     applied_message,
     big_final_bundle,
@@ -48,6 +51,7 @@ from ._render import (
     final_bundle,
     live_bundle,
 )
+from ._status import EnginesReport, StatusReport
 
 __all__ = [
     "REFRESH_SECONDS",
@@ -58,8 +62,14 @@ __all__ = [
     "start_cell",
     "run_in_foreground",
     "run_in_background",
+    "run_compared",
     "run_bench",
     "open_dashboard",
+    "named_or_usage",
+    "status_report",
+    "unload_engine",
+    "models_listing",
+    "ModelsListing",
 ]
 
 #: Seconds between two updates of a cell's live display (about 4 Hz, never per token).
@@ -113,8 +123,56 @@ def load_engine(prog: str, model: str | None = None, **options: Any) -> Engine:
 
 
 def load(call: LoadCall) -> Engine:
-    """``%nbollama load``: replace the kernel's engine."""
-    return load_engine("%nbollama load", call.model, **call.options())
+    """``%nbollama load``: replace the kernel's engine (``--as NAME``: the engine of that name)."""
+    return load_engine("%nbollama load", call.model, **call.keywords())
+
+
+def named_or_usage(prog: str, name: str | None) -> EngineLike:
+    """The engine called ``name`` (None: the default), or a one-line UsageError listing the names."""
+    try:
+        return session.engine_named(name)
+    except NbollamaError as exc:
+        raise UsageError(f"{prog}: {exc}") from None
+
+
+def status_report(name: str | None) -> StatusReport | EnginesReport | None:
+    """``%nbollama status [NAME]``: one engine's report, or every engine's when there are several."""
+    if name is not None:
+        return StatusReport(named_or_usage("%nbollama status", name).snapshot())
+    everyone = session.engines()
+    if not everyone:
+        print(NO_ENGINE_MESSAGE)
+        return None
+    if len(everyone) == 1:
+        return StatusReport(next(iter(everyone.values())).snapshot())
+    return EnginesReport(
+        {n: StatusReport(e.snapshot()) for n, e in everyone.items()}, session.current_name()
+    )
+
+
+def unload_engine(name: str | None) -> bool:
+    """``%nbollama unload [NAME]``; a name that is not loaded is a UsageError naming those that are."""
+    if name is not None:
+        named_or_usage("%nbollama unload", name)
+    return session.unload(name)
+
+
+def models_listing(folders: tuple[str, ...]) -> ModelsListing:
+    """``%nbollama models``: what ``nbollama.sources.find_models`` finds, as a table."""
+    return ModelsListing(find_models(folders))
+
+
+class ModelsListing:
+    """The models found: plain text in a terminal, an HTML table in a notebook; ``entries`` holds them."""
+
+    def __init__(self, entries: list[ModelEntry]) -> None:
+        self.entries = entries
+
+    def __repr__(self) -> str:
+        return format_models_table(self.entries)
+
+    def _repr_html_(self) -> str:
+        return models_html(self.entries)
 
 
 def connect(call: ConnectCall) -> RemoteEngine:
@@ -304,8 +362,13 @@ def _watch(engine: EngineLike, run: CellRun) -> None:
 
 
 def start_cell(shell: Any, call: GenerateCall) -> CellRun:
-    """Start feeding the cell's prompts to the kernel's engine (loading the bundled model if none is)."""
-    engine = _kernel_engine_or_default(call.prog)
+    """Start feeding the cell's prompts to the kernel's engine (loading the bundled model if none is),
+    or to the one ``--model NAME`` names."""
+    engine = (
+        named_or_usage(f"{call.prog} --model", call.model)
+        if call.model is not None
+        else _kernel_engine_or_default(call.prog)
+    )
     feeder = _feeder(engine, call)
     run = CellRun(
         shell,
@@ -323,6 +386,22 @@ def start_cell(shell: Any, call: GenerateCall) -> CellRun:
             feeder.stop()
             raise
     return run
+
+
+def run_compared(call: GenerateCall, store: Callable[[Results], None]) -> Results:
+    """``--models a,b``: every prompt to each engine, side by side; Ctrl-C cancels them all."""
+    engines = {name: named_or_usage(f"{call.prog} --models", name) for name in call.models}
+    run = start_compare(engines, call)
+    try:
+        run.show()
+        run.pump()
+    except BaseException:
+        run.cancel()
+        raise
+    results = run.collect()
+    run.show_final(results)
+    store(results)
+    return results
 
 
 def run_in_foreground(run: CellRun, store: Callable[[Results], None]) -> Results:
@@ -430,6 +509,13 @@ def run_remote_bench(engine: RemoteEngine, call: BenchCall) -> RemoteSweepResult
             "%nbollama bench: --ctx is the server's own setting; against a server the sweep varies "
             "only how many requests are in flight (--concurrency)"
         )
+    if call.kv_types is not None:
+        raise UsageError(
+            "%nbollama bench: --kv-type needs an in-kernel engine: a server's KV cache type is set where it "
+            "starts (Ollama: OLLAMA_KV_CACHE_TYPE with OLLAMA_FLASH_ATTENTION=1; llama-server: "
+            "--cache-type-k/--cache-type-v -fa; vLLM: --kv-cache-dtype). Sweep the types on a local engine "
+            "of the same model: its recommendation names the server's setting"
+        )
     try:
         result = remote_sweep(
             engine,
@@ -468,13 +554,17 @@ def run_bench(call: BenchCall) -> SweepResult | RemoteSweepResult:
             n_prompts=call.prompts,
             max_tokens=call.max_tokens,
             ctx=call.ctx,
+            kv_types=call.kv_types,
         )
-    except ValueError as exc:
+    except (ValueError, NbollamaError) as exc:
         raise UsageError(f"%nbollama bench: {exc}") from None
     _show_figure(result.figure())
+    if result.quality is not None:
+        _show_figure(result.quality.figure())
     if call.apply:
+        kv: dict[str, Any] = {"kv_type": result.recommended_kv_type} if result.recommended_kv_type else {}
         with _summary_printed_here():
-            applied = engine.spawn(parallel=result.recommended, ctx=engine.ctx)
+            applied = engine.spawn(parallel=result.recommended, ctx=engine.ctx, **kv)
         session.set_engine(applied)  # the old context closes; the weights stay loaded
         print(applied_message(result.recommended, applied.summary))
     return result

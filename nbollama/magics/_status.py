@@ -14,7 +14,7 @@ from .._api.snapshot import EngineSnapshot, GPUFigures, Totals
 from .._palette import badge_html
 from ..memory import format_bytes
 
-__all__ = ["StatusReport"]
+__all__ = ["StatusReport", "EnginesReport"]
 
 
 def _known(value: object, unit: str = "") -> str:
@@ -161,7 +161,9 @@ class StatusReport:
             ),
             "queue": f"{s['queue']['length']} waiting (max {s['queue']['max']}), {s['busy_slots']}/{s['parallel']} slots busy",
             "throughput": f"{s['throughput']:.1f} tok/s over the last {s['throughput_window']:.0f} s",
-            "KV cache": f"{kv['used']}/{kv['total']} cells used, {format_bytes(kv['bytes'])} ({memory['kv_estimate']})",
+            "KV cache": f"{kv['used']}/{kv['total']} cells used, {format_bytes(kv['bytes'])}"
+            + (f" in {memory['kv_type']}" if memory.get("kv_type") else "")
+            + f" ({memory['kv_estimate']})",
             "prefix cache": _prefix_cache_line(s),
             **({"adaptive": _adaptive_line(s)} if s.get("adaptive") else {}),
             "memory": host
@@ -217,9 +219,11 @@ class StatusReport:
 
     @property
     def _title(self) -> str:
+        name = self.snapshot.get("name") or ""
+        named = f" {name!r}" if name and name != "default" else ""
         if self.remote:
-            return f"nbollama remote engine ({self.snapshot.get('kind')})"
-        return "nbollama engine"
+            return f"nbollama remote engine{named} ({self.snapshot.get('kind')})"
+        return f"nbollama engine{named}"
 
     def __repr__(self) -> str:
         lines = [f"{self._title}{' (closed)' if self.snapshot['closed'] else ''}"]
@@ -261,4 +265,61 @@ class StatusReport:
             f'<table class="nbollama-status-facts">{facts}</table>'
             f'<table class="nbollama-status-slots"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>"
+        )
+
+
+class EnginesReport:
+    """``%nbollama status`` with several engines: one line each, then each engine's own report."""
+
+    def __init__(self, reports: dict[str, StatusReport], default: str | None) -> None:
+        self.reports = reports
+        self.default = default
+
+    def _rows(self) -> list[list[str]]:
+        rows = []
+        for name, report in self.reports.items():
+            s = report.snapshot
+            memory = s["memory"]
+            kv = memory["kv_bytes"]
+            rows.append(
+                [
+                    name + (" (default)" if name == self.default else ""),
+                    "local" if s["kind"] == "local" else f"{s['kind']} {s.get('endpoint') or ''}".strip(),
+                    s["model"]["name"],
+                    f"{s['parallel']}" + (f" of {s['parallel_max']}" if s["parallel_max"] != s["parallel"] else ""),
+                    "?" if s["ctx_per_slot"] is None else str(s["ctx_per_slot"]),
+                    ("unknown" if kv is None else format_bytes(kv))
+                    + (f" {memory['kv_type']}" if memory.get("kv_type") else ""),
+                    f"{s['throughput']:.1f}",
+                    f"{s['totals']['completed']}",
+                ]
+            )
+        return rows
+
+    _HEADERS = ("engine", "kind", "model", "parallel", "ctx/slot", "KV cache", "tok/s", "completed")
+
+    def __repr__(self) -> str:
+        rows = [list(self._HEADERS), *self._rows()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(self._HEADERS))]
+        lines = [f"nbollama: {len(self.reports)} engines"]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        for name, report in self.reports.items():
+            lines += ["", f"[{name}]", repr(report)]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        head = "".join(f'<th style="text-align:left">{h}</th>' for h in self._HEADERS)
+        body = "".join(
+            "<tr>" + "".join(f'<td style="text-align:left">{html.escape(c)}</td>' for c in row) + "</tr>"
+            for row in self._rows()
+        )
+        details = "".join(
+            f"<details{' open' if name == self.default else ''}><summary>{html.escape(name)}</summary>"
+            f"{report._repr_html_()}</details>"
+            for name, report in self.reports.items()
+        )
+        return (
+            f'<div class="nbollama-engines"><b>nbollama: {len(self.reports)} engines</b>'
+            f'<table class="nbollama-engines-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+            f"{details}</div>"
         )

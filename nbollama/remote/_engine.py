@@ -212,6 +212,7 @@ class RemoteEngine(RemoteRows):
         self, prompt: str, sampling: SamplingParams, options: dict[str, Any], checked: object
     ) -> _Request:
         handle = RemoteHandle(self._next_request_id(), prompt, 0, sampling.max_tokens, self._cancel)
+        handle.model = self.name or self.model_name
         given = cast("set[str]", checked)  # what _check_params returned
         output = options["output"]
         path, body = self._adapter.build(

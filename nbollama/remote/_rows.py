@@ -152,6 +152,7 @@ class RemoteRows(RemoteState):
             gpus=gpus,
             kv_bytes=None,
             kv_estimate="",
+            kv_type="",
             note=note,
         )
 

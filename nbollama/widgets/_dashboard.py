@@ -14,6 +14,7 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import Bool, Int, Unicode
 
+from .. import session
 from .._api.protocol import EngineLike
 from .._api.snapshot import EngineSnapshot
 from .._palette import badge_html
@@ -82,11 +83,17 @@ class Dashboard(widgets.VBox):
         **kwargs: Any,
     ) -> None:
         self._header = widgets.HTML(_HINT)
+        # several engines in the kernel: which one this dashboard shows (hidden with one)
+        self.selector = widgets.Dropdown(
+            options=[], description="engine", layout=widgets.Layout(display="none", width="auto")
+        )
+        self._filling = False
+        self.selector.observe(self._on_select, names="value")
         self.slots = SlotMonitor(summary=not compact)
         self.chart: ThroughputChart | None = None
         self.memory: MemoryPanel | None = None
         self._summary: widgets.HTML | None = None
-        parts: list[widgets.Widget] = [self._header, self.slots]
+        parts: list[widgets.Widget] = [self.selector, self._header, self.slots]
         if compact:
             self._summary = widgets.HTML("")
             parts.append(self._summary)
@@ -99,7 +106,9 @@ class Dashboard(widgets.VBox):
                 widgets.HBox([self.chart, self.memory], layout=widgets.Layout(width="100%"))
             )
         self._last_slow = 0.0
-        self._link = EngineLink(self._on_engine, self._on_snapshot, interval=interval)
+        self._link = EngineLink(
+            self._on_engine, self._on_snapshot, interval=interval, on_engines=self._fill_selector
+        )
         kwargs.setdefault("layout", widgets.Layout(width="100%"))
         super().__init__(parts, **kwargs)
         self.compact = compact
@@ -108,8 +117,32 @@ class Dashboard(widgets.VBox):
         if follow and engine is None:
             self.following_session = True
             self._link.follow_session()
+            self._fill_selector(session.engines())
         else:
             self._link.attach(engine)
+
+    def _fill_selector(self, everyone: dict[str, EngineLike]) -> None:
+        """One option per engine of the kernel, the one shown selected; shown only with several."""
+        default = session.current_name()
+        shown = self._link.engine
+        options = [
+            (f"{name}{' (default)' if name == default else ''} · {e.model_name} · {e.parallel} slots", name)
+            for name, e in everyone.items()
+        ]
+        self._filling = True
+        try:
+            if list(self.selector.options) != options:
+                self.selector.options = options
+            names = [value for _, value in options]
+            chosen = getattr(shown, "name", None)
+            self.selector.value = chosen if chosen in names else (names[0] if names else None)
+        finally:
+            self._filling = False
+        self.selector.layout.display = "" if len(options) > 1 else "none"
+
+    def _on_select(self, change: dict[str, Any]) -> None:
+        if not self._filling and change["new"] and self.following_session:
+            self._link.select(change["new"])
 
     @property
     def engine(self) -> EngineLike | None:

@@ -129,7 +129,8 @@ def memory_html(
         if total is not None and available is not None:  # None only in a remote engine's figures
             in_use = total - available
             parts.append(_bar(in_use, total, "#a5d6a7", figures["process_rss"], "#2e7d32"))
-    rows.append(_row("KV cache", format_bytes(figures["kv_bytes"])))
+    kv_type = figures.get("kv_type") or ""
+    rows.append(_row("KV cache", format_bytes(figures["kv_bytes"]) + (f" ({html.escape(kv_type)})" if kv_type else "")))
     parts.append(f'<table style="border-collapse:collapse;margin-top:4px">{"".join(rows)}</table>')
     if figures["kv_estimate"]:
         parts.append(
@@ -161,7 +162,8 @@ def memory_summary(figures: MemoryFigures) -> str:
         text = f"RSS {format_bytes(figures['process_rss'])}"
         if figures["process_pss"] is not None:
             text += f" (PSS {format_bytes(figures['process_pss'])})"
-    return f"{text} · KV {format_bytes(figures['kv_bytes'])}"
+    kv_type = figures.get("kv_type") or ""
+    return f"{text} · KV {format_bytes(figures['kv_bytes'])}" + (f" {kv_type}" if kv_type else "")
 
 
 class MemoryPanel(LiveView, widgets.VBox):
@@ -179,6 +181,7 @@ class MemoryPanel(LiveView, widgets.VBox):
     gpus = List(Dict())
     kv_bytes = Int(0, allow_none=True)
     kv_estimate = Unicode("")
+    kv_type = Unicode("")  # "f16", "q8_0", "K q8_0 / V f16"; "" when unknown
     note = Unicode("")
     engine_closed = Bool(False)
 
@@ -221,6 +224,7 @@ class MemoryPanel(LiveView, widgets.VBox):
         self.gpus = [dict(g) for g in figures["gpus"]]
         self.kv_bytes = figures["kv_bytes"]
         self.kv_estimate = figures["kv_estimate"]
+        self.kv_type = figures.get("kv_type") or ""
         self.note = figures["note"]
         self._title.value = "<b>Memory</b>" + {"nvml": " · NVML", "remote": " · server"}.get(
             figures["source"], " · host"

@@ -192,6 +192,27 @@ describe('KernelLink', () => {
     expect(link.state.snapshot?.seq).toBe(1);
   });
 
+  it('keeps the engines of the kernel and asks for the one to show', () => {
+    const kernel = new FakeKernel();
+    const link = new KernelLink();
+    link.setSession(new FakeSession(kernel).asContext());
+    const comm = kernel.lastComm;
+    comm.receive(snapshotMsg(engine(1, 1)));
+    const engines = [
+      { name: 'small', kind: 'local', model: 'Gemma 3 270m', parallel: 2, kv_type: 'f16' },
+      { name: 'wide', kind: 'local', model: 'Gemma 3 270m', parallel: 8, kv_type: 'q8_0' }
+    ];
+    comm.receive({ v: 1, type: 'engines', engines, default: 'small', shown: 'small' });
+    expect(link.state.engines).toEqual(engines);
+    expect(link.state.defaultName).toBe('small');
+    expect(link.state.shown).toBe('small');
+    link.select('wide');
+    expect(comm.sent).toEqual([{ type: 'select', name: 'wide' }]);
+    comm.receive({ v: 1, type: 'engines', engines: [{ name: 'oops' }, 3], default: null, shown: null });
+    expect(link.state.notice?.isError).toBe(true);
+    expect(link.state.engines).toEqual(engines);
+  });
+
   it('reconnects after a kernel restart', () => {
     const kernel = new FakeKernel();
     const session = new FakeSession(kernel);

@@ -4,6 +4,7 @@ import {
   badgeColour,
   cacheTag,
   cancelNotice,
+  engineOptionLabel,
   engineView,
   formatBytes,
   formatCount,
@@ -45,6 +46,30 @@ describe('parseKernelMessage', () => {
     });
     expect(isEngineSnapshot({ seq: 1 })).toBe(false);
     expect(isEngineSnapshot(snapshot())).toBe(true);
+  });
+
+  it('accepts the list of engines and labels them for the selector', () => {
+    const msg = parseKernelMessage({
+      v: 1,
+      type: 'engines',
+      engines: [{ name: 'lab', kind: 'vllm', model: 'm', parallel: 1, kv_type: '' }],
+      default: 'lab',
+      shown: 'lab'
+    });
+    expect(msg).toEqual({
+      v: 1,
+      type: 'engines',
+      engines: [{ name: 'lab', kind: 'vllm', model: 'm', parallel: 1, kv_type: '' }],
+      default: 'lab',
+      shown: 'lab'
+    });
+    expect(parseKernelMessage({ v: 1, type: 'engines', engines: 'no' })).toHaveProperty('invalid');
+    expect(
+      engineOptionLabel({ name: 'wide', kind: 'local', model: 'Gemma', parallel: 8, kv_type: 'q8_0' }, 'small')
+    ).toBe('wide · Gemma · 8 slots · q8_0');
+    expect(engineOptionLabel({ name: 'lab', kind: 'vllm', model: 'm', parallel: 1, kv_type: '' }, 'lab')).toBe(
+      'lab · m · vllm · 1 slot (default)'
+    );
   });
 
   it('rejects other protocol versions, unknown types and non-objects', () => {
@@ -175,6 +200,12 @@ describe('memoryView', () => {
     expect(view.kvFraction).toBeCloseTo(144 / (16 * 1024));
     expect(view.text).toBe('2.00 GiB / 16.0 GiB');
     expect(view.kvText).toBe('KV cache 144 MiB');
+  });
+
+  it('names the KV cache type when the kernel says it', () => {
+    const base = snapshot();
+    const view = memoryView({ ...base, memory: { ...base.memory, kv_type: 'q8_0' } });
+    expect(view.kvText).toBe('KV cache 144 MiB · q8_0');
   });
 
   it('shows GPU 0 VRAM when the source is nvml', () => {
