@@ -391,7 +391,7 @@ _JS_SCAN = f"""() => {{
             plots,
             widgets: area ? area.querySelectorAll('.jupyter-widgets, .widget-box, ' +
                 '[data-mime-type="application/vnd.jupyter.widget-view+json"]').length : 0,
-            cards: area ? area.querySelectorAll('.nbollama-generate').length : 0,
+            cards: area ? area.querySelectorAll('.nbollama-generate, .nbollama-compare').length : 0,
             wide,
         }};
     }}).filter(Boolean);

@@ -464,16 +464,7 @@ def test_panel_shows_adaptive_reproducible_and_cache_hits_after_a_python_load(
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 950})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.set_default_timeout(60_000)
-            # its own workspace: the other tests' default one does not reopen this notebook
-            page.goto(f"{lab.url}/lab/workspaces/modes/tree/modes.ipynb?token={lab.token}")
-            page.locator(CODE_CELLS).first.wait_for()
-            panel = page.locator("#nbollama-panel")
-            page.locator('.lm-TabBar-tab[data-id="nbollama-panel"]').click()
-            expect(panel).to_be_visible()
+            page, panel = _open_with_panel(browser, lab, "modes", errors)
             expect(panel.locator(".nbollama-hint-code")).to_have_text(
                 "%load_ext nbollama", timeout=90_000
             )
@@ -523,6 +514,23 @@ def test_panel_shows_adaptive_reproducible_and_cache_hits_after_a_python_load(
     assert not ours, ours
 
 
+def _open_with_panel(browser: Any, lab: LabServer, name: str, errors: list[str]) -> tuple[Any, Any]:
+    """``name``.ipynb in a page of its own workspace (the other tests' default one does not
+    reopen it), the side panel open; console errors go to ``errors``."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1500, "height": 950})
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.set_default_timeout(60_000)
+    page.goto(f"{lab.url}/lab/workspaces/{name}/tree/{name}.ipynb?token={lab.token}")
+    page.locator(CODE_CELLS).first.wait_for()
+    panel = page.locator("#nbollama-panel")
+    page.locator('.lm-TabBar-tab[data-id="nbollama-panel"]').click()
+    expect(panel).to_be_visible()
+    return page, panel
+
+
 TWO_ENGINES_CELLS = [
     "%load_ext nbollama\n"
     "%nbollama load --as small --parallel 2 --ctx 256\n"
@@ -544,15 +552,7 @@ def test_panel_shows_two_engines_with_a_selector(lab: LabServer) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 950})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.set_default_timeout(60_000)
-            page.goto(f"{lab.url}/lab/workspaces/engines/tree/engines.ipynb?token={lab.token}")
-            page.locator(CODE_CELLS).first.wait_for()
-            panel = page.locator("#nbollama-panel")
-            page.locator('.lm-TabBar-tab[data-id="nbollama-panel"]').click()
-            expect(panel).to_be_visible()
+            page, panel = _open_with_panel(browser, lab, "engines", errors)
             _run_first_cell(page)
             select = panel.locator(".nbollama-engine-select")
             expect(select).to_be_visible(timeout=30_000)

@@ -387,6 +387,31 @@ def test_follows_the_session_engine(idle_engine: Engine) -> None:
     assert not idle_engine.closed
 
 
+def test_the_dashboard_has_a_selector_when_the_kernel_has_several_engines(idle_engine: Engine) -> None:
+    previous = current_engine()
+    set_engine(None, close_previous=False)
+    second = idle_engine.spawn(parallel=3, ctx=256)
+    board = dashboard()
+    try:
+        set_engine(idle_engine, close_previous=False)
+        assert board.selector.layout.display == "none"  # one engine: no selector
+        set_engine(second, name="second")
+        assert board.selector.layout.display == ""
+        assert [value for _, value in board.selector.options] == ["default", "second"]
+        assert board.selector.options[0][0].startswith("default (default) · ")
+        assert board.engine is idle_engine and board.selector.value == "default"
+        board.selector.value = "second"  # the user picks the other engine
+        assert board.engine is second and len(board.slots.rows) == 3
+        set_engine(None, name="second")  # unloaded: back to the default, selector hidden
+        assert board.engine is idle_engine and board.selector.layout.display == "none"
+    finally:
+        board.close()
+        if not second.closed:
+            set_engine(None, name="second")
+        set_engine(previous, close_previous=False)
+    assert not idle_engine.closed
+
+
 def test_engine_close_marks_the_dashboard(model_path: Path) -> None:
     engine = Engine.load(model_path, parallel=1, ctx=64)
     board = dashboard(engine)

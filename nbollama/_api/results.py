@@ -335,6 +335,7 @@ class Results(Sequence[Result]):
         return [*range(_EDGE_ROWS), None, *range(n - _EDGE_ROWS, n)]
 
     def __repr__(self) -> str:
+        several = len({r.model for r in self._items}) > 1
         lines = [f"Results: {self._summary()}"]
         if len(self._items) > COMPACT_ROWS:
             for label, figures in self._stats():
@@ -351,8 +352,9 @@ class Results(Sequence[Result]):
                 continue
             r = self._items[i]
             shown = r.error if r.finish_reason == "error" and r.error else _answer(r)
+            who = f"{r.model}: " if several else ""
             lines.append(
-                f"[{i}] {r.finish_reason:<9} {r.completion_tokens:>5} tok  {_preview(shown, 72)!r}"
+                f"[{i}] {who}{r.finish_reason:<9} {r.completion_tokens:>5} tok  {_preview(shown, 72)!r}"
             )
         return "\n".join(lines)
 
@@ -373,16 +375,17 @@ class Results(Sequence[Result]):
         )
 
     def _repr_html_(self) -> str:
+        several = len({r.model for r in self._items}) > 1  # a --models cell: say which engine answered
         head = "".join(
             f'<th style="text-align:left;white-space:nowrap">{name}</th>'
-            for name in ("#", "slot", "finish", "tokens", "TTFT", "tok/s", "text")
+            for name in ("#", *(("model",) if several else ()), "slot", "finish", "tokens", "TTFT", "tok/s", "text")
         )
         rows = []
         for i in self._shown_rows():
             if i is None:
                 left_out = len(self._items) - 2 * _EDGE_ROWS
                 rows.append(
-                    f'<tr><td colspan="7" style="text-align:left">… {left_out} more rows '
+                    f'<tr><td colspan="{8 if several else 7}" style="text-align:left">… {left_out} more rows '
                     "(<code>.to_pandas()</code> has them all)</td></tr>"
                 )
                 continue
@@ -393,7 +396,9 @@ class Results(Sequence[Result]):
                 text = html.escape(_preview(_answer(r)))
             rows.append(
                 "<tr>"
-                f"<td {_NOWRAP}>{i}</td><td {_NOWRAP}>{'' if r.slot is None else r.slot}</td>"
+                f"<td {_NOWRAP}>{i}</td>"
+                + (f"<td {_NOWRAP}>{html.escape(r.model)}</td>" if several else "")
+                + f"<td {_NOWRAP}>{'' if r.slot is None else r.slot}</td>"
                 f"<td {_NOWRAP}>{r.finish_reason}</td><td {_NOWRAP}>{r.completion_tokens}</td>"
                 f"<td {_NOWRAP}>{_ms(r.ttft)}</td><td {_NOWRAP}>{_tps(r.gen_tps)}</td>"
                 f'<td style="text-align:left">{text}</td>'
