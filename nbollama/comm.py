@@ -171,17 +171,13 @@ class PanelConnection:
         shown = self._link.engine
         listed = []
         for name, engine in session.engines().items():
-            try:
-                snap = engine.snapshot()
-            except Exception:  # an engine closing meanwhile: listed without figures
-                snap = None
             listed.append(
                 {
                     "name": name,
-                    "kind": snap["kind"] if snap else "",
+                    "kind": str(getattr(engine, "kind", "local")),  # remote engines name their server
                     "model": engine.model_name,
                     "parallel": engine.parallel,
-                    "kv_type": snap["memory"].get("kv_type", "") if snap else "",
+                    "kv_type": str(getattr(engine, "kv_type", "")),  # a server's is unknown
                 }
             )
         self._send(

@@ -649,15 +649,7 @@ def test_panel_shows_a_remote_engines_slots(lab: LabServer, model_path: Path) ->
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
-                page = browser.new_page(viewport={"width": 1500, "height": 950})
-                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.set_default_timeout(60_000)
-                page.goto(f"{lab.url}/lab/workspaces/remote/tree/remote.ipynb?token={lab.token}")
-                page.locator(CODE_CELLS).first.wait_for()
-                panel = page.locator("#nbollama-panel")
-                page.locator('.lm-TabBar-tab[data-id="nbollama-panel"]').click()
-                expect(panel).to_be_visible()
+                page, panel = _open_with_panel(browser, lab, "remote", errors)
                 _run_first_cell(page)
                 _run_cell(page, 1)
                 _wait_cell_done(page, 1)

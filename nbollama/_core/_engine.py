@@ -338,12 +338,16 @@ class Engine(EngineLoop):
         """One slot's KV bytes in a type (default: this engine's) at ``ctx`` tokens, as llama.cpp allocates them."""
         self._check_open()
         if kv_type is None:
-            type_k, type_v = self._config.type_k, self._config.type_v
+            kv = KVCacheType(self._config.type_k, self._config.type_v, self._config.flash_attn)
         else:
-            type_k, type_v = check_kv_types(kv_type, kv_type_v, self._config.flash_attn)
-        kv = KVCacheType(type_k, type_v, self._config.flash_attn)
+            kv = self._kv_cache_type(kv_type, kv_type_v)
         with self._weights.borrowed() as model:
             return kv_bytes_per_slot(model, kv, self.ctx if ctx is None else ctx)
+
+    def _kv_cache_type(self, kv_type: str, kv_type_v: str | None) -> KVCacheType:
+        """A KV type checked against this engine's flash-attention setting."""
+        type_k, type_v = check_kv_types(kv_type, kv_type_v, self._config.flash_attn)
+        return KVCacheType(type_k, type_v, self._config.flash_attn)
 
     def scorer(self, kv_type: str = "f16", kv_type_v: str | None = None, *, ctx: int = 512) -> Scorer:
         """A private context on this engine's weights that scores token sequences in a KV type.
@@ -351,8 +355,7 @@ class Engine(EngineLoop):
         For measurements (``nbollama.bench.kv_quality``); close it when done.
         """
         self._check_open()
-        type_k, type_v = check_kv_types(kv_type, kv_type_v, self._config.flash_attn)
-        kv = KVCacheType(type_k, type_v, self._config.flash_attn)
+        kv = self._kv_cache_type(kv_type, kv_type_v)
         weights = self._weights.acquire()
         try:
             return Scorer(weights.model, kv, ctx=ctx, threads=self.threads, release=weights.release)

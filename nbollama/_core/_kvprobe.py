@@ -20,6 +20,7 @@ import numpy.typing as npt
 from .._api.kvcache import kv_label
 from ..exceptions import InvalidParamsError
 from ._llama import Batch, LlamaContext, LlamaModel
+from ._logits import row_stats
 
 __all__ = ["KVCacheType", "Scorer", "ScoredSequence", "kv_bytes_per_slot"]
 
@@ -133,12 +134,11 @@ class Scorer:
                 pos = start + offset
                 if pos >= len(tokens) - 1:
                     break
-                row = context.logits_row(offset).astype(np.float64)
-                peak = row.max()
-                lse = peak + np.log(np.exp(row - peak).sum())
-                logprobs[pos] = row[tokens[pos + 1]] - lse
+                row = context.logits_row(offset)
+                lse = row_stats(row, 0).lse
+                logprobs[pos] = float(row[tokens[pos + 1]]) - lse
                 if pos >= keep_from:
-                    rows.append((row - lse).astype(np.float32))
+                    rows.append((row - np.float32(lse)).astype(np.float32))
         stacked = np.stack(rows) if rows else np.empty((0, context.n_vocab), dtype=np.float32)
         return ScoredSequence(logprobs, stacked)
 
