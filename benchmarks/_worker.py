@@ -12,6 +12,7 @@ seconds from the moment the prompts were fired).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,17 +25,30 @@ def engine_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     fresh = bool(config.pop("fresh_each_run", False))  # a new engine every run: nothing learned carries over
     options = {k: v for k, v in config.items() if k != "model"}
     engine = Engine.load(config.get("model"), **options)
-    engine.generate(["Warm up."], max_tokens=4, temperature=0.0)
+    engine.generate(["Warm up."], max_tokens=4, temperature=0.0, cache=False)
 
     def run(job: dict[str, Any]) -> dict[str, Any]:
         nonlocal engine
         if fresh:
             engine.close()
             engine = Engine.load(config.get("model"), **options)
-        params = {k: v for k, v in job.items() if k != "prompts"}
+        # speed is measured, not the result store: a job that wants the store says cache="auto"
+        # (and "store_dir": the folder it keeps results in, from this run on)
+        params = {"cache": False, **{k: v for k, v in job.items() if k not in ("prompts", "store_dir", "render")}}
+        if "store_dir" in job:
+            from nbollama import store
+
+            store.use_directory(job["store_dir"])
+        step_times = getattr(engine, "step_times", None)  # where constrained decoding's time goes
+        if step_times is not None:
+            step_times(reset=True)
         start = time.perf_counter()
         results = engine.generate(job["prompts"], **params)
         wall = time.perf_counter() - start
+        if job.get("store_dir"):
+            from nbollama import store
+
+            store.current().flush()  # what the run wrote is on disk before the next one reads it
         tokens = sum(r.completion_tokens for r in results)
         extra: dict[str, Any] = {}
         cached = [getattr(r, "cached_tokens", None) for r in results]
@@ -46,6 +60,18 @@ def engine_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
                 (round(h["time"] - time.time() + wall, 2), h["parallel"])
                 for h in engine.parallel_history
             ]
+        if job.get("render"):  # what a cell shows at the end: the Results' table and summary
+            from nbollama.results import Results
+
+            started = time.perf_counter()
+            shown = Results(results)
+            shown._repr_html_()
+            repr(shown)
+            extra["render"] = time.perf_counter() - started
+        extra["replayed"] = sum(1 for r in results if getattr(r, "cached", False))
+        if step_times is not None:
+            extra["step_times"] = step_times()
+            extra["forced_tokens"] = sum(getattr(r, "forced_tokens", 0) for r in results)
         return {
             "tokens": tokens,
             "wall": wall,
@@ -65,13 +91,33 @@ def engine_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     }, run
 
 
+def _guard_llama() -> None:
+    """``Llama`` has no ``use_extra_bufts`` argument: where the AMX guard says off, its model params
+    are made without the extra buffers, as every nbollama load is (this process only)."""
+    import llama_cpp.llama as high_level
+
+    from nbollama import amx
+
+    if amx.decide().use_extra_bufts:
+        return
+    default_params = high_level.llama_cpp.llama_model_default_params
+
+    def guarded() -> Any:
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    high_level.llama_cpp.llama_model_default_params = guarded
+
+
 def sequential_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """One ``Llama``, one prompt after another: what a notebook user would write without nbollama."""
     from llama_cpp import Llama
 
-    from nbollama.models import resolve_model
+    from nbollama.sources import resolve_model
 
     threads = config.get("threads", 2)
+    _guard_llama()
     llm = Llama(
         str(resolve_model(config.get("model"))),
         n_ctx=config.get("ctx", 1024),
@@ -122,6 +168,9 @@ WORKERS = {"engine": engine_worker, "sequential": sequential_worker}
 
 def main() -> int:
     kind, config = sys.argv[1], json.loads(sys.argv[2])
+    amx = config.pop("amx", None)  # "on" / "off": this worker's AMX path (nbollama.amx), before any load
+    if amx is not None:
+        os.environ["NBOLLAMA_AMX"] = amx
     out = sys.stdout
     sys.stdout = sys.stderr  # nothing but answers on the pipe
     ready, run = WORKERS[kind](config)

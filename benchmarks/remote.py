@@ -37,7 +37,7 @@ from _harness import Run, each, interleave, load_prompts, machine_line, median
 
 import nbollama.remote
 from nbollama.llama_server import LlamaServer, find_binary
-from nbollama.models import resolve_model
+from nbollama.sources import resolve_model
 
 
 def body(prompt: str, max_tokens: int) -> dict[str, object]:

@@ -31,7 +31,7 @@ import httpx
 from _harness import Run, Worker, machine_line
 
 from nbollama.llama_server import LlamaServer, find_binary
-from nbollama.models import resolve_model
+from nbollama.sources import resolve_model
 
 SYSTEM = (
     "You are the teaching assistant of an introductory astronomy course for first-year students. "

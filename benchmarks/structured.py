@@ -4,18 +4,27 @@
   engine's ``choices=`` (scored from the prefill) against 2 greedy tokens
   unconstrained, and against ``llama-server -np 8`` with a grammar that allows
   only the two labels.
-* **JSON**: a schema with an enum, a number and a short string array, up to
-  64 tokens, parallel 8: the engine constrained against unconstrained, and
-  against llama-server with ``json_schema``. A constrained answer ends when
-  its JSON does (about 18 tokens here), so the unconstrained baseline
-  generates as many tokens per prompt as the constrained answers' mean, measured in the warm-up;
-  otherwise tok/s would compare prefill shares, not the cost of the masks.
+* **JSON**, parallel 8, on three schemas: ``review`` (an enum, a number and a
+  string array of up to 3 items), ``tags`` (a bare string array: few tokens
+  forced) and ``profile`` (an object of 8 keys with enums: most tokens
+  forced). For each, the engine constrained with jump-forward (forced tokens
+  decoded as one chunk, not sampled) and without it (``--jump-forward off``),
+  unconstrained generation of the same mean length, and llama-server with
+  ``json_schema``. A constrained answer ends when its JSON does, so the
+  unconstrained baseline generates as many tokens per prompt as the
+  constrained answers' mean, measured in the warm-up; otherwise tok/s would
+  compare prefill shares, not the cost of the format. Every output is parsed
+  and validated against its schema (``jsonschema``). For the engine's runs the
+  table also gives where a step's time went: the decode, llguidance on the
+  engine's thread, masks filled during the decode (overlapped), waiting for
+  them, applying masks, and sampling.
 
 Each system runs in its own process; rounds alternate the order; the tables
 give medians and ratios with their range over rounds.
 
     python -m nbollama.llama_server build     # once
     python benchmarks/structured.py           # 3 rounds
+    python benchmarks/structured.py --only json --schemas tags --jump-forward off
 """
 
 from __future__ import annotations
@@ -24,13 +33,15 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import sys
 from typing import Any
 
+import jsonschema
 from _harness import Run, Worker, each, interleave, machine_line, median, server_run
 
 from nbollama.llama_server import LlamaServer, find_binary
-from nbollama.models import resolve_model
+from nbollama.sources import resolve_model
 
 LABELS = ["positive", "negative"]
 GOOD = ["wonderful", "great", "lovely", "excellent", "fantastic", "superb", "delightful", "perfect", "charming", "brilliant"]
@@ -45,6 +56,29 @@ SCHEMA = {
     },
     "required": ["sentiment", "stars", "tags"],
     "additionalProperties": False,
+}
+TAGS = {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 4}
+_FORM = {
+    "sentiment": ["positive", "negative", "mixed"],
+    "topic": THINGS,
+    "recommend": ["yes", "no", "maybe"],
+    "tone": ["enthusiastic", "calm", "angry", "sarcastic"],
+    "length": ["short", "medium", "long"],
+    "audience": ["general", "experts", "families"],
+    "language": ["english", "other"],
+    "confidence": ["low", "medium", "high"],
+}
+PROFILE = {
+    "type": "object",
+    "properties": {key: {"enum": values} for key, values in _FORM.items()},
+    "required": list(_FORM),
+    "additionalProperties": False,
+}
+#: name -> (schema, what the prompt asks, max_tokens)
+SCHEMAS: dict[str, tuple[dict[str, Any], str, int]] = {
+    "review": (SCHEMA, "As JSON:", 64),
+    "tags": (TAGS, "Up to four words about it, as a JSON list:", 64),
+    "profile": (PROFILE, "The review as a JSON form:", 96),
 }
 
 
@@ -66,18 +100,13 @@ def with_pps(run: Run, n: int) -> Run:
     return {**run, "pps": n / run["wall"]}
 
 
-def valid_json(text: str) -> bool:
+def valid_json(text: str, schema: dict[str, Any] = SCHEMA) -> bool:
+    """Whether ``text`` parses and follows ``schema``."""
     try:
-        data = json.loads(text)
-    except ValueError:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError):
         return False
-    return (
-        isinstance(data, dict)
-        and set(data) == {"sentiment", "stars", "tags"}
-        and data["sentiment"] in LABELS
-        and isinstance(data["stars"], int)
-        and 1 <= data["stars"] <= 5
-    )
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,16 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--ctx", type=int, default=512, help="context per slot, for both")
     parser.add_argument("--only", choices=["choices", "json"], help="run one of the two parts")
+    parser.add_argument("--schemas", default=",".join(SCHEMAS), help=f"JSON schemas to run, of {','.join(SCHEMAS)}")
+    parser.add_argument("--jump-forward", choices=["on", "off", "both"], default="both",
+                        help="the engine's constrained runs with jump-forward, without, or both (default)")
     args = parser.parse_args(argv)
+    schemas = [name.strip() for name in args.schemas.split(",") if name.strip()]
+    unknown = [name for name in schemas if name not in SCHEMAS]
+    if unknown:
+        parser.error(f"--schemas: unknown {unknown}; known: {list(SCHEMAS)}")
     binary = find_binary()
     if binary is None:
         raise SystemExit("llama-server is not built: run `python -m nbollama.llama_server build` first")
     prompts = reviews(args.reviews)
-    json_prompts = [p.replace("Sentiment:", "As JSON:") for p in prompts[: args.json_prompts]]
     n = args.parallel
     print(
-        f"{machine_line()}; reviews={len(prompts)} json prompts={len(json_prompts)} parallel={n} "
-        f"threads={args.threads} ctx/slot={args.ctx} rounds={args.rounds}",
+        f"{machine_line()}; reviews={len(prompts)} json prompts={args.json_prompts} schemas={','.join(schemas)} "
+        f"parallel={n} threads={args.threads} ctx/slot={args.ctx} rounds={args.rounds} jump-forward={args.jump_forward}",
         flush=True,
     )
     config = {"parallel": n, "ctx": args.ctx, "threads": args.threads, "prefix_cache": False}
@@ -107,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         ["-np", str(n), "-c", str(args.ctx * n), "-t", str(args.threads), "-tb", str(args.threads),
          "-b", "512", "-ub", "512"],
     ).start()
-    choices_w, free_w, json_w = Worker("engine", dict(config)), Worker("engine", dict(config)), Worker("engine", dict(config))
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.jump_forward]
+    choices_w, free_w = Worker("engine", dict(config)), Worker("engine", dict(config))
+    json_ws = {jf: Worker("engine", {**config, "jump_forward": jf}) for jf in modes}
     label_grammar = 'root ::= " positive" | " negative"'
     seen: dict[str, list[str]] = {}
 
@@ -121,43 +158,76 @@ def main(argv: list[str] | None = None) -> int:
         seen[name] = texts
         return run
 
+    lengths: dict[str, int] = {}
     try:
         server_run(server.url, [{"prompt": "Warm up.", "n_predict": 2}], 1)
         choices_w.run({"prompts": prompts[:8], "choices": LABELS})
-        warm = json_w.run({"prompts": json_prompts, "max_tokens": 64, "temperature": 0.0, "json_schema": SCHEMA})
-        same_length = max(1, round(warm["tokens"] / len(json_prompts)))  # llguidance's tokenizer built
-        free_w.run({"prompts": json_prompts, "max_tokens": same_length, "temperature": 0.0})
         label_bodies = [
             {"prompt": p, "n_predict": 8, "temperature": 0.0, "cache_prompt": False, "grammar": label_grammar}
             for p in prompts
         ]
-        json_bodies = [
-            {"prompt": p, "n_predict": 64, "temperature": 0.0, "cache_prompt": False, "json_schema": SCHEMA}
-            for p in json_prompts
-        ]
-        setups = [
+        setups: list[tuple[str, Any]] = [
             ("choices", lambda: engine(choices_w, {"prompts": prompts, "choices": LABELS}, "choices", len(prompts))),
             ("2 tokens", lambda: engine(free_w, {"prompts": prompts, "max_tokens": 2, "temperature": 0.0}, "2 tokens", len(prompts))),
             ("server grammar", lambda: on_server(label_bodies, "server grammar")),
-            ("json", lambda: engine(json_w, {"prompts": json_prompts, "max_tokens": 64, "temperature": 0.0, "json_schema": SCHEMA}, "json", len(json_prompts))),
-            ("json free", lambda: engine(free_w, {"prompts": json_prompts, "max_tokens": same_length, "temperature": 0.0}, "json free", len(json_prompts))),
-            ("server json_schema", lambda: on_server(json_bodies, "server json_schema")),
         ]
-        parts = {"choices": setups[:3], "json": setups[3:]}
+        json_setups: list[tuple[str, Any]] = []
+        if args.only != "choices":
+            for name in schemas:
+                json_setups += _json_setups(name, prompts[: args.json_prompts], json_ws, free_w, engine, on_server, lengths, n)
         runs = interleave(
-            parts[args.only] if args.only else setups,
+            {"choices": setups, "json": json_setups}.get(args.only or "", setups + json_setups),
             args.rounds,
         )
     finally:
-        for w in (choices_w, free_w, json_w):
+        for w in (choices_w, free_w, *json_ws.values()):
             w.close()
         server.stop()
 
     if args.only != "json":
         report_choices(runs, seen, len(prompts))
     if args.only != "choices":
-        report_json(runs, seen, len(json_prompts), same_length)
+        for name in schemas:
+            report_json(name, runs, seen, lengths[name], modes)
     return 0
+
+
+def _json_setups(
+    name: str,
+    reviews_: list[str],
+    json_ws: dict[bool, Worker],
+    free_w: Worker,
+    engine: Any,
+    on_server: Any,
+    lengths: dict[str, int],
+    n: int,
+) -> list[tuple[str, Any]]:
+    """One schema's setups: the engine with and/or without jump-forward, free text of the same
+    mean length (measured now, in the warm-up), and llama-server's json_schema."""
+    schema, ask, max_tokens = SCHEMAS[name]
+    json_prompts = [p.replace("Sentiment:", ask) for p in reviews_]
+    job = {"prompts": json_prompts, "max_tokens": max_tokens, "temperature": 0.0, "json_schema": schema}
+    warm = {jf: w.run(job) for jf, w in json_ws.items()}  # llguidance's tokenizer built
+    first = next(iter(warm.values()))
+    lengths[name] = same_length = max(1, round(first["tokens"] / len(json_prompts)))
+    free_job = {"prompts": json_prompts, "max_tokens": same_length, "temperature": 0.0}
+    free_w.run(free_job)
+    bodies = [
+        {"prompt": p, "n_predict": max_tokens, "temperature": 0.0, "cache_prompt": False, "json_schema": schema}
+        for p in json_prompts
+    ]
+    count = len(json_prompts)
+    out: list[tuple[str, Any]] = [
+        (f"{name} {_label(jf)}", lambda jf=jf, w=w: engine(w, job, f"{name} {_label(jf)}", count))
+        for jf, w in json_ws.items()
+    ]
+    out.append((f"{name} free", lambda: engine(free_w, free_job, f"{name} free", count)))
+    out.append((f"{name} server", lambda: on_server(bodies, f"{name} server")))
+    return out
+
+
+def _label(jump_forward: bool) -> str:
+    return "json" if jump_forward else "json jf-off"
 
 
 def ratio_row(runs: dict[str, list[Run]], name: str, over: str, key: str) -> str:
@@ -180,17 +250,36 @@ def report_choices(runs: dict[str, list[Run]], seen: dict[str, list[str]], n: in
               f"{ratio_row(runs, 'choices', name, 'pps') if name != 'choices' else ''} |")
 
 
-def report_json(runs: dict[str, list[Run]], seen: dict[str, list[str]], n: int, same_length: int) -> None:
-    json_ok = sum(valid_json(t) for t in seen["json"])
-    server_json_ok = sum(valid_json(t) for t in seen["server json_schema"])
+def report_json(name: str, runs: dict[str, list[Run]], seen: dict[str, list[str]], same_length: int, modes: list[bool]) -> None:
+    schema = SCHEMAS[name][0]
+    engines = [f"{name} {_label(jf)}" for jf in modes]
+    rows = [*engines, f"{name} free", f"{name} server"]
+    n = len(seen[rows[0]])
+    valid = ", ".join(f"{row.removeprefix(name + ' ')} {sum(valid_json(t, schema) for t in seen[row])}/{n}"
+                      for row in rows if row != f"{name} free")
     print()
-    print(f"valid JSON: engine {json_ok}/{n}, server json_schema {server_json_ok}/{n}")
-    print(f"JSON: the unconstrained baseline generates {same_length} tokens per prompt (the constrained mean)")
-    print("| JSON, parallel 8 | tok/s (median) | per round | json / this (range) |")
+    print(f"{name}: valid JSON: {valid}; the unconstrained baseline generates {same_length} tokens per prompt "
+          "(the constrained mean)")
+    first = engines[0]
+    print(f"| {name}, parallel 8 | tok/s (median) | per round | {first.removeprefix(name + ' ')} / this (range) |")
     print("|---|---:|---|---|")
-    for name in ("json", "json free", "server json_schema"):
-        print(f"| {name} | {median(runs[name]):.1f} | {each(runs[name])} | "
-              f"{ratio_row(runs, 'json', name, 'tps') if name != 'json' else ''} |")
+    for row in rows:
+        print(f"| {row} | {median(runs[row]):.1f} | {each(runs[row])} | "
+              f"{ratio_row(runs, first, row, 'tps') if row != first else ''} |")
+    print(f"| {name}: where a step's time goes (ms per step, median over rounds) | steps | forced tokens "
+          "| decode | llguidance | masks ahead (overlapped) | mask wait | masking | sampling |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in engines:
+        times = [r["step_times"] for r in runs[row] if "step_times" in r]  # type: ignore[misc]
+        if not times:
+            continue
+        steps = statistics.median(t["steps"] for t in times)
+        forced = statistics.median(r.get("forced_tokens", 0) / r["tokens"] for r in runs[row]) * 100
+        per_step = [
+            statistics.median(1000 * t[f"{part}_s"] / max(t["steps"], 1) for t in times)
+            for part in ("decode", "guidance", "masks_ahead", "mask_wait", "masking", "sampling")
+        ]
+        print(f"| {row} | {steps:.0f} | {forced:.0f}% | " + " | ".join(f"{v:.2f}" for v in per_step) + " |")
 
 
 if __name__ == "__main__":

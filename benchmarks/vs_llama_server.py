@@ -21,7 +21,7 @@ from typing import Any
 from _harness import Run, Worker, each, interleave, load_prompts, machine_line, median, server_run
 
 from nbollama.llama_server import LlamaServer, find_binary
-from nbollama.models import resolve_model
+from nbollama.sources import resolve_model
 
 
 def server_run_of(url: str, prompts: list[str], max_tokens: int, clients: int) -> Run:

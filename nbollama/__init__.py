@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import store
 from .engine import Engine, Handle, Result, SamplingParams, Subscription
 from .exceptions import (
     ContextError,
@@ -72,6 +73,7 @@ __all__ = [
     "generate",
     "agenerate",
     "dashboard",
+    "store",
     "load_ipython_extension",
     "unload_ipython_extension",
     "NbollamaError",

@@ -180,7 +180,7 @@ def kv_quality(
             with engine.spawn(
                 parallel=min(8, len(chosen)), ctx=ctx, kv_type=kv_type, reproducible=True
             ) as trial:
-                results = trial.generate(chosen, max_tokens=max_tokens, temperature=0.0)
+                results = trial.generate(chosen, max_tokens=max_tokens, temperature=0.0, cache=False)
             texts[kv_type] = [r.text for r in results]
             if kv_type == "f16":
                 continuations = [list(r.token_ids) for r in results]

@@ -67,8 +67,13 @@ class EngineLink:
 
     @property
     def selected(self) -> str | None:
-        """The engine chosen with ``select`` (None: the kernel's default)."""
-        return self._selected
+        """The engine the view is pinned to with ``select`` (None: it follows the kernel's default).
+
+        A pinned view ignores ``%nbollama use``; the pin goes when that engine is
+        unloaded, or with ``select(None)`` (the views' "follow the default").
+        """
+        with self.lock:
+            return self._selected
 
     def follow_session(self) -> None:
         """Track the kernel's engine (``nbollama.session``): attach now, and again after every load."""
@@ -86,7 +91,7 @@ class EngineLink:
         self.attach(self._target())
 
     def select(self, name: str | None) -> None:
-        """Show the engine called ``name`` while it exists (None: the kernel's default, as it changes)."""
+        """Pin the view to the engine called ``name`` while it exists (None: unpin, follow the default)."""
         if name is not None:
             session.engine_named(name)  # a one-line error naming the engines there are
         with self.lock:

@@ -23,6 +23,7 @@ BADGE_COLOURS: dict[str, str] = {
     "done": "#2e7d32",
     "cancelled": "#8d6e63",
     "error": "#c62828",
+    "cached": "#00897b",  # replayed from the result store
 }
 
 #: A live view's own status (the dashboard's header), not a slot's.

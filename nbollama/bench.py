@@ -416,10 +416,10 @@ def _run_one(
 ) -> SweepRow:
     """One (KV type, parallel) point: a fresh context on the same weights, all prompts at once."""
     with engine.spawn(parallel=parallel, ctx=ctx, kv_type=kv_type) as trial:
-        trial.generate([prompts[0]], max_tokens=2, temperature=temperature)  # warm up
+        trial.generate([prompts[0]], max_tokens=2, temperature=temperature, cache=False)  # warm up
         with _PeakMemory() as peak:
             started = time.perf_counter()
-            results = trial.generate(prompts, max_tokens=max_tokens, temperature=temperature)
+            results = trial.generate(prompts, max_tokens=max_tokens, temperature=temperature, cache=False)
             wall = time.perf_counter() - started
         s = summarize(results, wall)
         return SweepRow(

@@ -19,10 +19,13 @@ kernel -> panel
   ``null`` when no engine is loaded or the engine was closed. The snapshot's
   shape is ``nbollama._api.snapshot.EngineSnapshot``.
 - ``{"v": 1, "type": "engines", "engines": [{"name", "kind", "model",
-  "parallel", "kv_type"}], "default": name | null, "shown": name | null}``:
-  the kernel's engines, sent when the comm opens and whenever one is added,
-  removed, made the default or selected. The panel shows a selector when
-  there are several; snapshots are of the engine ``shown``.
+  "parallel", "kv_type"}], "default": name | null, "shown": name | null,
+  "pinned": name | null}``: the kernel's engines, sent when the comm opens
+  and whenever one is added, removed, made the default or selected. The
+  panel shows a selector when there are several; snapshots are of the engine
+  ``shown``. ``pinned`` names the engine picked with ``select`` (the panel
+  then says "pinned to 'NAME'" and offers to follow the default); null while
+  the panel follows the default engine (``%nbollama use`` moves it).
 - ``{"v": 1, "type": "cancelled", "slot": N, "request_id": id | null}``: the
   answer to ``cancel``; ``request_id`` is null when the slot was idle.
 - ``{"v": 1, "type": "error", "message": str}``: the answer to a message that
@@ -33,8 +36,9 @@ panel -> kernel
 
 - ``{"type": "cancel", "slot": N}``: cancel the request slot ``N`` serves.
 - ``{"type": "refresh"}``: send a snapshot now.
-- ``{"type": "select", "name": NAME | null}``: show the engine called NAME
-  (null: the kernel's default, following it as it changes).
+- ``{"type": "select", "name": NAME | null}``: show the engine called NAME,
+  pinned to it until it is unloaded (null: unpin, and follow the kernel's
+  default as it changes).
 - An optional ``"v": 1`` is accepted; any other ``v`` is an error.
 
 When ``register`` first adds the target it also opens a short-lived comm from
@@ -187,6 +191,7 @@ class PanelConnection:
                 "engines": listed,
                 "default": session.current_name(),
                 "shown": getattr(shown, "name", None) or None,
+                "pinned": self._link.selected,
             }
         )
 

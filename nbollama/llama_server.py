@@ -21,12 +21,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from . import amx
+from . import build as _build
 from .exceptions import LlamaServerError
 from .models import cache_dir
 
@@ -67,20 +68,12 @@ def find_binary() -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-def _run(command: Sequence[str], cwd: Path, log: Path) -> None:
-    with log.open("a") as out:
-        out.write(f"$ {' '.join(command)}\n")
-        out.flush()
-        done = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        tail = log.read_text(errors="replace").splitlines()[-25:]
-        raise LlamaServerError(
-            f"{' '.join(command[:3])} failed (exit {done.returncode}); log {log}:\n" + "\n".join(tail)
-        )
-
-
 def build(*, jobs: int | None = None, quiet: bool = False) -> Path:
-    """Build llama-server from the installed llama-cpp-python's sdist if it is not cached; its path."""
+    """Build llama-server from the installed llama-cpp-python's sdist if it is not cached; its path.
+
+    A llama-cpp-python built by ``nbollama.build`` (``0.3.36+nbollama.1``) gets the same
+    patches here, so the engine and llama-server run the same llama.cpp.
+    """
     found = find_binary()
     if found is not None:
         return found
@@ -94,29 +87,21 @@ def build(*, jobs: int | None = None, quiet: bool = False) -> Path:
     )
     with tempfile.TemporaryDirectory(prefix="nbollama-llama-server-") as tmp:
         work = Path(tmp)
-        say(f"nbollama: downloading the llama-cpp-python {version} sdist (log: {log})")
-        _run(
-            [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
-             "--no-binary", ":all:", "-d", str(work), "-q"],
-            work,
-            log,
-        )
-        archives = sorted(work.glob("llama_cpp_python-*.tar.gz"))
-        if not archives:
-            raise LlamaServerError(f"pip downloaded no sdist of llama-cpp-python {version} into {work}")
-        with tarfile.open(archives[0]) as tar:
-            tar.extractall(work, filter="data")
-        sources = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"), None)
-        if sources is None:
-            raise LlamaServerError(f"the llama-cpp-python {version} sdist has no vendor/llama.cpp")
-        say(f"nbollama: building llama-server from {sources.relative_to(work)} (about 8 minutes on 2 cores)")
-        build_dir = work / "build"
-        _run(["cmake", "-S", str(sources), "-B", str(build_dir), *CMAKE_OPTIONS], work, log)
-        _run(
-            ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs or os.cpu_count() or 1)],
-            work,
-            log,
-        )
+        patched = _build.is_patched(version)
+        say(f"nbollama: the llama-cpp-python {version} sdist{', patched' if patched else ''} (log: {log})")
+        try:
+            root = (_build.patched_sources if patched else _build.download_sdist)(version, work, log)
+            sources = root / "vendor" / "llama.cpp"
+            say(f"nbollama: building llama-server from {sources.relative_to(work)} (about 8 minutes on 2 cores)")
+            build_dir = work / "build"
+            _build.run_logged(["cmake", "-S", str(sources), "-B", str(build_dir), *CMAKE_OPTIONS], work, log)
+            _build.run_logged(
+                ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs or os.cpu_count() or 1)],
+                work,
+                log,
+            )
+        except _build.BuildError as exc:
+            raise LlamaServerError(str(exc)) from exc
         built = next(build_dir.rglob("bin/llama-server"), None)
         if built is None:
             raise LlamaServerError(f"the build finished but made no bin/llama-server; log {log}")
@@ -136,7 +121,9 @@ def free_port() -> int:
 class LlamaServer:
     """A llama-server process on 127.0.0.1 with a free port; ``with LlamaServer(...) as server``.
 
-    ``args`` go to llama-server as they are (``["-np", "4", "--metrics"]``).
+    ``args`` go to llama-server as they are (``["-np", "4", "--metrics"]``), plus
+    ``--no-repack`` where the AMX guard (``nbollama.amx``) found the AMX path unsafe:
+    llama-server is built from the same llama.cpp as the engine's llama-cpp-python.
     ``start()`` waits until ``/health`` answers 200, and fails with the
     server's own last lines if it exits first.
     """
@@ -178,7 +165,11 @@ class LlamaServer:
     def start(self, timeout: float = 120.0) -> LlamaServer:
         import httpx
 
-        command = [str(self.binary), "-m", str(self.model), "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        guard = ["--no-repack"] if not amx.decide().use_extra_bufts and "--no-repack" not in self.args else []
+        command = [
+            str(self.binary), "-m", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
+            *self.args, *guard,
+        ]  # fmt: skip
         environment = {**os.environ, **(self.env or {})}
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
         deadline = time.monotonic() + timeout

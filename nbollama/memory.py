@@ -26,6 +26,7 @@ __all__ = [
     "gpu_figures",
     "host_figures",
     "nvml_error",
+    "nvml_sentence",
     "reset_nvml",
     "memory_figures",
     "choose_parallel",
@@ -66,10 +67,35 @@ def _nvml() -> Any | None:
 
             pynvml.nvmlInit()
         except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver errors...
-            _nvml_state["error"] = f"NVML unavailable ({type(exc).__name__}: {exc})"
+            _nvml_state["error"] = nvml_sentence(exc)
             return None
         _nvml_state.update(initialised=True, module=pynvml)
         return pynvml
+
+
+#: What each NVML failure means to a user, found by pynvml's class name or its message.
+_NVML_SENTENCES = (
+    (("LibraryNotFound", "Shared Library Not Found"), "no NVIDIA GPU found"),
+    (("DriverNotLoaded", "Driver Not Loaded"), "an NVIDIA driver is installed but not loaded"),
+    (("NoPermission", "Insufficient Permissions"), "this user may not query the NVIDIA GPU"),
+    (("GpuIsLost", "GPU is lost"), "the NVIDIA GPU stopped answering (it may need a reset)"),
+    (("LibRmVersionMismatch", "version mismatch"),
+     "the NVIDIA driver and its library are of different versions (a reboot after a driver update fixes it)"),
+    (("NotSupported", "Not Supported"), "this NVIDIA GPU does not report its memory"),
+)
+
+
+def nvml_sentence(exc: BaseException) -> str:
+    """A plain sentence for an NVML failure, ending with where the figures come from instead."""
+    name, text = type(exc).__name__, str(exc)
+    if isinstance(exc, ImportError):
+        why = "nvidia-ml-py is not installed, so no GPU is read"
+    else:
+        why = next(
+            (sentence for marks, sentence in _NVML_SENTENCES if any(m in name or m in text for m in marks)),
+            f"NVML failed ({name}: {text})",
+        )
+    return f"{why}: memory is the process's RAM"
 
 
 def reset_nvml() -> None:
@@ -128,7 +154,7 @@ def gpu_figures() -> list[GPUFigures]:
         return out
     except Exception as exc:
         with _nvml_lock:
-            _nvml_state["error"] = f"NVML query failed ({type(exc).__name__}: {exc})"
+            _nvml_state["error"] = nvml_sentence(exc)
         return []
 
 
@@ -176,7 +202,7 @@ def memory_figures(kv_bytes: int = 0, kv_estimate: str = "", kv_type: str = "") 
     if gpus:
         note = f"VRAM from NVML on {len(gpus)} GPU(s)"
     else:
-        note = f"host memory ({nvml_error() or 'no GPU found'})"
+        note = nvml_error() or "no GPU found: memory is the process's RAM"
     return MemoryFigures(
         source="nvml" if gpus else "host",
         process_rss=int(host["process_rss"] or 0),

@@ -28,6 +28,7 @@ from gguf import (
 )
 from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 
+from ._dirs import CACHE_ENV, cache_root
 from .exceptions import ModelLoadError, ModelNotFoundError
 
 __all__ = [
@@ -37,15 +38,13 @@ __all__ = [
     "cache_dir",
     "default_model_path",
     "assembled_default_model",
-    "resolve_model",
     "read_gguf_header",
     "same_file",
+    "model_identity",
 ]
 
 #: The name that means "the bundled model": Gemma 3 270M, Q4_K_M.
 DEFAULT_MODEL = "default"
-#: Environment variable naming the directory the bundled model is assembled into.
-CACHE_ENV = "NBOLLAMA_CACHE"
 
 _GGUF_MAGIC = b"GGUF"
 # A header field this large means a corrupt file, not a real model.
@@ -98,9 +97,7 @@ class GGUFHeader:
 
 def cache_dir() -> Path:
     """Where the bundled model is assembled: ``$NBOLLAMA_CACHE`` or ``~/.cache/nbollama``."""
-    configured = os.environ.get(CACHE_ENV)
-    base = Path(configured).expanduser() if configured else Path.home() / ".cache" / "nbollama"
-    return base
+    return cache_root()
 
 
 def _bundled_target() -> tuple[Any, Path]:
@@ -163,39 +160,6 @@ def default_model_path() -> Path:
     st = target.stat()
     target.with_name(target.name + ".verified").write_text(f"{st.st_size} {st.st_mtime_ns}\n")
     return target
-
-
-def resolve_model(model: str | os.PathLike[str] | None, *, download: bool = False) -> Path:
-    """Turn what the user typed into the path of a checked GGUF file.
-
-    ``None`` or ``"default"`` is the bundled model; an existing path is itself;
-    a string that is no path and reads as a store name (``gemma3:270m``,
-    ``user/model:tag``, ``hf:ORG/REPO/FILE.gguf``) is looked up in the stores
-    where users already keep models (``nbollama.sources``). ``download=True``
-    lets an ``hf:`` name be fetched when it is not in the Hugging Face cache.
-    """
-    name: str | None = None
-    if model is None or str(model) == DEFAULT_MODEL:
-        path = default_model_path()
-    else:
-        path = Path(model).expanduser()
-        if isinstance(model, str) and not path.exists():
-            from .sources import is_store_name, resolve_name  # here: sources imports this module
-
-            if is_store_name(model):
-                name = model
-                path = resolve_name(model, download=download)
-    if not path.exists():
-        raise ModelNotFoundError(str(path), "no such file")
-    if path.is_dir():
-        raise ModelNotFoundError(str(path), "is a directory, not a .gguf file")
-    try:
-        read_gguf_header(path)
-    except ModelLoadError as exc:
-        if name is None:
-            raise
-        raise ModelLoadError(f"{name} ({path})", exc.reason) from None
-    return path
 
 
 def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
@@ -399,3 +363,39 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+_SAMPLES = 32  # 64 KiB pieces spread over the file: any changed tensor shows in some of them
+_SAMPLE = 64 * 1024
+_identities: dict[tuple[str, int, int, int], str] = {}
+
+
+def model_identity(path: str | os.PathLike[str]) -> str:
+    """What identifies a model file's contents, cheaply, for the result store's keys.
+
+    An Ollama blob is named by its SHA-256 (``sha256-<hex>``): that is the digest.
+    Any other file is hashed by its size, its first MiB (the GGUF header) and 32
+    pieces of 64 KiB spread over the rest, a few MB read even for a 40 GB file.
+    A file replaced at the same path is another identity. Remembered per
+    (path, size, mtime, inode) for the life of the process.
+    """
+    resolved = Path(path).resolve()
+    name = resolved.name
+    if name.startswith("sha256-") and len(name) == 71:
+        return "sha256:" + name[7:]
+    stat = resolved.stat()
+    memo = (str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    known = _identities.get(memo)
+    if known is not None:
+        return known
+    import hashlib
+
+    digest = hashlib.sha256(str(stat.st_size).encode())
+    with resolved.open("rb") as handle:
+        digest.update(handle.read(1024 * 1024))
+        for i in range(_SAMPLES):
+            handle.seek(max(0, stat.st_size - _SAMPLE) * (i + 1) // _SAMPLES)
+            digest.update(handle.read(_SAMPLE))
+    identity = "sampled-sha256:" + digest.hexdigest()
+    _identities[memo] = identity
+    return identity

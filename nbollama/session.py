@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._api.kvcache import KV_BYTES_PER_VALUE
@@ -26,7 +25,8 @@ from ._core._llama import supports_gpu_offload
 from ._logging import logger
 from .exceptions import InvalidParamsError, ModelLoadError
 from .memory import format_bytes, free_memory
-from .models import read_gguf_header, resolve_model, same_file
+from .models import GGUFHeader, same_file
+from .sources import locate
 
 if TYPE_CHECKING:
     import ssl
@@ -180,7 +180,8 @@ def load(
     """
     target = _check_name(name) if name is not None else None
     checked = LoadOptions.check(parallel=parallel, **options)
-    path = resolve_model(model, download=download)
+    header = locate(model, download=download)  # resolved once, read once: what follows is given it
+    path = header.path
     with _lock:
         replacing = target or _default or DEFAULT_NAME
         others = {n: e for n, e in engines().items() if n != replacing}
@@ -193,18 +194,18 @@ def load(
         ),
         None,
     )
-    _check_fits(path, checked, layers, shared=donor is not None, others=others)
+    _check_fits(header, checked, layers, shared=donor is not None, others=others)
     set_engine(None, name=replacing)
-    engine = Engine.load(path, parallel=parallel, share_weights_with=donor, **options)
+    engine = Engine.load(header, parallel=parallel, share_weights_with=donor, **options)
     set_engine(engine, name=replacing)
     return engine
 
 
 def _check_fits(
-    path: Path, options: LoadOptions, layers: int, *, shared: bool, others: dict[str, EngineLike]
+    header: GGUFHeader, options: LoadOptions, layers: int, *, shared: bool, others: dict[str, EngineLike]
 ) -> None:
     """Refuse, before loading, a model whose weights and KV cache would not fit in what is free."""
-    header = read_gguf_header(path)
+    path = header.path
     meta, arch = header.metadata, header.architecture
 
     def number(key: str, default: int = 0) -> int:

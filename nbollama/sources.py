@@ -11,7 +11,6 @@ one-line ``ModelNotFoundError`` that says what is wrong and where.
 from __future__ import annotations
 
 import difflib
-import html
 import json
 import os
 import re
@@ -21,10 +20,18 @@ from pathlib import Path
 from typing import Literal
 
 from .exceptions import ModelLoadError, ModelNotFoundError
-from .memory import format_bytes
-from .models import assembled_default_model, cache_dir, read_gguf_header
+from .models import (
+    DEFAULT_MODEL,
+    GGUFHeader,
+    assembled_default_model,
+    cache_dir,
+    default_model_path,
+    read_gguf_header,
+)
 
 __all__ = [
+    "locate",
+    "resolve_model",
     "Source",
     "ModelEntry",
     "OLLAMA_MODEL_MEDIA_TYPE",
@@ -34,8 +41,6 @@ __all__ = [
     "ollama_dir",
     "hf_cache_dir",
     "lmstudio_dirs",
-    "format_models_table",
-    "models_html",
 ]
 
 Source = Literal["bundled", "ollama", "huggingface", "lmstudio", "folder"]
@@ -187,6 +192,43 @@ def resolve_name(name: str, *, download: bool = False) -> Path:
     if problem:
         raise ModelNotFoundError(display, problem)
     return blob
+
+
+def locate(model: str | os.PathLike[str] | GGUFHeader | None, *, download: bool = False) -> GGUFHeader:
+    """What the user typed, as the checked header of the GGUF file it means: resolved once, read once.
+
+    ``None`` or ``"default"`` is the bundled model; an existing path is itself;
+    a string that is no path and reads as a store name (``gemma3:270m``,
+    ``user/model:tag``, ``hf:ORG/REPO/FILE.gguf``) is looked up where users
+    already keep models. ``download=True`` lets an ``hf:`` name be fetched when
+    it is not in the Hugging Face cache. A header given is returned as it is:
+    callers pass down what they read.
+    """
+    if isinstance(model, GGUFHeader):
+        return model
+    name: str | None = None
+    if model is None or str(model) == DEFAULT_MODEL:
+        path = default_model_path()
+    else:
+        path = Path(model).expanduser()
+        if isinstance(model, str) and not path.exists() and is_store_name(model):
+            name = model
+            path = resolve_name(model, download=download)
+    if not path.exists():
+        raise ModelNotFoundError(str(path), "no such file")
+    if path.is_dir():
+        raise ModelNotFoundError(str(path), "is a directory, not a .gguf file")
+    try:
+        return read_gguf_header(path)
+    except ModelLoadError as exc:
+        if name is None:
+            raise
+        raise ModelLoadError(f"{name} ({path})", exc.reason) from None
+
+
+def resolve_model(model: str | os.PathLike[str] | None, *, download: bool = False) -> Path:
+    """The path of the checked GGUF file ``model`` means (``locate``'s, for callers that want a path)."""
+    return locate(model, download=download).path
 
 
 def _unknown_name(display: str, root: Path, names: list[str]) -> str:
@@ -429,44 +471,3 @@ def find_models(
 
 
 # -- display -------------------------------------------------------------------------------------
-
-_COLUMNS = ("NAME", "SIZE", "QUANT", "ARCH", "SOURCE", "WHERE")
-
-
-def _cells(entry: ModelEntry) -> tuple[str, ...]:
-    return (
-        entry.name,
-        format_bytes(entry.size) if entry.size else "-",
-        entry.quantisation or "-",
-        entry.architecture or "-",
-        entry.source,
-        entry.where,
-    )
-
-
-def format_models_table(entries: Iterable[ModelEntry]) -> str:
-    """Plain text, columns aligned like ``ollama list``; problems listed under the table."""
-    entries = list(entries)
-    if not entries:
-        return "no GGUF models found"
-    rows = [_COLUMNS, *(_cells(e) for e in entries)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines += [f"! {e.name}: {e.problem}" for e in entries if e.problem]
-    return "\n".join(lines)
-
-
-def models_html(entries: Iterable[ModelEntry]) -> str:
-    """A small HTML table of the same columns; a broken entry shows its problem in its row."""
-    entries = list(entries)
-    if not entries:
-        return "<p>no GGUF models found</p>"
-    head = "".join(f"<th style='text-align:left'>{c}</th>" for c in _COLUMNS)
-    rows = []
-    for entry in entries:
-        cells = "".join(f"<td>{html.escape(c)}</td>" for c in _cells(entry))
-        rows.append(f"<tr title='{html.escape(str(entry.path), quote=True)}'>{cells}</tr>")
-        if entry.problem:
-            note = html.escape(entry.problem)
-            rows.append(f"<tr><td colspan='{len(_COLUMNS)}' style='color:#b00'>⚠ {note}</td></tr>")
-    return f"<table class='nbollama-models'><tr>{head}</tr>{''.join(rows)}</table>"

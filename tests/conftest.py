@@ -8,6 +8,7 @@ engine's shape load their own, and close it.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ def idle_engine(engine: Engine) -> Engine:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("NBOLLAMA_CACHE", str(Path.home() / ".cache" / "nbollama"))
+    # the result store: a fresh one per test session (kernels the tests start inherit it), so a
+    # run never replays what an earlier session kept, and a user's own store is left alone
+    os.environ["NBOLLAMA_CACHE_DIR"] = tempfile.mkdtemp(prefix="nbollama-store-")
 
 
 def noisy_outputs(nb: object) -> list[str]:

@@ -7,104 +7,18 @@ path is covered by ``test_labextension.py``. The kernel's engine is set with
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from comm_fakes import FakeComm, FakeShell, wait_until
 
 import nbollama
 import nbollama.comm as nbcomm
 from nbollama import Engine
 
 LONG_PROMPT = "Write a very long story about a lighthouse keeper and the sea."
-
-
-class FakeComm:
-    """Records ``send`` calls (with the time) and lets a test play the panel."""
-
-    _ids = iter(range(1, 1_000_000))
-
-    def __init__(self) -> None:
-        self.comm_id = f"fake-{next(self._ids)}"
-        self.sent: list[tuple[float, dict[str, Any]]] = []
-        self.closed = False
-        self._lock = threading.Lock()
-        self._msg_cb: Callable[[dict[str, Any]], object] | None = None
-        self._close_cb: Callable[[dict[str, Any]], object] | None = None
-
-    # the comm API nbollama.comm uses
-    def send(self, data: Any = None, metadata: Any = None, buffers: Any = None) -> None:
-        json.dumps(data)  # what goes over the wire must be JSON
-        with self._lock:
-            self.sent.append((time.monotonic(), data))
-
-    def on_msg(self, callback: Callable[[dict[str, Any]], object] | None) -> None:
-        self._msg_cb = callback
-
-    def on_close(self, callback: Callable[[dict[str, Any]], object] | None) -> None:
-        self._close_cb = callback
-
-    def close(self, data: Any = None, metadata: Any = None, buffers: Any = None) -> None:
-        self.closed = True
-
-    # playing the panel
-    def deliver(self, data: Any) -> None:
-        assert self._msg_cb is not None
-        self._msg_cb({"content": {"comm_id": self.comm_id, "data": data}})
-
-    def close_from_panel(self) -> None:
-        assert self._close_cb is not None
-        self._close_cb({"content": {"comm_id": self.comm_id, "data": {}}})
-
-    # reading what was sent
-    def messages(self, kind: str | None = None, since: float = 0.0) -> list[dict[str, Any]]:
-        with self._lock:
-            return [m for t, m in self.sent if t >= since and (kind is None or m["type"] == kind)]
-
-    def times(self, kind: str, since: float = 0.0) -> list[float]:
-        with self._lock:
-            return [t for t, m in self.sent if t >= since and m["type"] == kind]
-
-    def last(self, kind: str) -> dict[str, Any]:
-        found = self.messages(kind)
-        assert found, f"no {kind!r} message was sent; sent: {[m['type'] for m in self.messages()]}"
-        return found[-1]
-
-
-class FakeManager:
-    """The part of a kernel's comm manager that register/unregister touch."""
-
-    def __init__(self) -> None:
-        self.targets: dict[str, Any] = {}
-
-    def register_target(self, name: str, f: Any) -> None:
-        self.targets[name] = f
-
-    def unregister_target(self, name: str, f: Any) -> Any:
-        return self.targets.pop(name)
-
-
-class FakeKernel:
-    def __init__(self) -> None:
-        self.comm_manager = FakeManager()
-
-
-class FakeShell:
-    def __init__(self) -> None:
-        self.kernel = FakeKernel()
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +91,7 @@ def test_open_without_an_engine_sends_null(comm_engine: Engine) -> None:
         nbcomm._open_target(comm, {})
         assert comm.messages() == [
             {"v": 1, "type": "snapshot", "engine": None},
-            {"v": 1, "type": "engines", "engines": [], "default": None, "shown": None},
+            {"v": 1, "type": "engines", "engines": [], "default": None, "shown": None, "pinned": None},
         ]
     finally:
         for c in nbcomm.open_connections():
@@ -352,6 +266,40 @@ def test_the_panel_lists_the_engines_and_shows_the_one_selected(
     finally:
         if not second.closed:
             nbollama.session.unload("second")
+
+
+def test_a_pinned_panel_says_so_and_follows_the_default_again_when_asked(
+    kernel_engine: Engine, panel: tuple[FakeComm, Any]
+) -> None:
+    """A pick in the selector pins the panel (``%nbollama use`` no longer moves it) and the engines
+    message says to what; ``select`` null unpins it, and ``use`` moves it again."""
+    comm, _ = panel
+    second = kernel_engine.spawn(parallel=3, ctx=256)
+    try:
+        nbollama.session.set_engine(second, name="second")
+        assert comm.last("engines")["pinned"] is None  # following the default
+        comm.deliver({"type": "select", "name": "default"})  # picked, even the default: pinned
+        assert comm.last("engines")["pinned"] == "default"
+        nbollama.session.use("second")
+        listed = comm.last("engines")
+        assert (listed["default"], listed["shown"], listed["pinned"]) == ("second", "default", "default")
+        assert comm.last("snapshot")["engine"]["name"] == "default"
+
+        comm.deliver({"type": "select", "name": None})  # the panel's "follow the default"
+        listed = comm.last("engines")
+        assert (listed["shown"], listed["pinned"]) == ("second", None)
+        wait_until(lambda: comm.last("snapshot")["engine"]["name"] == "second", what="default shown")
+        nbollama.session.use("default")
+        assert comm.last("engines")["shown"] == "default"
+        wait_until(lambda: comm.last("snapshot")["engine"]["name"] == "default", what="use followed")
+
+        comm.deliver({"type": "select", "name": "second"})
+        nbollama.session.unload("second")  # the pinned engine went: the pin goes with it
+        assert (comm.last("engines")["shown"], comm.last("engines")["pinned"]) == ("default", None)
+    finally:
+        if not second.closed:
+            nbollama.session.unload("second")
+        nbollama.session.use("default")
 
 
 def test_a_panel_that_closed_gets_nothing_more(

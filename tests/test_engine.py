@@ -461,7 +461,8 @@ def test_a_failing_sampler_ends_that_request_alone(
 def test_the_greedy_fast_path_picks_what_llama_cpp_greedy_picks(model_path: Path) -> None:
     """The numpy argmax replaces llama.cpp's greedy chain only because they agree, ties included."""
     from nbollama._api.requests import SamplingParams
-    from nbollama._core._llama import Batch, LlamaContext, LlamaModel
+    from nbollama._core._batch import Batch
+    from nbollama._core._llama import LlamaContext, LlamaModel
     from nbollama._core._sampler import GreedySampler, SamplerChain
 
     model = LlamaModel(model_path, gpu_layers=0)

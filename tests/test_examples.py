@@ -74,7 +74,7 @@ assert result.finish_reason == "cancelled" and 10 <= result.completion_tokens < 
 """,
     "10_dataset.ipynb": """
 assert len(labels) == len(reviews) == N_ROWS and labels.ok, labels
-assert labels.index == tuple(reviews.index)  # --each over a DataFrame keeps its row labels
+assert labels.row_labels == tuple(reviews.index)  # --each over a DataFrame keeps its row labels
 assert list(labelled.index) == list(reviews.index) and list(labelled["review"]) == list(reviews["review"])
 assert all(p.endswith(r + "\\nSentiment:") for p, r in zip(labelled["prompt"], reviews["review"]))
 assert accuracy > 0.75 and labelled["predicted"].notna().all(), labelled["text"].head()
@@ -114,6 +114,13 @@ assert result.recommended_kv_type in TYPES and result.quality is not None and le
 import nbollama
 assert nbollama.current_engine().kv_type == "q8_0" and nbollama.current_engine().parallel == 8
 """,
+    "15_durable_runs.ipynb": """
+assert N_ROWS // 2 <= finished < N_ROWS and len(cut) == len(resumed) == N_ROWS
+assert sum(r.cached for r in resumed) == finished and same == finished and resumed.ok
+assert [r.prompt for r in resumed] == [r.prompt for r in cut]
+assert not any(r.cached for r in [*plain, *written]) and all(r.cached for r in replayed)
+assert replayed_s < written_s and replayed_s < plain_s
+""",
     "14_compare_models.ipynb": """
 assert grown < wide.kv_bytes / 2**20 + 64 and grown < weights_mib, (grown, weights_mib, wide.kv_bytes)
 assert [r.model for r in side] == ["small"] * 4 + ["wide"] * 4 and list(side.compare().columns) == ["small", "wide"]
@@ -121,6 +128,18 @@ assert one[0].model == "wide" and len(one) == 1
 assert set(sweeps) == {"small", "wide"} and all(s.recommended in PARALLEL for s in sweeps.values())
 assert list(best["KV type"]) == ["f16", "q8_0"]
 assert after.model == "wide" and after.ok and list(nbollama.session.engines()) == ["wide"]
+""",
+    "16_evaluate.ipynb": """
+assert scores.engines == ["f16"] and set(scores.table.task) == {"nbollama_mc", "nbollama_gen", "nbollama_ppl"}
+acc, stderr = scores.metric("nbollama_mc", "acc")
+assert acc > 0.5 and 0 < stderr < 0.25 and len(mc) == LIMIT and abs(mc["correct"].mean() - acc) < 1e-9, mc
+assert ((mc["probs"].map(sum) - 1).abs() < 1e-9).all() and all(p in o for p, o in zip(mc["pick"], mc["options"]))
+assert len(gen) == min(LIMIT, 30) and scores.metric("nbollama_ppl", "word_perplexity")[0] > 1
+assert [t.name for t in scores.calibration().data] == ["calibrated", "f16"]
+assert kv.engines == ["f16", "q8"] and list(kv.compare().columns.get_level_values(1)) == ["f16", "q8"] * 2
+a, b = (kv.metric("nbollama_mc", "acc", e) for e in ("f16", "q8"))
+assert abs(a[0] - b[0]) <= 2 * max(a[1], b[1]) + 1e-9 and same_pick >= 0.8, (a, b, same_pick)
+assert quick.requests["f16"] == 6 and len(quick.samples) == 6
 """,
     "08_tune_a_server.ipynb": """
 assert len(first) == 4 and all(r.ok and r.text for r in first)

@@ -113,9 +113,9 @@ def test_auto_parallel_counts_slots_of_the_chosen_type(
 def test_reproducible_mode_with_q8_0_is_independent_of_the_batch(model_path: Path) -> None:
     needle = "Explain why the sky is blue, in the voice of a pirate."
     with Engine.load(model_path, parallel=1, ctx=256, reproducible=True, kv_type="q8_0") as alone:
-        expected = alone.generate([needle], max_tokens=24, temperature=0.0)[0].token_ids
+        expected = alone.generate([needle], max_tokens=24, temperature=0.0, cache=False)[0].token_ids
     with Engine.load(model_path, parallel=4, ctx=256, reproducible=True, kv_type="q8_0") as four:
-        crowd = four.generate([*PROMPTS[:3], needle], max_tokens=24, temperature=0.0)
+        crowd = four.generate([*PROMPTS[:3], needle], max_tokens=24, temperature=0.0, cache=False)
     assert crowd[-1].token_ids == expected and len(expected) >= 12
 
 
@@ -123,10 +123,10 @@ def test_the_prefix_cache_with_q8_0_reuses_and_changes_nothing(model_path: Path)
     prompts = [f"{SYSTEM}Question: {q}\nAnswer:" for q in QUESTIONS]
     options = {"parallel": 2, "ctx": 512, "reproducible": True, "kv_type": "q8_0"}
     with Engine.load(model_path, prefix_cache=False, **options) as off:
-        expected = [r.token_ids for r in off.generate(prompts, max_tokens=12, temperature=0.0)]
+        expected = [r.token_ids for r in off.generate(prompts, max_tokens=12, temperature=0.0, cache=False)]
     with Engine.load(model_path, **options) as on:
-        first = on.generate(prompts, max_tokens=12, temperature=0.0)
-        again = on.generate(prompts, max_tokens=12, temperature=0.0)
+        first = on.generate(prompts, max_tokens=12, temperature=0.0, cache=False)
+        again = on.generate(prompts, max_tokens=12, temperature=0.0, cache=False)
     assert [r.token_ids for r in first] == expected == [r.token_ids for r in again]
     assert sum(r.cached_tokens for r in first + again) > 0
 

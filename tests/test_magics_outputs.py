@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
-from test_magics import _payload, cards
+from magic_displays import cards
+from magic_displays import payload as _payload
 
 from nbollama import Engine, Result, session
 from nbollama.magics._parse_generate import (
@@ -73,15 +74,15 @@ OUTPUT_ERRORS = [
     ("--choices positive", r"--choices positive: give the options as A,B .*no variable 'positive'"),
     ("--choices a,a", r"choices: 'a' is given twice"),
     ("--choices a,", r"choices: '' is not a non-empty string"),
-    ("--choices word", r"choices='abc': give a list of strings"),
-    ("--choice-score mean", r"choice_score= needs choices="),
+    ("--choices word", r"--choices 'abc': give a list of strings"),
+    ("--choice-score mean", r"--choice-score needs --choices"),  # the options typed, not the keywords
     ("--choices a,b --choice-score max", r"argument --choice-score: invalid choice: 'max'"),
-    ("--logprobs 21", r"logprobs=21: must be a whole number from 0 to 20"),
+    ("--logprobs 21", r"--logprobs 21: must be a whole number from 0 to 20"),
     ("--logprobs x", r"argument --logprobs: invalid int value: 'x'"),
     ("--json-schema nowhere", r"--json-schema nowhere: there is no variable 'nowhere'"),
-    ("--json-schema number", r"json_schema=3: give a JSON schema as a dict"),
+    ("--json-schema number", r"--json-schema 3: give a JSON schema as a dict"),
     ("--regex '['", r"regex: .*unclosed character class"),
-    ("--grammar number", r"grammar=3: must be a non-empty string"),
+    ("--grammar number", r"--grammar 3: must be a non-empty string"),
     ("--choices a,b --regex x", r"choices and regex cannot be combined"),
 ]
 

@@ -164,7 +164,7 @@ def test_driver_hiding_processes(use_pynvml: Any) -> None:
 
 def _assert_host_view(figures: memory.MemoryFigures, reason: str) -> None:
     assert figures["source"] == "host" and figures["gpus"] == []
-    assert figures["note"].startswith("host memory (") and reason in figures["note"]
+    assert figures["note"].endswith(": memory is the process's RAM") and reason in figures["note"]
     assert figures["process_rss"] > 0
     panel = MemoryPanel()
     panel.show(figures)
@@ -183,19 +183,18 @@ def _assert_host_view(figures: memory.MemoryFigures, reason: str) -> None:
 def test_nvml_not_installed(use_pynvml: Any) -> None:
     use_pynvml(None)  # ``import pynvml`` raises ImportError
     assert gpu_figures() == []
-    error = nvml_error()
-    assert error is not None and ("ImportError" in error or "ModuleNotFoundError" in error)
-    _assert_host_view(memory_figures(kv_bytes=MiB, kv_estimate=KV_ESTIMATE), "NVML unavailable")
+    assert nvml_error() == "nvidia-ml-py is not installed, so no GPU is read: memory is the process's RAM"
+    _assert_host_view(memory_figures(kv_bytes=MiB, kv_estimate=KV_ESTIMATE), "nvidia-ml-py is not installed")
 
 
 def test_nvml_init_fails(use_pynvml: Any) -> None:
     fake = fake_pynvml(fail_init=True)
     use_pynvml(fake)
     assert gpu_figures() == []
-    assert nvml_error() == "NVML unavailable (FakeNVMLError: Driver Not Loaded)"
+    assert nvml_error() == "an NVIDIA driver is installed but not loaded: memory is the process's RAM"
     gpu_figures()
     assert fake.calls.count("init") == 1  # a failed init is remembered, not retried every snapshot
-    _assert_host_view(memory_figures(kv_bytes=MiB, kv_estimate=KV_ESTIMATE), "Driver Not Loaded")
+    _assert_host_view(memory_figures(kv_bytes=MiB, kv_estimate=KV_ESTIMATE), "driver is installed but not loaded")
     reset_nvml()
     assert "shutdown" not in fake.calls  # never initialised, so nothing to shut down
 
@@ -203,8 +202,8 @@ def test_nvml_init_fails(use_pynvml: Any) -> None:
 def test_nvml_query_fails(use_pynvml: Any) -> None:
     use_pynvml(fake_pynvml(fail_memory_query=True))
     assert gpu_figures() == []
-    assert nvml_error() == "NVML query failed (FakeNVMLError: GPU is lost)"
-    _assert_host_view(memory_figures(kv_bytes=MiB, kv_estimate=KV_ESTIMATE), "GPU is lost")
+    assert nvml_error() == "the NVIDIA GPU stopped answering (it may need a reset): memory is the process's RAM"
+    _assert_host_view(memory_figures(kv_bytes=MiB, kv_estimate=KV_ESTIMATE), "stopped answering")
 
 
 def test_host_figures_are_sane_here() -> None:
@@ -221,3 +220,27 @@ def test_host_figures_are_sane_here() -> None:
     if figures["source"] == "host":
         assert figures["gpus"] == [] and nvml_error() is not None
     MemoryPanel().show(figures)
+
+
+@pytest.mark.parametrize(
+    ("error", "sentence"),
+    [
+        ("NVMLError_LibraryNotFound", "no NVIDIA GPU found"),
+        ("NVMLError_DriverNotLoaded", "an NVIDIA driver is installed but not loaded"),
+        ("NVMLError_NoPermission", "this user may not query the NVIDIA GPU"),
+        ("NVMLError_GpuIsLost", "the NVIDIA GPU stopped answering (it may need a reset)"),
+        ("NVMLError_LibRmVersionMismatch", "the NVIDIA driver and its library are of different versions"),
+        ("NVMLError_NotSupported", "this NVIDIA GPU does not report its memory"),
+        ("NVMLError_Unknown", "NVML failed (NVMLError_Unknown: Unknown Error)"),
+    ],
+)
+def test_each_real_nvml_failure_reads_as_a_plain_sentence(error: str, sentence: str) -> None:
+    """pynvml's own exception classes (no GPU here to raise them), each as the user reads it."""
+    import pynvml
+
+    from nbollama.memory import nvml_sentence
+
+    exc = getattr(pynvml, error)()
+    said = nvml_sentence(exc)
+    assert said.startswith(sentence) and said.endswith(": memory is the process's RAM")
+    assert "NVMLError" not in said or error == "NVMLError_Unknown"

@@ -18,8 +18,8 @@ from nbollama.models import (
     cache_dir,
     default_model_path,
     read_gguf_header,
-    resolve_model,
 )
+from nbollama.sources import resolve_model
 
 
 def test_default_model_is_assembled_into_the_cache(model_path: Path) -> None:

@@ -19,6 +19,10 @@ SAMPLING = [
 ]
 
 
+# Every call here says cache=False: these tests measure the engine's numbers, and the result store
+# would replay the first run's tokens into the second (the same key: parallel does not change them).
+
+
 def ids(results: list) -> list[tuple[int, ...]]:
     return [r.token_ids for r in results]
 
@@ -28,13 +32,13 @@ def test_a_needle_decodes_the_same_alone_in_a_batch_and_in_another_slot(
     model_path: Path, sampling: dict
 ) -> None:
     with Engine.load(model_path, parallel=1, ctx=256, reproducible=True) as alone:
-        expected = alone.generate([NEEDLE], max_tokens=40, **sampling)[0]
+        expected = alone.generate([NEEDLE], max_tokens=40, cache=False, **sampling)[0]
     assert len(expected.token_ids) >= 20
     with Engine.load(model_path, parallel=8, ctx=256, reproducible=True) as eight:
         crowd = PROMPTS[:7]
-        first = eight.generate([NEEDLE, *crowd], max_tokens=40, **sampling)  # slot 0
+        first = eight.generate([NEEDLE, *crowd], max_tokens=40, cache=False, **sampling)  # slot 0
         later = eight.generate(
-            [*crowd, NEEDLE], max_tokens=40, **sampling
+            [*crowd, NEEDLE], max_tokens=40, cache=False, **sampling
         )  # slot 7 (the prefix cache moves it)
     assert first[0].token_ids == expected.token_ids
     assert later[-1].token_ids == expected.token_ids
@@ -45,16 +49,16 @@ def test_sixteen_prompts_give_the_same_tokens_at_parallel_1_4_and_8(model_path: 
     runs = {}
     for parallel in (1, 4, 8):
         with Engine.load(model_path, parallel=parallel, ctx=256, reproducible=True) as engine:
-            runs[parallel] = ids(engine.generate(PROMPTS, max_tokens=16, temperature=0.0))
+            runs[parallel] = ids(engine.generate(PROMPTS, max_tokens=16, cache=False, temperature=0.0))
     assert runs[1] == runs[4] == runs[8]
 
 
 def test_late_arrivals_decode_as_if_alone(model_path: Path) -> None:
     with Engine.load(model_path, parallel=4, ctx=256, reproducible=True) as engine:
-        expected = ids(engine.generate(PROMPTS[:6], max_tokens=24, temperature=0.0))
+        expected = ids(engine.generate(PROMPTS[:6], max_tokens=24, cache=False, temperature=0.0))
         handles = []
         for prompt in PROMPTS[:6]:  # one by one, while the earlier ones generate
-            handles.append(engine.submit(prompt, max_tokens=24, temperature=0.0))
+            handles.append(engine.submit(prompt, max_tokens=24, cache=False, temperature=0.0))
             time.sleep(0.15)
         assert [h.result().token_ids for h in handles] == expected
 
@@ -68,10 +72,10 @@ def test_the_prefix_cache_changes_nothing_in_reproducible_mode(model_path: Path)
         for q in ("What is pH?", "What is a mole?", "Why does ice float?")
     ]
     with Engine.load(model_path, parallel=2, ctx=512, reproducible=True, prefix_cache=False) as off:
-        expected = ids(off.generate(prompts, max_tokens=16, temperature=0.0))
+        expected = ids(off.generate(prompts, max_tokens=16, cache=False, temperature=0.0))
     with Engine.load(model_path, parallel=2, ctx=512, reproducible=True) as on:
-        first = on.generate(prompts, max_tokens=16, temperature=0.0)
-        again = on.generate(prompts, max_tokens=16, temperature=0.0)
+        first = on.generate(prompts, max_tokens=16, cache=False, temperature=0.0)
+        again = on.generate(prompts, max_tokens=16, cache=False, temperature=0.0)
     assert ids(first) == expected and ids(again) == expected
     assert sum(r.cached_tokens for r in first + again) > 0
     assert all(

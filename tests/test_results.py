@@ -118,3 +118,24 @@ def test_the_new_columns_join_back_onto_a_frame() -> None:
     )
     joined = rows.to_pandas(join=pd.DataFrame({"x": [1, 2]}, index=[10, 11]))
     assert list(joined["p_a"]) == [0.6, 0.6] and list(joined["x"]) == [1, 2]
+
+
+# -- one Result, as a cell's value --------------------------------------------------------------
+
+
+def test_a_result_reprs_as_one_short_line() -> None:
+    long = result(7, text="The capital of France is Paris, a city of light and of many bridges over the Seine.",
+                  token_ids=tuple(range(40)), completion_tokens=40, finish_reason="length")
+    shown = repr(long)
+    assert "\n" not in shown and shown.startswith("<Result #7 length, 40 tokens: 'The capital")
+    assert len(shown) < 110 and "token_ids" not in shown
+    assert repr(result(1, cached=True)).startswith("<Result #1 stop, replayed, 2 tokens")
+
+
+def test_a_result_shows_its_card_in_a_notebook() -> None:
+    """The card a %%generate cell draws for it, with or without logprobs."""
+    plain = result(3, text="Paris")._repr_html_()
+    assert 'class="nbollama-card"' in plain and "Paris" in plain and ">done<" in plain
+    with_tokens = result(4, logprobs=tokens(0.9, 0.5))._repr_html_()
+    assert 'class="nbollama-card"' in with_tokens and "nbollama-tokenview" in with_tokens
+    assert ">cached<" in result(5, cached=True)._repr_html_()

@@ -12,7 +12,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from test_sources import GEMMA, _hf, _ollama, home  # noqa: F401  # `home`: the stores' fixture
 
 from nbollama import Engine, ModelLoadError, session
-from nbollama.magics._run import ModelsListing
+from nbollama.magics._models import ModelsListing
 from nbollama.magics._status import EnginesReport
 from nbollama.results import Results
 
@@ -184,3 +184,21 @@ def test_load_resolves_a_hugging_face_cache_entry_offline(
     with pytest.raises(UsageError, match=r"not in the Hugging Face cache.*--download"):
         shell.run_line_magic("nbollama", "load hf:google/other-GGUF/x.gguf")
 
+
+
+def test_a_load_resolves_the_name_once_and_reads_the_header_once(
+    no_engine: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session resolves, the fit check and the engine are handed what was read."""
+    from nbollama import sources
+
+    reads: list[object] = []
+    real = sources.read_gguf_header
+
+    def counted(path: object) -> object:
+        reads.append(path)
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sources, "read_gguf_header", counted)
+    engine = session.load(parallel=1, ctx=128)
+    assert len(reads) == 1 and engine.model_path == reads[0]

@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 
 from nbollama import ModelLoadError, ModelNotFoundError
-from nbollama.models import read_gguf_header, resolve_model
+from nbollama.magics._models import format_models_table, models_html
+from nbollama.models import read_gguf_header
 from nbollama.sources import (
     OLLAMA_MODEL_MEDIA_TYPE,
     ModelEntry,
     find_models,
-    format_models_table,
     hf_cache_dir,
     is_store_name,
     lmstudio_dirs,
-    models_html,
     ollama_dir,
+    resolve_model,
     resolve_name,
 )
 

@@ -20,7 +20,7 @@ import pytest
 
 from nbollama import Engine
 from nbollama.engine import EngineSnapshot
-from nbollama.session import current_engine, set_engine
+from nbollama.session import current_engine, set_engine, use
 from nbollama.widgets import Dashboard, ThroughputChart, dashboard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -400,10 +400,24 @@ def test_the_dashboard_has_a_selector_when_the_kernel_has_several_engines(idle_e
         assert [value for _, value in board.selector.options] == ["default", "second"]
         assert board.selector.options[0][0].startswith("default (default) · ")
         assert board.engine is idle_engine and board.selector.value == "default"
-        board.selector.value = "second"  # the user picks the other engine
+        assert board.pinned == "" and board.follow_button.layout.display == "none"
+        board.selector.value = "second"  # the user picks the other engine: pinned to it
         assert board.engine is second and len(board.slots.rows) == 3
-        set_engine(None, name="second")  # unloaded: back to the default, selector hidden
+        assert board.pinned == "second" and "pinned to 'second'" in board._pin_note.value
+        assert board.follow_button.layout.display == ""
+        use("second")
+        use("default")  # a pinned dashboard does not follow %nbollama use
+        assert board.engine is second and board.pinned == "second"
+        board.follow_button.click()  # "follow the default"
+        assert board.engine is idle_engine and board.pinned == "" and board.selector.value == "default"
+        assert board.follow_button.layout.display == "none" and board._pin_note.value == ""
+        use("second")  # following again
+        assert board.engine is second and board.selector.value == "second"
+        use("default")
+        board.selector.value = "second"
+        set_engine(None, name="second")  # unloaded: back to the default, selector hidden, pin gone
         assert board.engine is idle_engine and board.selector.layout.display == "none"
+        assert board.pinned == "" and board._engine_bar.layout.display == "none"
     finally:
         board.close()
         if not second.closed:

@@ -1,25 +1,33 @@
 """The inline dashboard in a real JupyterLab with Chromium: slot rows and the plotly chart render and move.
 
-Reuses the JupyterLab server fixture and cell helpers of
-``test_labextension.py``; this module only writes its own notebook into the
-server's root. The screenshot goes to ``test-artifacts/dashboard.png``.
+The JupyterLab server and the cell helpers come from ``lab_pages.py``; this
+module only writes its own notebook into the server's root. The screenshot
+goes to ``test-artifacts/dashboard.png``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
-from test_labextension import (  # noqa: F401  (``lab`` is a fixture, used by name)
+from lab_pages import (
     ARTIFACTS,
     CHROMIUM,
     CHROMIUM_ARGS,
     CODE_CELLS,
     LabServer,
-    _run_cell,
-    _run_first_cell,
-    _wait_cell_done,
-    _write_notebook,
-    lab,
+    run_cell,
+    run_first_cell,
+    serve_lab,
+    wait_cell_done,
+    write_notebook,
 )
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    yield from serve_lab(tmp_path_factory)
+
 
 PROMPTS = [
     "Count from 1 to 40, separated by commas:",
@@ -52,10 +60,10 @@ CHART_WIDTH = """() => document.querySelector(
 
 @pytest.mark.browser
 @pytest.mark.timeout(600)
-def test_dashboard_renders_and_follows_a_generation(lab: LabServer) -> None:  # noqa: F811
+def test_dashboard_renders_and_follows_a_generation(lab: LabServer) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    _write_notebook(lab.root / "dashboard.ipynb", CELLS)
+    write_notebook(lab.root / "dashboard.ipynb", CELLS)
     errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -65,10 +73,10 @@ def test_dashboard_renders_and_follows_a_generation(lab: LabServer) -> None:  # 
             page.set_default_timeout(60_000)
             page.goto(f"{lab.url}/lab/tree/dashboard.ipynb?token={lab.token}")
             page.locator(CODE_CELLS).first.wait_for()
-            _run_first_cell(page)
+            run_first_cell(page)
             for index in (1, 2):
-                _run_cell(page, index)
-                _wait_cell_done(page, index)
+                run_cell(page, index)
+                wait_cell_done(page, index)
 
             board = page.locator(".jp-OutputArea .nbollama-dashboard")
             expect(board).to_be_visible(timeout=90_000)
@@ -94,7 +102,7 @@ def test_dashboard_renders_and_follows_a_generation(lab: LabServer) -> None:  # 
             )
 
             # the generation blocks the cell; the dashboard still moves (monitor thread -> IOPub)
-            _run_cell(page, 3)
+            run_cell(page, 3)
             page.wait_for_function(
                 """() => {
                     const board = document.querySelector('.nbollama-dashboard');
@@ -106,7 +114,7 @@ def test_dashboard_renders_and_follows_a_generation(lab: LabServer) -> None:  # 
                 timeout=240_000,
             )
             board.screenshot(path=str(ARTIFACTS / "dashboard-busy.png"))
-            _wait_cell_done(page, 3, timeout_ms=300_000)
+            wait_cell_done(page, 3, timeout_ms=300_000)
             assert (
                 "DONE"
                 in page.locator(CODE_CELLS)

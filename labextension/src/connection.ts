@@ -42,6 +42,8 @@ export interface ILinkState {
   defaultName: string | null;
   /** the engine the snapshots are of */
   shown: string | null;
+  /** the engine picked in the selector (null: the view follows the default) */
+  pinned: string | null;
 }
 
 /** Statuses after which the kernel's comms are gone and must be reopened. */
@@ -64,7 +66,8 @@ export class KernelLink {
       notice: this._notice,
       engines: this._engines,
       defaultName: this._defaultName,
-      shown: this._shown
+      shown: this._shown,
+      pinned: this._pinned
     };
   }
 
@@ -94,9 +97,14 @@ export class KernelLink {
     this._send({ type: 'cancel', slot });
   }
 
-  /** Show the engine called `name` (null: the kernel's default). */
+  /** Show the engine called `name`, pinned to it (null: follow the kernel's default). */
   select(name: string | null): void {
     this._send({ type: 'select', name });
+  }
+
+  /** Unpin: show the kernel's default engine again, and follow `%nbollama use`. */
+  followDefault(): void {
+    this.select(null);
   }
 
   /** Ask the kernel for a snapshot now. */
@@ -260,6 +268,7 @@ export class KernelLink {
         this._engines = msg.engines;
         this._defaultName = msg.default;
         this._shown = msg.shown;
+        this._pinned = msg.pinned;
         break;
       case 'cancelled':
         this._notice = { text: cancelNotice(msg.slot, msg.request_id), isError: false };
@@ -291,6 +300,7 @@ export class KernelLink {
     this._engines = [];
     this._defaultName = null;
     this._shown = null;
+    this._pinned = null;
     this._changed.emit();
   }
 
@@ -306,6 +316,7 @@ export class KernelLink {
   private _engines: IEngineEntry[] = [];
   private _defaultName: string | null = null;
   private _shown: string | null = null;
+  private _pinned: string | null = null;
   private _isDisposed = false;
   private _changed = new Signal<this, void>(this);
 }

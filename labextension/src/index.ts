@@ -1,17 +1,23 @@
 /**
  * nbollama's JupyterLab extension: a right-hand side panel and a status-bar
  * item that follow the current notebook's kernel and show its nbollama
- * engine live over the `nbollama` comm (see `nbollama/comm.py`).
+ * engine live over the `nbollama` comm (see `nbollama/comm.py`), and the
+ * highlighting of `%%generate` cells (see `generate.ts`).
  */
 
 import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
+import {
+  EditorExtensionRegistry,
+  IEditorExtensionRegistry
+} from '@jupyterlab/codemirror';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
 import { KernelLink } from './connection';
+import { generateCellHighlighting } from './generate';
 import { NbollamaPanel, PANEL_ID } from './panel';
 import { NbollamaStatus } from './status';
 
@@ -64,4 +70,21 @@ const plugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
-export default plugin;
+/** `%%generate` cells: options highlighted as options, prompts as plain text. */
+const generateHighlighting: JupyterFrontEndPlugin<void> = {
+  id: 'nbollama:generate-highlighting',
+  description: 'Highlights the options of a %%generate cell and leaves its prompts plain text.',
+  autoStart: true,
+  requires: [IEditorExtensionRegistry],
+  activate: (_app: JupyterFrontEnd, extensions: IEditorExtensionRegistry): void => {
+    extensions.addExtension({
+      name: 'nbollama:generate-cells',
+      factory: options =>
+        EditorExtensionRegistry.createImmutableExtension(
+          generateCellHighlighting(options.model, options.model.sharedModel.getSource())
+        )
+    });
+  }
+};
+
+export default [plugin, generateHighlighting];

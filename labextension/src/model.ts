@@ -215,6 +215,8 @@ export interface IEnginesMessage {
   engines: IEngineEntry[];
   default: string | null;
   shown: string | null;
+  /** the engine this view was pinned to with `select`; null: it follows the default (absent from older kernels) */
+  pinned: string | null;
 }
 
 /** Messages the kernel sends on the `nbollama` comm. */
@@ -407,7 +409,8 @@ export function parseKernelMessage(
         type: 'engines',
         engines,
         default: typeof data.default === 'string' ? data.default : null,
-        shown: typeof data.shown === 'string' ? data.shown : null
+        shown: typeof data.shown === 'string' ? data.shown : null,
+        pinned: typeof data.pinned === 'string' ? data.pinned : null
       };
     }
     case 'cancelled':
@@ -993,6 +996,38 @@ export function engineOptionLabel(entry: IEngineEntry, defaultName: string | nul
     parts.push(entry.kv_type);
   }
   return parts.join(' · ') + (entry.name === defaultName ? ' (default)' : '');
+}
+
+/** What the panel says of a view pinned to one engine, and the way back to the default. */
+export interface IPinView {
+  /** `pinned to 'small'` */
+  text: string;
+  /** a tooltip: what pinned means here and which engine is the default */
+  title: string;
+  /** the button's label */
+  follow: string;
+}
+
+/**
+ * `pinned to 'small'` while the view shows the engine picked in its
+ * selector (it no longer follows `%nbollama use`); null while it follows
+ * the kernel's default engine.
+ */
+export function pinView(pinned: string | null, defaultName: string | null): IPinView | null {
+  if (pinned === null) {
+    return null;
+  }
+  const now =
+    defaultName === null
+      ? 'the kernel has no default engine now'
+      : defaultName === pinned
+        ? `'${pinned}' is also the default now`
+        : `the default is '${defaultName}'`;
+  return {
+    text: `pinned to '${pinned}'`,
+    title: `This view shows '${pinned}' whatever %nbollama use makes the default (${now}).`,
+    follow: 'follow the default'
+  };
 }
 
 export function cancelNotice(slot: number, requestId: number | null): string {

@@ -18,7 +18,8 @@ import {
   SPARK_WIDTH,
   engineOptionLabel,
   engineView,
-  hintView
+  hintView,
+  pinView
 } from './model';
 
 /** The panel's widget id (and DOM id), used to activate it. */
@@ -79,6 +80,14 @@ export class NbollamaPanel extends Widget {
     this._engineSelect.title = 'The kernel has several engines: pick the one to show';
     this._engineSelect.addEventListener('change', () => {
       this._link.select(this._engineSelect.value);
+    });
+    // picked in the selector: pinned to that engine, with the way back to the default
+    this._pin = el('div', 'nbollama-pin', header);
+    this._pinText = el('span', 'nbollama-pin-text', this._pin);
+    this._followDefault = el('button', 'nbollama-follow-default jp-Button', this._pin);
+    this._followDefault.type = 'button';
+    this._followDefault.addEventListener('click', () => {
+      this._link.followDefault();
     });
     this._model = el('div', 'nbollama-model', header);
     this._meta = el('div', 'nbollama-meta', header);
@@ -177,6 +186,7 @@ export class NbollamaPanel extends Widget {
     }
 
     this._renderEngines(state.engines, state.defaultName, state.shown ?? state.snapshot.name ?? null);
+    this._renderPin(state.pinned, state.defaultName);
     const view = engineView(state.snapshot, state.history);
     setText(this._model, view.model);
     setText(this._meta, view.meta);
@@ -252,6 +262,19 @@ export class NbollamaPanel extends Widget {
     this.node.dataset.shown = shown ?? '';
   }
 
+  /** `pinned to 'small'` and a button back to the default, while the view is pinned. */
+  private _renderPin(pinned: string | null, defaultName: string | null): void {
+    const view = pinView(pinned, defaultName);
+    this._pin.hidden = view === null;
+    this.node.dataset.pinned = pinned ?? '';
+    if (view !== null) {
+      setText(this._pinText, view.text);
+      this._pin.title = view.title;
+      setText(this._followDefault, view.follow);
+      this._followDefault.title = view.title;
+    }
+  }
+
   private _updateRows(rows: ISlotRowView[]): void {
     const seen = new Set<number>();
     for (const view of rows) {
@@ -323,6 +346,9 @@ export class NbollamaPanel extends Widget {
 
   private _link: KernelLink;
   private _engineSelect: HTMLSelectElement;
+  private _pin: HTMLDivElement;
+  private _pinText: HTMLSpanElement;
+  private _followDefault: HTMLButtonElement;
   private _hint: HTMLDivElement;
   private _hintText: HTMLSpanElement;
   private _hintCode: HTMLElement;

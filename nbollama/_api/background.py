@@ -45,6 +45,13 @@ class BackgroundGeneration:
         return self._handles
 
     @property
+    def progress(self) -> tuple[int, int]:
+        """(finished, total) prompts so far."""
+        if self._feeder is not None:
+            return self._feeder.done, self._feeder.total
+        return sum(1 for h in self._handles if h.done()), len(self._handles)
+
+    @property
     def out(self) -> str | None:
         """The notebook variable that receives the ``Results`` when done."""
         return self._out

@@ -23,8 +23,12 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 from ..exceptions import EngineClosedError, EngineError, InvalidParamsError, NbollamaError
 from .feed import feed_agenerate, feed_generate, window_for
+from .keeping import KeepsResults
 from .metrics import ThroughputMeter
 from .monitor import Monitor, Subscription
+from .replay import (
+    check_cache,
+)
 from .requests import FinishReason, Handle, Result, SamplingParams, check_request_params
 from .snapshot import (
     SNAPSHOT_VERSION,
@@ -133,7 +137,7 @@ class _Queued(Protocol):
 R = TypeVar("R", bound=_Queued)
 
 
-class EngineBase(ABC, Generic[R]):
+class EngineBase(KeepsResults, ABC, Generic[R]):
     """The engine protocol's shared half; subclasses set ``_thread`` and ``_monitor``, and fill the hooks."""
 
     _thread: threading.Thread
@@ -218,7 +222,10 @@ class EngineBase(ABC, Generic[R]):
         for prompt in prompts:
             if not isinstance(prompt, str):
                 raise InvalidParamsError(f"prompt must be a str, got {type(prompt).__name__}")
+        cache = check_cache(options["cache"])
         requests = [self._prepare(p, sampling, options, checked) for p in prompts]
+        failed = sum(1 for r in requests if r.handle.done())  # could not run: finished at once
+        replayed = self._through_store(requests, sampling, options["output"], cache)
         runnable = [r for r in requests if not r.handle.done()]
         with self._lock:
             try:
@@ -228,8 +235,8 @@ class EngineBase(ABC, Generic[R]):
                 for request in runnable:
                     request.handle._finish("cancelled")
                 raise
-            self._totals.submitted += len(requests)
-            self._totals.errors += len(requests) - len(runnable)
+            self._totals.submitted += len(requests) - replayed  # a replayed request never reaches it
+            self._totals.errors += failed
             self._seq += 1
         self._after_submit()
         return [r.handle for r in requests]
@@ -274,7 +281,8 @@ class EngineBase(ABC, Generic[R]):
                 "generate() cannot wait from the engine's own thread (a done-callback); use submit()"
             )
         return feed_generate(
-            self.submit_many, prompts, params, window=self.feed_window, progress=progress
+            self.submit_many, prompts, params, window=self.feed_window, progress=progress,
+            run=self._run_for(prompts, params),
         )
 
     async def agenerate(
@@ -282,7 +290,8 @@ class EngineBase(ABC, Generic[R]):
     ) -> list[Result]:
         """``generate`` for event loops (asyncio, trio, anyio); cancelling the task cancels the requests."""
         return await feed_agenerate(
-            self.submit_many, prompts, params, window=self.feed_window, progress=progress
+            self.submit_many, prompts, params, window=self.feed_window, progress=progress,
+            run=self._run_for(prompts, params),
         )
 
     # -- cancelling --------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 import anyio
 
 from ..exceptions import EngineError, InvalidParamsError, QueueFullError
+from .replay import StoreRun
 from .requests import Handle, Result, _LoopWaker
 from .results import Results
 
@@ -127,7 +128,10 @@ class Feeder:
         params: Mapping[str, Any] | None = None,
         *,
         window: int,
+        run: StoreRun | None = None,
     ) -> None:
+        """``run``: the result store's record of this call (``engine.open_store_run``): its
+        finished rows are noted as they end, and an unfinished twin's rows are replayed."""
         self.prompts: list[str] = [prompts] if isinstance(prompts, str) else list(prompts)
         for number, prompt in enumerate(self.prompts):
             if not isinstance(prompt, str):
@@ -138,6 +142,10 @@ class Feeder:
             raise InvalidParamsError(f"window={window}: must be >= 1")
         self._submit = submit_many
         self._params = dict(params or {})
+        self.store_run = run
+        if run is not None:
+            self._params["cache"] = run
+        self.replayed = 0  # results the store gave instead of the engine
         self.window = window
         self._refill = max(1, window // 2)  # top up by half a window at least
         self._cap = window  # the chunk size, halved while others keep the queue full
@@ -153,6 +161,7 @@ class Feeder:
         self._listeners: list[Callable[[], object]] = []
         self._latest: deque[int] = deque(maxlen=LATEST)
         self.done = self.errors = self.cancelled = self.tokens = 0
+        self.forced = 0  # of ``tokens``, those a format forced (jump-forward), finished prompts only
         self.started = time.perf_counter()
         self.ended: float | None = None
 
@@ -274,13 +283,19 @@ class Feeder:
             for index in finished:
                 handle = self._live.pop(index, None)
                 if handle is not None:
-                    self._record(index, handle.result())
+                    self._record(index, handle.result(), handle.store_key)
 
-    def _record(self, index: int, result: Result) -> None:
+    def _record(self, index: int, result: Result, key: str | None = None) -> None:
         self._items[index] = result
         self._latest.append(index)
         self.done += 1
-        self.tokens += result.completion_tokens
+        if result.cached:
+            self.replayed += 1
+        else:
+            self.tokens += result.completion_tokens
+            self.forced += result.forced_tokens
+        if self.store_run is not None and key is not None and result.ok:
+            self.store_run.store.row_finished(self.store_run.key, index, key)
         if result.finish_reason == "error":
             self.errors += 1
         elif result.finish_reason == "cancelled":
@@ -321,7 +336,18 @@ class Feeder:
     def _end(self) -> bool:
         if self.ended is None:
             self.ended = time.perf_counter()
+            if self.store_run is not None and not self._stopped:
+                self.store_run.store.finish_run(self.store_run.key)  # an identical run later starts afresh
         return True
+
+    @property
+    def store_note(self) -> str:
+        """What the store gave: "resumed 3,812 of 5,000 from the store", "412 cached", or ""."""
+        if not self.replayed:
+            return ""
+        if self.store_run is not None and self.store_run.resumed_rows:
+            return f"resumed {self.replayed:,} of {self.total:,} from the store"
+        return f"{self.replayed:,} cached"
 
     def run(self, tick: Callable[[], object] | None = None, interval: float = 0.25) -> list[Result]:
         """Feed and collect until every prompt finished, calling ``tick()`` every ``interval`` s."""
@@ -345,7 +371,7 @@ class Feeder:
                         f"prompt {index} is still running; wait for the feeder to finish"
                     )
                 del self._live[index]
-                self._record(index, handle.result())
+                self._record(index, handle.result(), handle.store_key)
             return [
                 item if isinstance(item, Result) else unsent_result(self.prompts[i])
                 for i, item in enumerate(self._items)
@@ -393,6 +419,7 @@ def feed_generate(
     *,
     window: int,
     progress: bool = False,
+    run: StoreRun | None = None,
 ) -> list[Result]:
     """``generate`` for any engine: feed, wait, results in input order.
 
@@ -400,7 +427,7 @@ def feed_generate(
     ``.results``: every prompt's ``Result`` (finished ones whole, running ones
     with their partial text, unsent ones empty), all ``cancelled`` but the finished.
     """
-    feeder = Feeder(prompts, submit_many, params, window=window)
+    feeder = Feeder(prompts, submit_many, params, window=window, run=run)
     feeder.feed()  # bad parameters raise here, before anything is queued
     reporter = None
     if progress:
@@ -433,12 +460,13 @@ async def feed_agenerate(
     window: int,
     progress: bool = False,
     interval: float = 0.25,
+    run: StoreRun | None = None,
 ) -> list[Result]:
     """``agenerate`` for any engine: the same feeding from an event loop (asyncio, trio).
 
     Cancelling the task cancels what has not finished and sends nothing more.
     """
-    feeder = Feeder(prompts, submit_many, params, window=window)
+    feeder = Feeder(prompts, submit_many, params, window=window, run=run)
     feeder.feed()
     reporter = None
     if progress:

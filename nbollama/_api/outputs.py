@@ -18,9 +18,12 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import llguidance
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
 
 from ..exceptions import InvalidParamsError
 
@@ -42,6 +45,12 @@ MAX_LOGPROBS = 20
 
 ChoiceScore = Literal["sum", "mean"]
 
+#: JSON output as ``json.dumps`` writes it, on one line: ``{"a": 1, "b": [2, 3]}``. Fixed
+#: whitespace lets a schema force every key, quote and separator (the engine then takes them
+#: without sampling: jump-forward), and keeps a small model out of endless blank lines. A
+#: schema's own ``"x-guidance"`` options still win (llguidance applies them after these).
+JSON_STYLE: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 
 class TopLogprob(TypedDict):
     """One alternative the model considered at a position."""
@@ -52,14 +61,22 @@ class TopLogprob(TypedDict):
     id: int
 
 
-class TokenLogprob(TypedDict):
-    """One token as the model computed it (before temperature, penalties and masks)."""
-
+class _TokenLogprobFields(TypedDict):
     token: str
     logprob: float
     bytes: list[int]
     id: int
     top_logprobs: list[TopLogprob]
+
+
+class TokenLogprob(_TokenLogprobFields, total=False):
+    """One token as the model computed it (before temperature, penalties and masks).
+
+    ``forced``: True where the format allowed only this token and the engine
+    took it without sampling (jump-forward); absent otherwise.
+    """
+
+    forced: bool
 
 
 @dataclass(frozen=True)
@@ -184,7 +201,7 @@ def check_output_options(params: dict[str, Any]) -> OutputRequest:
     if name in ("json_schema", "response_format"):
         schema, model = _schema_of(value, name)
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
         except ValueError as exc:
             raise InvalidParamsError(f"{name}: {_first_line(exc)}") from None
         _check_grammar(name, grammar)

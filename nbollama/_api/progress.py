@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, TextIO
 
 from .._palette import BADGE_COLOURS, badge_html
+from .cards import short
 from .requests import Handle, Result
 
 __all__ = [
@@ -59,6 +60,12 @@ class LatestRow:
     tokens: int
     text: str
     error: str | None
+    forced: int = 0  # of ``tokens``, those its format forced (jump-forward)
+
+    @property
+    def counted(self) -> str:
+        """``"31 tok"``, or ``"31 tok (14 forced)"``."""
+        return f"{self.tokens} tok" + (f" ({self.forced} forced)" if self.forced else "")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,9 @@ class ProgressState:
     finished: bool
     stopped: bool
     elide: int = 0  # characters of prompt prefix every prompt shares (not shown)
+    replayed: int = 0  # of ``done``, results the store gave (they took no time)
+    forced: int = 0  # of ``tokens``, those a format forced (finished prompts)
+    store_note: str = ""  # "resumed 3,812 of 5,000 from the store", "412 cached"
 
     @property
     def tps(self) -> float:
@@ -85,9 +95,10 @@ class ProgressState:
     @property
     def eta(self) -> float | None:
         """Seconds left at the pace so far; None before the first result."""
-        if self.finished or self.done == 0 or self.stopped:
+        ran = self.done - self.replayed  # the pace of what ran: replayed rows took no time
+        if self.finished or ran <= 0 or self.stopped:
             return None
-        return (self.total - self.done) * self.elapsed / self.done
+        return (self.total - self.done) * self.elapsed / ran
 
     @property
     def fraction(self) -> float:
@@ -97,19 +108,12 @@ class ProgressState:
         """What a view shows, the clock aside: an update is sent only when it changed."""
         return (
             self.done,
+            self.replayed,
             self.tokens,
             self.finished,
             self.stopped,
             tuple((r.index, r.status, r.tokens) for r in self.running),
         )
-
-
-def short(text: str, limit: int, elide: int = 0) -> str:
-    """One line of at most ``limit`` characters; ``elide`` leading characters shown as "…"."""
-    folded = " ".join(text[elide:].split())
-    if elide:
-        folded = "…" + folded
-    return folded if len(folded) <= limit else folded[: limit - 1] + "…"
 
 
 def elide_prefix(prompts: Sequence[str]) -> int:
@@ -151,6 +155,12 @@ class FeedView(Protocol):
     def finished(self) -> bool: ...
     @property
     def stopped(self) -> bool: ...
+    @property
+    def replayed(self) -> int: ...
+    @property
+    def forced(self) -> int: ...
+    @property
+    def store_note(self) -> str: ...
     def running(self) -> list[tuple[int, Handle]]: ...
     def latest(self) -> list[tuple[int, Result]]: ...
     def tokens_so_far(self) -> int: ...
@@ -163,7 +173,7 @@ def progress_state(feeder: FeedView, *, elide: int = 0) -> ProgressState:
         for i, h in sorted(feeder.running(), key=lambda item: item[1].slot or 0)
     )  # in slot order: a slot's row stays where it was
     latest = tuple(
-        LatestRow(i, r.finish_reason, r.completion_tokens, r.text, r.error)
+        LatestRow(i, r.finish_reason, r.completion_tokens, r.text, r.error, r.forced_tokens)
         for i, r in feeder.latest()[:5]
     )
     return ProgressState(
@@ -179,6 +189,9 @@ def progress_state(feeder: FeedView, *, elide: int = 0) -> ProgressState:
         finished=feeder.finished,
         stopped=feeder.stopped,
         elide=elide,
+        replayed=feeder.replayed,
+        forced=feeder.forced,
+        store_note=feeder.store_note,
     )
 
 
@@ -190,7 +203,13 @@ def _clock(seconds: float) -> str:
 
 
 def _figures(state: ProgressState) -> list[str]:
-    parts = [f"{state.tokens} tokens", f"{state.tps:.1f} tok/s"]
+    parts = [state.store_note] if state.store_note else []
+    ran = state.done - state.replayed
+    if state.tokens == 0 and ran > 0:  # scored, not generated (choices): prompts are the unit
+        parts.append(f"{ran / state.elapsed if state.elapsed > 0 else 0.0:.1f} prompts/s")
+    else:
+        forced = f" ({state.forced} forced)" if state.forced else ""
+        parts += [f"{state.tokens} tokens{forced}", f"{state.tps:.1f} tok/s"]
     if state.eta is not None:
         parts.append(f"ETA {_clock(state.eta)}")
     parts.append(f"{_clock(state.elapsed)} elapsed")
@@ -219,7 +238,7 @@ def progress_text(state: ProgressState) -> str:
     for d in state.latest:
         shown = d.error if d.finish_reason == "error" and d.error else d.text
         lines.append(
-            f"  #{d.index + 1} {d.finish_reason} {d.tokens} tok: {short(shown, _TEXT_CHARS)}"
+            f"  #{d.index + 1} {d.finish_reason} {d.counted}: {short(shown, _TEXT_CHARS)}"
         )
     return "\n".join(lines)
 
@@ -277,7 +296,7 @@ def progress_html(state: ProgressState, *, title: str = "") -> str:
                 shown = html.escape(short(r.text, _TEXT_CHARS))
             rows += (
                 f"<tr><td {_CELL}>#{r.index + 1}</td><td {_CELL}>{html.escape(r.finish_reason)}</td>"
-                f"<td {_CELL}>{r.tokens} tok</td><td {_WIDE}>{shown}</td></tr>"
+                f"<td {_CELL}>{r.counted}</td><td {_WIDE}>{shown}</td></tr>"
             )
         parts.append(
             '<div style="margin-top:4px;color:var(--jp-ui-font-color2,#666)">latest</div>'

@@ -8,10 +8,11 @@ engine's internals.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from .monitor import Subscription
+from .replay import StoreRun
 from .requests import Handle, Result
 from .snapshot import EngineSnapshot
 
@@ -47,6 +48,10 @@ class EngineLike(Protocol):
     def generate(self, prompts: str | Iterable[str], **params: Any) -> list[Result]: ...
 
     async def agenerate(self, prompts: str | Iterable[str], **params: Any) -> list[Result]: ...
+
+    def open_store_run(self, prompts: Sequence[str], params: dict[str, Any]) -> StoreRun | None:
+        """The result store's record of one call (a cell): pass it to a ``Feeder`` as ``run=``."""
+        ...
 
     def snapshot(self) -> EngineSnapshot: ...
 

@@ -8,7 +8,6 @@ are woken without ever blocking the engine's thread on the loop.
 
 from __future__ import annotations
 
-import html
 import math
 import threading
 import time
@@ -20,19 +19,16 @@ import anyio
 import anyio.lowlevel
 
 from ..exceptions import (
-    InvalidParamsError,
     NbollamaError,
     RequestFailedError,
     RequestTimeoutError,
 )
+from .cards import card_html, final_view, short
 from .outputs import (
-    MAX_LOGPROBS,
-    OUTPUT_FIELDS,
     TokenLogprob,
-    check_output_options,
     mean_logprob,
 )
-from .tokenview import token_view_html
+from .params import SamplingParams, check_request_params
 
 __all__ = [
     "check_request_params",
@@ -53,58 +49,6 @@ _FINAL_STATUS: dict[str, RequestStatus] = {
     "cancelled": "cancelled",
     "error": "error",
 }
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request is sampled and when it stops; validated once, at submit."""
-
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    #: alternatives per generated token (0-20): each token's log-probability with its top K; None: off
-    logprobs: int | None = None
-    #: the same for the prompt's tokens, from the prefill (turns prefix reuse off for the request)
-    prompt_logprobs: bool = False
-
-    def __post_init__(self) -> None:
-        def bad(name: str, value: object, rule: str) -> InvalidParamsError:
-            return InvalidParamsError(f"{name}={value!r}: {rule}")
-
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad("max_tokens", self.max_tokens, "must be a whole number >= 1")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", self.temperature, "must be >= 0 (0 means greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", self.top_k, "must be a whole number >= 0 (0 turns it off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", self.top_p, "must be in (0, 1]")
-        if not 0.0 <= self.min_p < 1.0:
-            raise bad("min_p", self.min_p, "must be in [0, 1)")
-        if not math.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
-            raise bad("repeat_penalty", self.repeat_penalty, "must be > 0 (1.0 turns it off)")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "must be a whole number or None")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", self.stop, "must be non-empty strings")
-        if self.logprobs is not None and (
-            not isinstance(self.logprobs, int)
-            or isinstance(self.logprobs, bool)
-            or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise bad(
-                "logprobs",
-                self.logprobs,
-                f"must be a whole number from 0 to {MAX_LOGPROBS}, or None",
-            )
-        if not isinstance(self.prompt_logprobs, bool):
-            raise bad("prompt_logprobs", self.prompt_logprobs, "must be True or False")
 
 
 @dataclass(frozen=True)
@@ -143,24 +87,37 @@ class Result:
     parse_error: str | None = None
     #: the engine that answered: its name in the kernel ("default", ``--as NAME``), else its model's name
     model: str = ""
+    #: replayed from the result store (``nbollama.store``) instead of generated; timings are the original run's
+    cached: bool = False
+    #: with ``choices=``: each option's summed log-probability after the prompt (its log-likelihood)
+    choice_logprobs: Mapping[str, float] | None = field(default=None, compare=False)
+    #: with ``choices=`` and ``logprobs>=1``: whether every token of each option was the most likely one
+    choice_greedy: Mapping[str, bool] | None = field(default=None, compare=False)
+    #: of ``completion_tokens``, those a format forced and the engine took without sampling (jump-forward)
+    forced_tokens: int = 0
 
     @property
     def ok(self) -> bool:
         return self.finish_reason in ("stop", "length")
 
-    def _repr_html_(self) -> str | None:
-        """The token view in a notebook when log-probabilities were asked for (else the plain repr)."""
-        if not self.logprobs and not self.prompt_logprobs:
-            return None
-        return token_view_html(self.logprobs or (), prompt_logprobs=self.prompt_logprobs)
+    def __repr__(self) -> str:
+        """One line: the id, how it ended, its tokens and the start of its text."""
+        ended = f"{self.finish_reason}, replayed" if self.cached else self.finish_reason
+        n = self.completion_tokens
+        return f"<Result #{self.id} {ended}, {n} token{'' if n == 1 else 's'}: {short(self.text, 60)!r}>"
+
+    def _repr_html_(self) -> str:
+        """In a notebook, the card a ``%%generate`` cell draws for it (tokens shaded when logprobs were asked)."""
+        return card_html(final_view(self.id, self))
 
     def show(self) -> None:
-        """Display the tokens shaded by probability, alternatives on hover (needs ``logprobs=K``)."""
+        """Display the card: with ``logprobs=K``, the tokens shaded by probability, alternatives on hover."""
         from IPython.display import HTML, display
 
-        hint = "no log-probabilities here: ask with <code>logprobs=5</code> to see them"
-        view = self._repr_html_() or f"<pre>{html.escape(self.text)}</pre><i>{hint}</i>"
-        display(HTML(view))  # type: ignore[no-untyped-call]
+        hint = "" if self.logprobs or self.prompt_logprobs else (
+            "<i>no log-probabilities here: ask with <code>logprobs=5</code> to see the tokens</i>"
+        )
+        display(HTML(self._repr_html_() + hint))  # type: ignore[no-untyped-call]
 
     @property
     def mean_logprob(self) -> float | None:
@@ -249,6 +206,7 @@ class Handle:
         self._exception: NbollamaError | None = None
         self._wakers: list[_LoopWaker] = []
         self._done_callbacks: list[Callable[[Handle], object]] = []
+        self.store_key: str | None = None  # set at submit where the result store keys this request
 
     # -- what the engine's thread calls -------------------------------------------------
 
@@ -321,6 +279,21 @@ class Handle:
         for callback in callbacks:
             _call_quietly(callback, self)
         return self._result
+
+    def _replay(self, result: Result) -> None:
+        """Finish with a result the store kept: no slot, no tokens streamed, the text at once."""
+        with self._cond:
+            if self._result is not None:
+                return
+            self._chunks = [result.text]
+            self._completion_tokens = result.completion_tokens
+            self._result = result
+            self._status = "done"
+            callbacks, self._done_callbacks = self._done_callbacks, []
+        self._finished.set()
+        self._notify()
+        for callback in callbacks:
+            _call_quietly(callback, self)
 
     def _notify(self) -> None:
         with self._cond:
@@ -459,39 +432,3 @@ def _call_quietly(callback: Callable[[Handle], object], handle: Handle) -> None:
         import logging
 
         logging.getLogger("nbollama").exception("done-callback of request %s failed", handle.id)
-
-
-_SAMPLING_FIELDS = frozenset(f for f in SamplingParams.__dataclass_fields__ if f != "stop")
-_REQUEST_FIELDS = frozenset({"priority", "chat", "system", "stop"}) | OUTPUT_FIELDS
-
-
-def check_request_params(params: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
-    """Split and check ``submit`` keywords before anything runs: (sampling, request options).
-
-    Raises ``InvalidParamsError`` naming a misspelt or out-of-range parameter.
-    """
-    unknown = set(params) - _SAMPLING_FIELDS - _REQUEST_FIELDS
-    if unknown:
-        raise InvalidParamsError(
-            f"unknown parameter(s) {sorted(unknown)}; known: {sorted(_SAMPLING_FIELDS | _REQUEST_FIELDS)}"
-        )
-    stop = params.get("stop", ())
-    sampling = SamplingParams(
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        **{k: v for k, v in params.items() if k in _SAMPLING_FIELDS},
-    )
-    options = {
-        "priority": params.get("priority", 0),
-        "chat": params.get("chat", False),
-        "system": params.get("system"),
-        "output": check_output_options(params),  # Choices, Constraint or None
-    }
-    if not isinstance(options["priority"], int) or isinstance(options["priority"], bool):
-        raise InvalidParamsError(f"priority={options['priority']!r}: must be a whole number")
-    if options["system"] is not None and not isinstance(options["system"], str):
-        raise InvalidParamsError(f"system={options['system']!r}: must be a string")
-    if options["system"] and not options["chat"]:
-        raise InvalidParamsError(
-            "system= needs chat=True (the system message goes through the chat template)"
-        )
-    return sampling, options

@@ -38,6 +38,7 @@ _COLUMNS = (
     "queue_wait",
     "total_time",
     "slot",
+    "cached",  # replayed from the result store
 )
 
 
@@ -161,7 +162,7 @@ class Results(Sequence[Result]):
     A read-only list of ``nbollama.Result`` (index it, loop over it, ``len`` it)
     that shows itself as a compact table in a notebook: every row up to
     ``COMPACT_ROWS``, beyond that a summary (finish reasons, percentiles) with
-    the first and last rows. ``index`` holds the row labels of the pandas
+    the first and last rows. ``row_labels`` holds the row labels of the pandas
     Series or DataFrame a cell fanned out with ``--each``, for ``to_pandas``.
     """
 
@@ -207,8 +208,10 @@ class Results(Sequence[Result]):
     # -- what people use ------------------------------------------------------------
 
     @property
-    def index(self) -> tuple[Any, ...] | None:  # type: ignore[override]  # public row labels
-        """Each result's row label in the pandas object ``--each`` took its prompt from; None otherwise."""
+    def row_labels(self) -> tuple[Any, ...] | None:
+        """Each result's row label in the pandas object ``--each`` took its prompt from; None otherwise.
+
+        (``index(result)`` is ``Sequence``'s: the position of a result.)"""
         return self._index
 
     @property
@@ -309,15 +312,20 @@ class Results(Sequence[Result]):
     def _summary(self) -> str:
         reasons = ", ".join(f"{n} {reason}" for reason, n in self.finish_reasons().items())
         noun = "result" if len(self._items) == 1 else "results"
-        return f"{len(self._items)} {noun}, {self.completion_tokens} tokens" + (
-            f" ({reasons})" if reasons else ""
+        replayed = sum(1 for r in self._items if r.cached)
+        return (
+            f"{len(self._items)} {noun}, {self.completion_tokens} tokens"
+            + (f" ({reasons})" if reasons else "")
+            + (f", {replayed} replayed from the store" if replayed else "")
         )
 
     def _stats(self) -> list[tuple[str, list[str]]]:
-        """Per figure: p50, p90, p99 and max over the results that have it."""
+        """Per figure: p50, p90, p99 and max over the results that have it (replayed ones carry
+        another run's timings: they are left out)."""
         out = []
+        ran = [r for r in self._items if not r.cached]
         for label, read, show in _STATS:
-            values = sorted(v for v in (read(r) for r in self._items) if v is not None)
+            values = sorted(v for v in (read(r) for r in ran) if v is not None)
             if values:
                 out.append(
                     (

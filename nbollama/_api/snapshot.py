@@ -327,6 +327,7 @@ class EngineSnapshot(_RemotePart):
     n_batch: int | None  # None: unknown remotely
     gpu_layers: int | None  # None: unknown remotely
     parallel_reason: str  # why parallel is what it is
+    amx: str | None  # the AMX guard's decision in one line ("AMX: on: ..."), see nbollama.amx; None remotely
     slots: list[SlotSnapshot]
     queue: QueueSnapshot
     throughput: float  # aggregate generated tokens/s over the window

@@ -50,6 +50,7 @@ font-family:var(--jp-code-font-family,monospace);font-size:var(--jp-code-font-si
 cursor:default;outline:none}}
 .{_ROOT} .nbtv-t:hover,.{_ROOT} .nbtv-t:focus-within{{box-shadow:0 0 0 2px #1e88e5}}
 .{_ROOT} .nbtv-p{{text-decoration:underline dotted #888}}
+.{_ROOT} .nbtv-f{{font-style:italic;text-decoration:underline solid #9575cd;text-underline-offset:3px}}
 .{_ROOT} .nbtv-nl::before{{content:"↵";color:#8a8a8a}}
 .{_ROOT} .nbtv-tab::before{{content:"⇥";color:#8a8a8a}}
 .{_ROOT} .nbtv-ctl{{color:#8a8a8a}}
@@ -195,6 +196,10 @@ def _alternatives(token: TokenLogprob) -> str:
     return "".join(rows)
 
 
+def _forced_note(token: TokenLogprob) -> str:
+    return " · forced by the format" if token.get("forced") else ""
+
+
 def _popup(group: _Group, where: str, offset: int) -> str:
     tokens = group.tokens
     first = group.first + offset + 1
@@ -203,7 +208,7 @@ def _popup(group: _Group, where: str, offset: int) -> str:
         token = tokens[0]
         head = (
             f"{where} token {first} · {_percent(math.exp(total))} · "
-            f"logprob {total:.3f} · id {token.get('id', '?')}"
+            f"logprob {total:.3f} · id {token.get('id', '?')}{_forced_note(token)}"
         )
         body = _alternatives(token)
     else:
@@ -213,7 +218,7 @@ def _popup(group: _Group, where: str, offset: int) -> str:
         )
         body = "".join(
             f'<span class="nbtv-h">token {first + k} · '
-            f"{_percent(math.exp(t['logprob']))}</span>{_alternatives(t)}"
+            f"{_percent(math.exp(t['logprob']))}{_forced_note(t)}</span>{_alternatives(t)}"
             for k, t in enumerate(tokens)
         )
     return (
@@ -227,9 +232,10 @@ def _spans(tokens: Sequence[TokenLogprob], where: str, *, offset: int = 0, extra
     out = []
     for group in _groups(tokens):
         probability = math.exp(math.fsum(t["logprob"] for t in group.tokens))
+        forced = all(t.get("forced") for t in group.tokens)  # taken without sampling: italic
         out.append(
-            f'<span class="nbtv-t{extra}" tabindex="0" '
-            f'style="background:{probability_colour(probability)}">'
+            f'<span class="nbtv-t{extra}{" nbtv-f" if forced else ""}" tabindex="0" '
+            f'style="background:{probability_colour(probability)}{";font-style:italic" if forced else ""}">'
             f"{_text_html(group.text)}{_popup(group, where, offset)}</span>"
         )
     return "".join(out)
@@ -269,12 +275,20 @@ def _legend(
         f'<span class="nbtv-sw" style="background:{colour}">{html.escape(label)}</span>'
         for _, colour, label in BANDS
     )
-    facts = f"output: {len(logprobs)} tokens" + (f" · {_perplexity(logprobs)}" if logprobs else "")
+    forced = sum(1 for t in logprobs if t.get("forced"))
+    facts = f"output: {len(logprobs)} tokens" + (f" ({forced} forced)" if forced else "")
+    facts += f" · {_perplexity(logprobs)}" if logprobs else ""
     if prompt:
         facts += f"; prompt: {len(prompt)} scored tokens · {_perplexity(prompt)}"
+    forced_key = (
+        '<span><span class="nbtv-f" style="font-style:italic">italic</span>: forced by the format, '
+        "not sampled</span>"
+        if forced
+        else ""
+    )
     return (
         f'<div class="nbtv-legend"><span>probability (before temperature):</span>{swatches}'
-        f"<span>hover or Tab to a token for its alternatives</span></div>"
+        f"<span>hover or Tab to a token for its alternatives</span>{forced_key}</div>"
         + (f'<div class="nbtv-legend">{html.escape(facts)}</div>' if summary else "")
     )
 

@@ -50,18 +50,26 @@ class ChoiceScoring:
         default_factory=list
     )  # the current option's later tokens, read so far
     decision: tuple[str, dict[str, float]] | None = None  # (the option, every option's probability)
+    #: per option, token by token: was it the row's most likely token (None: not known, no top-1 read)
+    greedy: list[list[bool | None]] = field(default_factory=list)
+    rest_greedy: list[bool | None] = field(default_factory=list)  # the current option's, read so far
 
     def __post_init__(self) -> None:
         self.logprobs = [[] for _ in self.options]
+        self.greedy = [[] for _ in self.options]
 
     @property
     def first_tokens(self) -> list[int]:
         return [int(t[0]) for t in self.tokens]
 
     def take_first(self, logprobs: list[float]) -> None:
-        """The first token of every option, from the last prompt position's row."""
-        for i, lp in enumerate(logprobs):
+        """The first token of every option, from the last prompt position's row: the options'
+        log-probabilities, then the row's highest (an option's first token is greedy when it
+        reaches it)."""
+        best = logprobs[len(self.options)] if len(logprobs) > len(self.options) else None
+        for i, lp in enumerate(logprobs[: len(self.options)]):
             self.logprobs[i] = [lp]
+            self.greedy[i] = [None if best is None else lp >= best]
         self.pending = [i for i, t in enumerate(self.tokens) if len(t) > 1]
 
     def next_continuation(self) -> npt.NDArray[np.int32] | None:
@@ -71,12 +79,25 @@ class ChoiceScoring:
             return None
         self.current = self.pending.pop(0)
         self.rest = []
+        self.rest_greedy = []
         return self.tokens[self.current][:-1]
 
     def take_rest(self) -> None:
         """The current option's continuation is read: its tokens after the first."""
         assert self.current is not None
         self.logprobs[self.current] = self.logprobs[self.current][:1] + self.rest
+        self.greedy[self.current] = self.greedy[self.current][:1] + self.rest_greedy
+
+    def sums(self) -> dict[str, float]:
+        """Each option's summed log-probability (its log-likelihood after the prompt)."""
+        return {option: math.fsum(lps) for option, lps in zip(self.options, self.logprobs)}
+
+    def all_greedy(self) -> dict[str, bool] | None:
+        """Per option: was every one of its tokens the most likely one? None where not known
+        (a later token's top-1 is read only with ``logprobs`` >= 1)."""
+        if any(g is None for gs in self.greedy for g in gs):
+            return None
+        return {option: all(bool(g) for g in gs) for option, gs in zip(self.options, self.greedy)}
 
     def decide(self) -> tuple[str, dict[str, float]]:
         """The most likely option and every option's probability over the options (kept in

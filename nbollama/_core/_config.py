@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 NUM_PARALLEL_ENV = "NBOLLAMA_NUM_PARALLEL"
+#: The reason when the user chose parallel: said once, not as "why parallel=4: parallel=4 as asked".
+AS_ASKED = "as asked"
 #: parallel="adaptive" without max_parallel reserves this many slots.
 DEFAULT_MAX_PARALLEL = 8
 
@@ -61,6 +63,7 @@ class LoadOptions:
     max_ttft: float | None = (
         None  # adaptive: time to first token (queue wait included) stays under this
     )
+    jump_forward: bool = True  # a format's forced tokens are decoded as one chunk, not sampled
 
     @classmethod
     def check(cls, **options: Any) -> LoadOptions:  # any values: checked below
@@ -102,7 +105,7 @@ class LoadOptions:
                 f"flash_attn={loaded.flash_attn!r}: must be 'auto', True or False"
             )
         check_kv_types(loaded.kv_type, loaded.kv_type_v, loaded.flash_attn)
-        for name in ("kv_unified", "prefix_cache", "reproducible"):
+        for name in ("kv_unified", "prefix_cache", "reproducible", "jump_forward"):
             if not isinstance(getattr(loaded, name), bool):
                 raise InvalidParamsError(f"{name}={getattr(loaded, name)!r}: must be True or False")
         if loaded.reproducible and loaded.kv_unified:
@@ -139,6 +142,7 @@ class EngineConfig:
     reproducible: bool = False
     adaptive: Target | None = None  # parallel="adaptive": what the controller aims at
     load_seconds: float = 0.0
+    jump_forward: bool = True
 
     @classmethod
     def resolve(
@@ -172,6 +176,7 @@ class EngineConfig:
             adaptive=Target(options.min_tps, options.max_ttft)
             if options.parallel == "adaptive"
             else None,
+            jump_forward=options.jump_forward,
         )
 
 
@@ -201,7 +206,7 @@ def choose_parallel(
     if parallel == "adaptive" and max_parallel is not None:
         return max_parallel, f"adaptive: up to {max_parallel} slots, moved while it runs"
     if parallel not in ("auto", "adaptive"):
-        return int(parallel), f"parallel={parallel} as asked"
+        return int(parallel), AS_ASKED
     kv = kv or KVCacheType()
     per_slot = kv_bytes_per_slot(model, kv, ctx)
     # compute + output buffers: logits rows for every slot and the batch's activations

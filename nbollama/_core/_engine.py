@@ -22,24 +22,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from .. import memory as _memory
 from .._api.base import after_engines_closed, check_slot, prefix_hit_rate, preview_of
-from .._api.kvcache import check_kv_types, kv_label
 from .._api.monitor import Monitor
 from .._api.requests import Handle, SamplingParams
 from .._api.snapshot import EngineSnapshot, ParallelChange
 from .._logging import logger
 from ..exceptions import InvalidParamsError, PromptTooLongError
-from ..memory import format_bytes
-from ..models import resolve_model, same_file
+from ..models import GGUFHeader, same_file
+from ..sources import locate
 from ._adaptive import ParallelController
 from ._config import EngineConfig, LoadOptions, Weights
-from ._kvprobe import KVCacheType, Scorer, kv_bytes_per_slot
+from ._facts import EngineFacts
+from ._identity import engine_identity
 from ._llama import (
     LlamaContext,
     LlamaModel,
@@ -64,7 +63,7 @@ after_engines_closed(silence_llama_log)
   # C++ teardown may log after Python is gone
 
 
-class Engine(EngineLoop):
+class Engine(EngineFacts, EngineLoop):
     """N parallel slots serving one model, with continuous batching.
 
     Make one with ``Engine.load(...)``; use it as a context manager or call
@@ -78,7 +77,7 @@ class Engine(EngineLoop):
     @classmethod
     def load(
         cls,
-        model: str | os.PathLike[str] | None = None,
+        model: str | os.PathLike[str] | GGUFHeader | None = None,
         *,
         parallel: int | Literal["auto", "adaptive"] = "auto",
         ctx: int = 2048,
@@ -96,6 +95,7 @@ class Engine(EngineLoop):
         min_tps: float | None = None,
         max_ttft: float | None = None,
         share_weights_with: Engine | None = None,
+        jump_forward: bool = True,
     ) -> Engine:
         """Load a GGUF model (``None``/``"default"``: the bundled Gemma 3 270M) and start the slots.
 
@@ -121,6 +121,8 @@ class Engine(EngineLoop):
         ``share_weights_with=other`` borrows an open engine's weights when it
         was loaded from the same file with the same GPU layers, instead of
         reading the file again (the session does this for named engines).
+        ``jump_forward=False`` samples every token of a format, also those it
+        forces (``True`` decodes them as one chunk without sampling: faster).
         """
         options = LoadOptions.check(
             parallel=parallel,
@@ -138,9 +140,10 @@ class Engine(EngineLoop):
             max_parallel=max_parallel,
             min_tps=min_tps,
             max_ttft=max_ttft,
+            jump_forward=jump_forward,
         )
         started = time.perf_counter()
-        path = resolve_model(model)
+        path = locate(model).path  # a GGUFHeader given (the session's) is not read again
         release_openmp_threads()  # see its docstring: an idle team on this thread slows every engine
         layers = options.layers(supports_gpu_offload())
         donor = share_weights_with
@@ -192,7 +195,13 @@ class Engine(EngineLoop):
         config.ctx_per_slot = context.ctx_per_slot
         self._config = config
         self._runner = ModelRunner(
-            self._model, context, config.n_batch, invariant=config.reproducible
+            self._model,
+            context,
+            config.n_batch,
+            invariant=config.reproducible,
+            # greedy slots' masks are filled during the decode where a core is left for it (and in
+            # reproducible mode, whose tokens must not depend on the machine's cores)
+            greedy_masks_ahead=config.reproducible or (os.cpu_count() or 1) > config.threads,
         )
         self._slots = [Slot(i) for i in range(config.parallel)]
         self._chunk_size = REPRODUCIBLE_CHUNK if config.reproducible else None
@@ -207,6 +216,7 @@ class Engine(EngineLoop):
         self._parallel_history: deque[ParallelChange] = deque(maxlen=_HISTORY)
         self._shared_prefills = 0
         self._requests: dict[int, Request] = {}
+        self._identity: str | None = None  # the result store's, made at first use
         self._wakeup = threading.Condition(self._lock)
         self._fatal: str | None = None
         self._monitor = Monitor(str(self.id), self.snapshot, self._change_key, lambda: self._closed)
@@ -240,6 +250,7 @@ class Engine(EngineLoop):
         inherited: dict[str, Any] = {
             "prefix_cache": self._config.prefix_cache,
             "reproducible": self._config.reproducible,
+            "jump_forward": self._config.jump_forward,
             "kv_type": self._config.type_k,
             "kv_type_v": self._config.type_v if "kv_type" not in modes else None,
         }
@@ -255,152 +266,6 @@ class Engine(EngineLoop):
         return self._on_weights(
             self._weights, options, time.perf_counter(), threads=self._config.threads
         )
-
-    # -- what it is ------------------------------------------------------------------
-
-    @property
-    def parallel(self) -> int:
-        """The number of slots taking requests now (adaptive parallelism moves it)."""
-        return self._controller.active if self._controller is not None else self._config.parallel
-
-    @property
-    def parallel_max(self) -> int:
-        """The slots whose KV is reserved: ``parallel`` unless adaptive."""
-        return self._config.parallel
-
-    @property
-    def parallel_reason(self) -> str:
-        """Why ``parallel`` is what it is (adaptive: the reason for the last change)."""
-        return (
-            self._controller.reason
-            if self._controller is not None
-            else self._config.parallel_reason
-        )
-
-    @property
-    def parallel_history(self) -> list[ParallelChange]:
-        """Adaptive parallelism's recent changes, oldest first (empty otherwise)."""
-        with self._lock:
-            return list(self._parallel_history)
-
-    @property
-    def ctx(self) -> int:
-        """Tokens of context per slot."""
-        return self._config.ctx_per_slot
-
-    @property
-    def n_batch(self) -> int:
-        """Tokens one step's batch holds (llama.cpp's n_batch)."""
-        return self._config.n_batch
-
-    @property
-    def threads(self) -> int:
-        """CPU threads of each decode."""
-        return self._config.threads
-
-    @property
-    def gpu_layers(self) -> int:
-        """Layers offloaded to a GPU (0 without one)."""
-        return self._config.gpu_layers
-
-    @property
-    def model_name(self) -> str:
-        """The model's name, from its GGUF metadata."""
-        return self._model.name
-
-    @property
-    def model_path(self) -> Path:
-        """The GGUF file the weights came from."""
-        return self._config.model_path
-
-    @property
-    def kv_bytes(self) -> int:
-        """Size of the KV cache buffers llama.cpp allocated (from its own report)."""
-        return self._runner.context.kv_bytes or self.kv_estimate_bytes
-
-    @property
-    def kv_estimate_bytes(self) -> int:
-        return self._model.kv_geometry.bytes_per_token * self._runner.context.n_seq * self.ctx
-
-    @property
-    def kv_type(self) -> str:
-        """The KV cache's precision: ``'f16'``, ``'q8_0'``, or ``'K q8_0 / V f16'`` when they differ."""
-        return kv_label(self._config.type_k, self._config.type_v)
-
-    @property
-    def flash_attn(self) -> bool:
-        """Whether llama.cpp runs flash attention (what ``flash_attn="auto"`` became)."""
-        return self._runner.context.flash_attn
-
-    def kv_bytes_per_slot(
-        self, kv_type: str | None = None, kv_type_v: str | None = None, *, ctx: int | None = None
-    ) -> int:
-        """One slot's KV bytes in a type (default: this engine's) at ``ctx`` tokens, as llama.cpp allocates them."""
-        self._check_open()
-        if kv_type is None:
-            kv = KVCacheType(self._config.type_k, self._config.type_v, self._config.flash_attn)
-        else:
-            kv = self._kv_cache_type(kv_type, kv_type_v)
-        with self._weights.borrowed() as model:
-            return kv_bytes_per_slot(model, kv, self.ctx if ctx is None else ctx)
-
-    def _kv_cache_type(self, kv_type: str, kv_type_v: str | None) -> KVCacheType:
-        """A KV type checked against this engine's flash-attention setting."""
-        type_k, type_v = check_kv_types(kv_type, kv_type_v, self._config.flash_attn)
-        return KVCacheType(type_k, type_v, self._config.flash_attn)
-
-    def scorer(self, kv_type: str = "f16", kv_type_v: str | None = None, *, ctx: int = 512) -> Scorer:
-        """A private context on this engine's weights that scores token sequences in a KV type.
-
-        For measurements (``nbollama.bench.kv_quality``); close it when done.
-        """
-        self._check_open()
-        kv = self._kv_cache_type(kv_type, kv_type_v)
-        weights = self._weights.acquire()
-        try:
-            return Scorer(weights.model, kv, ctx=ctx, threads=self.threads, release=weights.release)
-        except BaseException:
-            weights.release()
-            raise
-
-    @property
-    def kv_estimate(self) -> str:
-        streams = self._runner.context.n_seq
-        allocated = self._runner.context.kv_bytes
-        per_token = (
-            allocated // (streams * self.ctx) if allocated else self._model.kv_geometry.bytes_per_token
-        )
-        spares = streams - self.parallel_max
-        who = f"{self.parallel_max} slots" + (
-            f" + {spares} spare (reproducible mode pads to {streams})" if spares else ""
-        )
-        return (
-            f"{who} x {self.ctx} ctx x {format_bytes(per_token)}/token ({self.kv_type}) "
-            f"= {format_bytes(per_token * streams * self.ctx)}"
-        )
-
-    @property
-    def load_seconds(self) -> float:
-        return self._config.load_seconds
-
-    @property
-    def reproducible(self) -> bool:
-        """Whether a request's tokens are independent of what else runs (``Engine.load(reproducible=True)``)."""
-        return self._config.reproducible
-
-    @property
-    def summary(self) -> str:
-        """The one line that says what was loaded and why parallel is what it is."""
-        return (
-            f"nbollama: model={self.model_name} parallel={self.parallel} ctx/slot={self.ctx} "
-            f"kv={format_bytes(self.kv_bytes)} ({self.kv_type}) n_batch={self.n_batch} threads={self.threads} "
-            f"gpu_layers={self.gpu_layers}{' reproducible' if self.reproducible else ''} "
-            f"load={self.load_seconds:.1f}s ({self.parallel_reason})"
-        )
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"parallel={self.parallel} ctx/slot={self.ctx}"
-        return f"<nbollama.Engine {self.model_name!r} {state}>"
 
     def __enter__(self) -> Engine:
         return self
@@ -445,6 +310,20 @@ class Engine(EngineLoop):
             )
             handle._finish("error", error=message, exception=PromptTooLongError(message))
         return request
+
+    def _store_identity(self) -> str | None:
+        if self._identity is None:
+            self._identity = engine_identity(self._model, self._config, flash_attn=self.flash_attn)
+        return self._identity
+
+    def _store_material(self, request: Request) -> bytes:
+        return request.tokens.tobytes()  # after the chat template: another template is another key
+
+    def _replay_is_exact(self) -> bool:
+        return self._config.reproducible
+
+    def _store_label(self) -> str:
+        return self.model_name
 
     def _enqueue(self, requests: Sequence[Request]) -> None:
         self._scheduler.push_all(requests)
@@ -524,6 +403,7 @@ class Engine(EngineLoop):
             n_batch=self.n_batch,
             gpu_layers=self.gpu_layers,
             parallel_reason=self.parallel_reason,
+            amx=self.amx,
             kv={
                 "used": sum(s["kv_used"] or 0 for s in slots),
                 "total": self.parallel_max * self.ctx,

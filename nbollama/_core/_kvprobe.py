@@ -19,7 +19,8 @@ import numpy.typing as npt
 
 from .._api.kvcache import kv_label
 from ..exceptions import InvalidParamsError
-from ._llama import Batch, LlamaContext, LlamaModel
+from ._batch import Batch
+from ._llama import LlamaContext, LlamaModel
 from ._logits import row_stats
 
 __all__ = ["KVCacheType", "Scorer", "ScoredSequence", "kv_bytes_per_slot"]

@@ -3,8 +3,10 @@
 Each turn admits queued requests into free slots, plans one step (a token for
 every generating slot, prompt chunks for prefilling ones), runs it in ONE
 ``llama_decode`` through the ``ModelRunner``, and takes the sampled tokens:
-text, stop strings, finishing. A failure in one slot ends that slot's request
-alone, as llama-server releases only the failed slot.
+text, stop strings, finishing. Where a format forces the tokens after a
+sampled one, they ride in the slot's next batch entry (jump-forward, see
+``_jump``) and are taken once decoded. A failure in one slot ends that slot's
+request alone, as llama-server releases only the failed slot.
 """
 
 from __future__ import annotations
@@ -14,18 +16,16 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from .._api.base import EngineBase, error_of
-from .._api.outputs import TokenLogprob
+from .._api.base import error_of
 from .._api.requests import FinishReason
 from .._api.snapshot import ParallelChange, completed_request
 from .._logging import logger
 from ._adaptive import ParallelController
+from ._intake import StepIntake
 from ._llama import DECODE_NO_KV_SLOT, DECODE_OK, LlamaModel, release_openmp_threads
-from ._outputs import outputs_of, take_scored
+from ._outputs import outputs_of
 from ._prefix import common_prefix
-from ._runner import ModelRunner, StepOutcome
+from ._runner import ModelRunner
 from ._scheduler import Scheduler, plan_step
 from ._slots import Request, Slot
 from ._text import TextStream
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["EngineLoop"]
 
 
-class EngineLoop(EngineBase[Request]):
+class EngineLoop(StepIntake):
     """The loop half of ``Engine``: what runs on the engine's thread (and ``_finish``, which
     also ends requests at shutdown). ``Engine`` sets the state declared here."""
 
@@ -132,6 +132,10 @@ class EngineLoop(EngineBase[Request]):
             if request.choice is None:  # a choice is scored, not sampled
                 request.sampler = self._runner.sampler_for(request.params, request.tokens)
             request.text = TextStream(request.params.stop)
+            if request.matcher is not None and self._config.jump_forward:
+                # the format's first tokens, when it forces them: decoded after the prompt
+                room = self._forced_room(request, at=len(request.tokens))
+                request.start_forced = tuple(self._take_forced(request, room))
             self._runner.keep_prefix(slot.id, request.n_prefilled)
             if request.copy_from is not None and request.copy_from.ready:
                 self._copy_prefix(slot, request)
@@ -246,103 +250,6 @@ class EngineLoop(EngineBase[Request]):
                 evicted = True
         return evicted
 
-    def _postprocess(self, outcome: StepOutcome) -> None:
-        now = time.perf_counter()
-        plan = outcome.plan
-        for d in plan.decodes:
-            self._slots[d.slot].n_past += 1
-        prompt_tokens = 0
-        for c in plan.chunks:
-            slot = self._slots[c.slot]
-            assert slot.request is not None  # a chunk is planned for a prefilling request
-            slot.request.n_prefilled += c.count
-            slot.n_past += c.count
-            prompt_tokens += c.count
-        if any(s.request is not None and s.request.copy_from is not None for s in self._slots):
-            self._resolve_copies()  # before any token can finish a source slot
-        for slot_id, scored in outcome.scored.items():
-            request = self._slots[slot_id].request
-            if request is not None and slot_id not in outcome.failures:
-                take_scored(request, scored)
-        for c in plan.chunks:
-            request = self._slots[c.slot].request
-            if c.ends_prompt and request is not None and request.choice is not None:
-                if c.slot not in outcome.failures:
-                    self._advance_choice(self._slots[c.slot], outcome.choice_first.get(c.slot))
-        produced = 0
-        for slot_id, token in outcome.tokens.items():
-            slot = self._slots[slot_id]
-            try:
-                produced += self._accept(slot, token, now, outcome.logprobs.get(slot_id))
-            except Exception as exc:  # this slot's token handling failed: end this request alone
-                logger.warning(
-                    "nbollama: request in slot %s failed while handling its token",
-                    slot_id,
-                    exc_info=True,
-                )
-                self._finish(
-                    slot, "error", error=f"handling its token failed: {type(exc).__name__}: {exc}"
-                )
-        for slot_id, why in outcome.failures.items():
-            self._finish(self._slots[slot_id], "error", error=why)
-        self._meter.add(produced)
-        with self._lock:
-            self._totals.prompt_tokens += prompt_tokens
-            self._totals.generated_tokens += produced
-            self._seq += 1
-
-    def _advance_choice(self, slot: Slot, first: list[float] | None) -> None:
-        """A choice request's prompt or one option's continuation is read: put the prompt back,
-        then score the next long option, or decide."""
-        request = slot.request
-        assert request is not None and request.choice is not None
-        choice = request.choice
-        prompt_len = len(choice.prompt)
-        if first is not None:
-            choice.take_first(first)
-        elif choice.current is not None:
-            choice.take_rest()
-            self._runner.keep_prefix(slot.id, prompt_len)  # the continuation's KV goes
-            slot.n_past = request.n_prefilled = prompt_len
-            request.tokens = choice.prompt
-        continuation = choice.next_continuation()
-        if continuation is not None:  # its tokens after the prompt, with a row each
-            request.tokens = np.concatenate([choice.prompt, continuation])
-            request.logits_from = prompt_len
-            return
-        request.logits_from = None
-        option, _ = choice.decide()
-        request.handle.timing.first_token = time.perf_counter()
-        self._finish(slot, "stop", tail=option)
-
-    def _accept(self, slot: Slot, token: int, now: float, entry: TokenLogprob | None = None) -> int:
-        """Take a sampled token: stream its text or finish the request. Returns tokens produced."""
-        request = slot.request
-        assert request is not None and request.text is not None
-        handle = request.handle
-        if handle.timing.first_token is None:
-            handle.timing.first_token = now
-            if self._controller is not None:
-                self._controller.first_token(now - handle.timing.submitted)
-        if self._model.is_eog(token):
-            self._finish(slot, "stop")
-            return 0
-        request.completion_tokens += 1
-        request.output_ids.append(token)
-        if entry is not None:
-            request.entries.append(entry)
-        handle._publish(request.text.feed(self._model.piece(token)), request.completion_tokens)
-        if request.text.stopped or (request.matcher is not None and request.matcher.is_stopped()):
-            self._finish(slot, "stop")  # a stop string, or a format that is complete
-        elif request.completion_tokens >= request.params.max_tokens or slot.n_past >= self.ctx:
-            self._finish(slot, "length")  # its budget, or the slot's context, is used up
-        else:
-            slot.last_token = token
-            if slot.state != "generating":
-                with self._lock:
-                    slot.state = "generating"
-        return 1
-
     def _finish(
         self, slot: Slot, reason: FinishReason, *, error: str | None = None, tail: str = ""
     ) -> None:
@@ -374,6 +281,8 @@ class EngineLoop(EngineBase[Request]):
             self._runner.reset_sequence(slot.id)
         elif prompt_only:
             self._runner.keep_prefix(slot.id, request.n_prefilled)
+        elif slot.n_past > len(held := slot.held_tokens()):
+            self._runner.keep_prefix(slot.id, len(held))  # forced tokens past a stop are not kept
         with self._lock:
             slot.release(reason, keep_cache=keep_cache, prompt_only=prompt_only)
             self._requests.pop(request.handle.id, None)
@@ -388,6 +297,7 @@ class EngineLoop(EngineBase[Request]):
             error=error,
             exception=error_of(reason, error),
             token_ids=tuple(request.output_ids),
+            forced_tokens=request.forced_tokens,
             **outputs,
         )
         self._recent.append(completed_request(result))

@@ -58,11 +58,18 @@ def take_scored(request: Request, scored: Sequence[tuple[int, TokenLogprob]]) ->
     choice = request.choice
     if choice is not None and choice.current is not None:
         choice.rest.extend(entry["logprob"] for _, entry in scored)
+        choice.rest_greedy.extend(_is_top(entry) for _, entry in scored)
         return
     if request.prompt_entries is not None:
         for pos, entry in scored:
             if pos < len(request.prompt_entries):
                 request.prompt_entries[pos] = entry
+
+
+def _is_top(entry: TokenLogprob) -> bool | None:
+    """Whether the token was its row's most likely one; None when no alternative was read."""
+    top = entry["top_logprobs"]
+    return entry["logprob"] >= top[0]["logprob"] if top else None
 
 
 def entries_within(entries: Sequence[TokenLogprob], text: str) -> tuple[TokenLogprob, ...]:
@@ -92,6 +99,7 @@ def outputs_of(request: Request, reason: FinishReason, text: str) -> dict[str, A
     choice = request.choice
     if choice is not None and choice.decision is not None:
         out["choice"], out["choice_probs"] = choice.decision
+        out["choice_logprobs"], out["choice_greedy"] = choice.sums(), choice.all_greedy()
     constraint = request.constraint
     if constraint is not None:
         if reason == "stop":

@@ -3,7 +3,8 @@
 ``run(plan)`` fills one batch from a ``StepPlan``, decodes it (halving the
 prompt chunks while the KV cache has no room) and reads every row of logits
 it asked for: each slot's next token (within its format's mask, with its
-log-probabilities when asked), the scored prompt positions, and the first
+log-probabilities when asked), the entries of the tokens its format forced
+(jump-forward, see ``_jump``), the scored prompt positions, and the first
 tokens of a request's choices. A slot whose row fails is reported alone, so
 the engine can fail that request and keep the others, as llama.cpp's server
 releases only the slot that failed.
@@ -13,27 +14,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import llguidance
-import llguidance.numpy
 import numpy as np
 import numpy.typing as npt
 
 from .._api.outputs import TokenLogprob
 from .._api.requests import SamplingParams
 from ..exceptions import EngineError
+from ._batch import Batch
+from ._jump import StepTimes
 from ._llama import (
     DECODE_NO_KV_SLOT,
     DECODE_OK,
-    Batch,
     LlamaContext,
     LlamaModel,
 )
-from ._logits import apply_mask, entry_for, masked_argmax, row_stats
+from ._logits import apply_mask, entry_for, row_stats
+from ._masks import FormatMasks, MaskResult
 from ._sampler import GreedySampler, Sampler, make_sampler
-from ._scheduler import Chunk, StepPlan
+from ._scheduler import Chunk, Decode, StepPlan
 from ._slots import Request
 
 __all__ = ["ModelRunner", "StepOutcome"]
@@ -53,10 +54,21 @@ class StepOutcome:
     choice_first: dict[int, list[float]] = field(
         default_factory=dict
     )  # slot -> options' first tokens
+    #: slot -> the entries of the forced tokens decoded this step (with logprobs), in order
+    forced_entries: dict[int, list[TokenLogprob]] = field(default_factory=dict)
 
 
-#: A row to read after a decode: (slot, batch index of its first row, its chunk; None for a decode)
-_Row = tuple[int, int, "Chunk | None"]
+@dataclass(frozen=True)
+class _Span:
+    """Tokens ``[start, end)`` of a decode entry, decoded together (a row each where read)."""
+
+    decode: Decode
+    start: int
+    end: int
+
+
+#: A row to read after a decode: (slot, batch index of its first row, its chunk or decode span)
+_Row = tuple[int, int, "Chunk | _Span"]
 
 
 #: Reproducible mode decodes at least this many rows at once. On llama.cpp's CPU
@@ -64,6 +76,10 @@ _Row = tuple[int, int, "Chunk | None"]
 #: 8 or more give three different results (the kernels group rows), while any
 #: count from 8 up gives the same (measured up to 40). See README, "Reproducible mode".
 INVARIANT_ROWS = 8
+#: A ubatch reads every weight once more: on this CPU (2 threads or 1) that costs about as much
+#: as 8-10 more rows of the same ubatch, so padding entries by up to this many throwaway rows
+#: per forced run saved from a ubatch of its own is a gain.
+UBATCH_ROWS = 8
 
 
 class ModelRunner:
@@ -72,18 +88,31 @@ class ModelRunner:
     ``invariant=True`` (reproducible mode) runs each plan so that no row's
     numbers depend on the rest: the decode rows go in one ``llama_decode`` of
     at least ``INVARIANT_ROWS`` consecutive sequences (idle and spare ones get
-    a throwaway token), and each prompt chunk goes alone in a call of its own.
+    a throwaway token), and each prompt chunk, and each slot's run of forced
+    tokens, goes alone in a call of its own.
+    ``greedy_masks_ahead``: fill greedy slots' masks during the decode too
+    (else a greedy slot checks its argmax with llguidance and fills a mask
+    only when it is refused). Worth it where a core is free while the decode
+    runs; where the decode's threads take every core, the mask thread takes
+    its time from the decode, and the check costs a fraction of a mask.
     """
 
     def __init__(
-        self, model: LlamaModel, context: LlamaContext, n_batch: int, *, invariant: bool = False
+        self,
+        model: LlamaModel,
+        context: LlamaContext,
+        n_batch: int,
+        *,
+        invariant: bool = False,
+        greedy_masks_ahead: bool = True,
     ) -> None:
         self.model = model
         self.context = context
         self.batch = Batch(max(n_batch, context.n_seq))
         self.invariant = invariant
-        self._masks: npt.NDArray[np.int32] | None = None  # one llguidance bitmask row per slot
-        self._mask_thread: ThreadPoolExecutor | None = None
+        self.greedy_masks_ahead = greedy_masks_ahead
+        self.times = StepTimes()
+        self.masks = FormatMasks(context.n_seq, model.n_vocab, self.times)
 
     def sampler_for(self, params: SamplingParams, prompt: npt.NDArray[np.int32]) -> Sampler:
         """(For a request that generates; a choice is scored and has none.)"""
@@ -101,6 +130,7 @@ class ModelRunner:
 
     def run(self, plan: StepPlan, requests: Mapping[int, Request]) -> StepOutcome:
         """Decode ``plan`` (``requests``: slot -> its request), then read the rows it asked for."""
+        self.times.steps += 1
         if self.invariant or not self.context.kv_unified:
             return self._run_by_stream(plan, requests)
         ahead = self._masks_ahead(plan, requests)
@@ -109,7 +139,7 @@ class ModelRunner:
         rows: list[_Row] = []
         while current is not None:
             rows = self._fill(current, requests)
-            status = self.context.decode(self.batch)
+            status = self._decode()
             if status != DECODE_NO_KV_SLOT:
                 break
             smaller = current.shrink_prefill()
@@ -118,7 +148,7 @@ class ModelRunner:
             current = smaller
         decoded = current if current is not None else plan
         outcome = StepOutcome(status, decoded)
-        masks = _masks_of(ahead)  # joined even when the decode failed: the thread is free again
+        masks = self.masks.join(ahead)  # joined even when the decode failed: the thread is free again
         if status != DECODE_OK:
             return outcome
         self._read(outcome, rows, requests, masks)
@@ -129,28 +159,37 @@ class ModelRunner:
         outcome: StepOutcome,
         rows: list[_Row],
         requests: Mapping[int, Request],
-        masks: Mapping[int, npt.NDArray[np.int32] | str],
+        masks: MaskResult,
     ) -> None:
         """Everything the rows of the last decode say, before the next decode overwrites them."""
         sampling: list[tuple[int, int]] = []  # (slot, batch index)
-        for slot, index, chunk in rows:
+        for slot, index, item in rows:
             request = requests[slot]
-            if chunk is None:
-                sampling.append((slot, index))
-                continue
             try:
+                if isinstance(item, _Span):
+                    if self._read_span(outcome, item, index, request):
+                        sampling.append((slot, index + item.end - item.start - 1))
+                    continue
+                chunk = item
+                last = index + chunk.count - 1
                 if request.logits_from is not None:
                     self._score_chunk(outcome, request, chunk, index)
                 if chunk.ends_prompt and request.choice is not None:
                     if request.choice.current is None:  # the prompt's last row: every first token
-                        last = index + chunk.count - 1
                         outcome.choice_first[slot] = self._first_tokens(request, last)
                     continue  # a choice is scored, never sampled
+                if chunk.ends_prompt and request.start_forced:  # the format's first tokens follow
+                    k = request.params.logprobs
+                    if k is not None:
+                        row = self.context.logits_row(last)
+                        entry = entry_for(row, row_stats(row, k), request.start_forced[0], self.model.piece)
+                        request.lead_entry = _forced(entry)
+                    continue
             except Exception as exc:  # this request's rows: it fails alone
                 outcome.failures[slot] = f"reading its logits failed: {type(exc).__name__}: {exc}"
                 continue
             if chunk.ends_prompt:
-                sampling.append((slot, index + chunk.count - 1))
+                sampling.append((slot, last))
         for slot, index in sampling:
             mask = masks.get(slot)
             if (
@@ -163,6 +202,25 @@ class ModelRunner:
             self._sample(
                 outcome, slot, index, requests[slot], mask if isinstance(mask, np.ndarray) else None
             )
+
+    def _read_span(self, outcome: StepOutcome, span: _Span, first: int, request: Request) -> bool:
+        """The entries of the forced tokens these rows predict (with logprobs); whether the
+        slot's next token is sampled from the last row (its entry ends here, and its format,
+        if any, still goes on)."""
+        d = span.decode
+        k = request.params.logprobs
+        if k is not None and d.n_forced:
+            entries = outcome.forced_entries.setdefault(d.slot, [])
+            if span.start == 0 and d.lead_forced:
+                if request.lead_entry is None:
+                    raise ValueError("the first forced token has no entry from the prompt's last row")
+                entries.append(request.lead_entry)
+            for j in range(span.start, min(span.end, len(d.tokens) - 1)):
+                row = self.context.logits_row(first + j - span.start)
+                entry = entry_for(row, row_stats(row, k), d.tokens[j + 1], self.model.piece)
+                entries.append(_forced(entry))
+        matcher = request.matcher
+        return span.end == len(d.tokens) and (matcher is None or not matcher.is_stopped())
 
     def _score_chunk(
         self, outcome: StepOutcome, request: Request, chunk: Chunk, first: int
@@ -184,54 +242,36 @@ class ModelRunner:
             scored.append((pos + 1, entry))
 
     def _first_tokens(self, request: Request, index: int) -> list[float]:
-        """Every option's first-token log-probability, from one row."""
+        """Every option's first-token log-probability, from one row, then the row's highest
+        (which option tokens are greedy: ``ChoiceScoring.take_first``)."""
         assert request.choice is not None
         row = self.context.logits_row(index)
         lse = row_stats(row, 0).lse
-        return [float(row[t]) - lse for t in request.choice.first_tokens]
+        return [float(row[t]) - lse for t in request.choice.first_tokens] + [float(row.max()) - lse]
 
     def _masks_ahead(
         self, plan: StepPlan, requests: Mapping[int, Request]
-    ) -> Future[dict[int, npt.NDArray[np.int32] | str]] | None:
-        """Start filling the token masks of the plan's constrained slots, to overlap the decode.
-
-        A mask depends only on what the format has consumed so far, never on
-        the logits about to be computed, so llguidance (which releases the GIL)
-        fills it on a thread of its own while ``llama_decode`` runs. Greedy
-        slots are left out: they check their argmax first and need a mask only
-        when it is refused (``_pick_greedy``).
-        """
-        sampled = [d.slot for d in plan.decodes] + [c.slot for c in plan.chunks if c.ends_prompt]
+    ) -> Future[MaskResult] | None:
+        """Start filling the token masks of the plan's constrained slots, to overlap the decode
+        (see ``_masks``). A slot that samples nothing this step (a format that is complete, a
+        prompt whose format forces its first tokens) gets none."""
+        sampled = [d.slot for d in plan.decodes] + [
+            c.slot for c in plan.chunks if c.ends_prompt and not requests[c.slot].start_forced
+        ]
         matchers = [
             (slot, m)
             for slot in sampled
             if (m := requests[slot].matcher) is not None
-            and not isinstance(requests[slot].sampler, GreedySampler)
+            and not m.is_stopped()
+            and (self.greedy_masks_ahead or not isinstance(requests[slot].sampler, GreedySampler))
         ]
-        if not matchers:
-            return None
-        if self._mask_thread is None:
-            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="nbollama-masks")
-        return self._mask_thread.submit(_fill_masks, matchers, self._mask_rows())
+        return self.masks.ahead(matchers)
 
-    def _mask_rows(self) -> npt.NDArray[np.int32]:
-        if self._masks is None:
-            self._masks = llguidance.numpy.allocate_token_bitmask(
-                self.context.n_seq, self.model.n_vocab
-            )
-        return self._masks
-
-    def _pick_greedy(
-        self, row: npt.NDArray[np.float32], matcher: llguidance.LLMatcher, slot: int
-    ) -> int:
-        """llama.cpp's grammar fast path: the argmax, if the format takes it (checking one token
-        costs a fraction of a mask over 262k); else the best token the mask allows."""
-        token = int(row.argmax())
-        if matcher.validate_tokens([token]) == 1:
-            return token
-        masks = self._mask_rows()
-        llguidance.numpy.fill_next_token_bitmask(matcher, masks, slot)
-        return masked_argmax(row, masks[slot])
+    def _decode(self) -> int:
+        start = time.perf_counter()
+        status = self.context.decode(self.batch)
+        self.times.add("decode", time.perf_counter() - start)
+        return status
 
     def _sample(
         self,
@@ -249,72 +289,142 @@ class ModelRunner:
             k = request.params.logprobs
             stats = row_stats(row, k) if k is not None else None
             matcher = request.matcher
+            times = self.times
             if matcher is not None and isinstance(sampler, GreedySampler):
-                token = self._pick_greedy(row, matcher, slot)
+                token = self.masks.pick_greedy(row, matcher, slot, mask)
             elif mask is None:
                 token = sampler.sample(self.context, index)
             else:
+                start = time.perf_counter()
                 apply_mask(row, mask)  # the chain reads this row in place: allowed tokens only
+                masked = time.perf_counter()
                 token = sampler.sample(self.context, index)
+                times.add("masking", masked - start)
+                times.add("sampling", time.perf_counter() - masked)
+                times.masks_applied += 1
             if stats is not None:
                 outcome.logprobs[slot] = entry_for(row, stats, token, self.model.piece)
-            if matcher is not None and not matcher.consume_token(token):
-                raise ValueError(f"the format refused token {token}: {matcher.get_error()}")
+            if matcher is not None:
+                start = time.perf_counter()
+                consumed = matcher.consume_token(token)
+                times.add("guidance", time.perf_counter() - start)
+                times.sampled += 1
+                if not consumed:
+                    raise ValueError(f"the format refused token {token}: {matcher.get_error()}")
             outcome.tokens[slot] = token
         except Exception as exc:  # one slot's sampler: that request fails, the step goes on
             outcome.failures[slot] = f"sampling failed: {type(exc).__name__}: {exc}"
 
     def _run_by_stream(self, plan: StepPlan, requests: Mapping[int, Request]) -> StepOutcome:
-        """A stream per slot: all decode rows in one call over consecutive sequence ids, then each chunk alone.
+        """A stream per slot: all decode rows in one call over consecutive sequence ids, then
+        (where they do not ride in that call) each slot's forced tokens alone, then each chunk alone.
 
         llama.cpp splits a batch into one ubatch per run of consecutive sequence
-        ids with equal token counts, so a gap (an idle slot) or a prompt chunk
-        beside the decode rows would cost extra ubatches: gaps get a throwaway
-        row, removed afterwards. Reproducible mode pads to INVARIANT_ROWS rows,
-        the smallest count whose kernels give every row the same result.
+        ids with equal token counts, and each ubatch reads every weight again
+        (about as long as ten more rows on this CPU). So gaps (idle slots) get
+        a throwaway row, and when slots' forced runs would cost more ubatches
+        than padding every entry to the longest does, every entry is padded
+        with throwaway tokens to the same length: one ubatch; the padding is
+        removed afterwards. Reproducible mode pads to INVARIANT_ROWS rows, the
+        smallest count whose kernels give every row the same result, and
+        decodes each forced run in a call of its own, as a prompt chunk is:
+        what it computes then depends on the request alone.
         """
         outcome = StepOutcome(DECODE_OK, plan)
         ahead = self._masks_ahead(plan, requests)  # filled while the first decode runs
         batch, context = self.batch, self.context
-        rows = INVARIANT_ROWS if self.invariant else 1
-        if plan.decodes:
-            real = {d.slot: d for d in plan.decodes}
+        masks: MaskResult | None = None
+        span = self._common_width(plan)  # 0: forced runs go alone
+        real = {d.slot: d for d in plan.decodes if span or not d.lead_forced}
+        if real:
+            rows = INVARIANT_ROWS if self.invariant else 1
             first, last = min(real), max(real)
             last = max(last, first + rows - 1)
             if last >= context.n_seq:  # not enough sequences above: extend downwards
                 last = context.n_seq - 1
                 first = max(0, min(first, last - rows + 1))
+            width = max(span, 1)
             batch.clear()
             to_read: list[_Row] = []
             throwaway: list[tuple[int, int]] = []
-            for seq in range(
-                first, last + 1
-            ):  # consecutive ids: llama.cpp keeps them in one ubatch
+            for seq in range(first, last + 1):  # consecutive ids: llama.cpp keeps them in one ubatch
                 d = real.get(seq)
+                n, end = 0, context.sequence_length(seq)
                 if d is not None:
-                    to_read.append((seq, batch.add(d.token, d.pos, seq, True), None))
-                else:
-                    end = context.sequence_length(seq)
-                    batch.add(0, end, seq, False)
+                    n, end = (len(d.tokens) if span else 1), d.pos
+                    with_rows = n > 1 and requests[seq].params.logprobs is not None
+                    tokens = np.asarray(d.tokens[:n], dtype=np.int32)
+                    index = batch.add_span(tokens, end, seq, True, logits_from=end if with_rows else None)
+                    to_read.append((seq, index, _Span(d, 0, n)))
+                    end += n
+                if n < width:
+                    batch.add_span(np.zeros(width - n, dtype=np.int32), end, seq, False)
                     throwaway.append((seq, end))
-            status = context.decode(batch)
+            status = self._decode()
             for seq, end in throwaway:
                 context.truncate_sequence(seq, end)
             if status != DECODE_OK:
-                _masks_of(ahead)  # the mask thread is done before anyone else uses it
+                self.masks.join(ahead)  # the mask thread is done before anyone else uses it
                 return StepOutcome(status, StepPlan(plan.decodes))
-            self._read(outcome, to_read, requests, _masks_of(ahead))
+            masks = self.masks.join(ahead)
+            self._read(outcome, to_read, requests, masks)
+        for d in plan.decodes:  # forced tokens: after the slot's own row, alone
+            start = 0 if d.lead_forced else 1
+            if span or start >= len(d.tokens) or d.slot in outcome.failures:
+                continue
+            batch.clear()
+            at = d.pos + start
+            with_rows = requests[d.slot].params.logprobs is not None
+            index = batch.add_span(
+                np.asarray(d.tokens[start:], dtype=np.int32),
+                at,
+                d.slot,
+                True,
+                logits_from=at if with_rows else None,
+            )
+            status = self._decode()
+            if status != DECODE_OK:
+                outcome.failures[d.slot] = (
+                    f"llama_decode failed with status {status} on its forced tokens"
+                )
+                continue
+            masks = self.masks.join(ahead) if masks is None else masks
+            self._read(outcome, [(d.slot, index, _Span(d, start, len(d.tokens)))], requests, masks)
         for c in plan.chunks:
             batch.clear()
-            first = self._add_chunk(c, requests[c.slot])
-            status = context.decode(batch)
+            index = self._add_chunk(c, requests[c.slot])
+            status = self._decode()
             if status != DECODE_OK:
                 outcome.failures[c.slot] = (
                     f"llama_decode failed with status {status} on a prompt chunk"
                 )
                 continue
-            self._read(outcome, [(c.slot, first, c)], requests, _masks_of(ahead))
+            masks = self.masks.join(ahead) if masks is None else masks
+            self._read(outcome, [(c.slot, index, c)], requests, masks)
+        if masks is None:
+            self.masks.join(ahead)
         return outcome
+
+    def _common_width(self, plan: StepPlan) -> int:
+        """The length every decode entry is padded to so that the forced runs ride in the decode
+        rows' ubatch; 0 when they go alone (reproducible mode, no runs, no room, or padding
+        that costs more rows than the ubatches it saves)."""
+        runs = sum(1 for d in plan.decodes if len(d.tokens) > 1 or d.lead_forced)
+        if self.invariant or not runs:
+            return 0
+        width = max(len(d.tokens) for d in plan.decodes)
+        entries = {d.slot: d for d in plan.decodes}
+        first, last = min(entries), max(entries)
+        seqs = last - first + 1
+        if seqs * width > self.batch.capacity:
+            return 0
+        for seq in range(first, last + 1):
+            d = entries.get(seq)
+            start = d.pos if d is not None else self.context.sequence_length(seq)
+            if start + width > self.context.ctx_per_slot:
+                return 0  # a throwaway token would not fit the slot's context
+        tokens = sum(len(d.tokens) for d in plan.decodes) + (seqs - len(entries))  # gaps: 1 anyway
+        return width if seqs * width - tokens <= UBATCH_ROWS * runs else 0
 
     def time_decode(self, rows: int) -> float:
         """Seconds one decode step of ``rows`` sequences takes (throwaway tokens, removed after).
@@ -337,12 +447,24 @@ class ModelRunner:
         return seconds
 
     def _fill(self, plan: StepPlan, requests: Mapping[int, Request]) -> list[_Row]:
-        """Put the plan in the batch; the rows to read after the decode."""
+        """Put the plan in the batch; the rows to read after the decode.
+
+        A decode entry with forced tokens goes in as one span of its sequence,
+        with a row for its last token (for every token with logprobs).
+        """
         batch = self.batch
         batch.clear()
-        rows: list[_Row] = [
-            (d.slot, batch.add(d.token, d.pos, d.slot, True), None) for d in plan.decodes
-        ]
+        rows: list[_Row] = []
+        for d in plan.decodes:
+            if len(d.tokens) == 1:
+                index = batch.add(d.token, d.pos, d.slot, True)
+            else:
+                with_rows = requests[d.slot].params.logprobs is not None
+                tokens = np.asarray(d.tokens, dtype=np.int32)
+                index = batch.add_span(
+                    tokens, d.pos, d.slot, True, logits_from=d.pos if with_rows else None
+                )
+            rows.append((d.slot, index, _Span(d, 0, len(d.tokens))))
         rows += [(c.slot, self._add_chunk(c, requests[c.slot]), c) for c in plan.chunks]
         return rows
 
@@ -354,27 +476,11 @@ class ModelRunner:
         )
 
     def close(self) -> None:
-        if self._mask_thread is not None:
-            self._mask_thread.shutdown(wait=True)
+        self.masks.close()
         self.context.close()
 
 
-def _fill_masks(
-    matchers: list[tuple[int, llguidance.LLMatcher]], masks: npt.NDArray[np.int32]
-) -> dict[int, npt.NDArray[np.int32] | str]:
-    """(The mask thread.) Each matcher's next-token mask into its slot's row; a failure is that
-    slot's alone, named."""
-    out: dict[int, npt.NDArray[np.int32] | str] = {}
-    for slot, matcher in matchers:
-        try:
-            llguidance.numpy.fill_next_token_bitmask(matcher, masks, slot)
-            out[slot] = masks[slot]
-        except Exception as exc:
-            out[slot] = f"{type(exc).__name__}: {exc}"
-    return out
-
-
-def _masks_of(
-    ahead: Future[dict[int, npt.NDArray[np.int32] | str]] | None,
-) -> dict[int, npt.NDArray[np.int32] | str]:
-    return ahead.result() if ahead is not None else {}
+def _forced(entry: TokenLogprob) -> TokenLogprob:
+    """An entry marked as a token the format forced (taken without sampling)."""
+    entry["forced"] = True
+    return entry

@@ -24,6 +24,9 @@ class Sampler(Protocol):
 
     def sample(self, context: LlamaContext, index: int) -> int: ...
 
+    def accept(self, tokens: Sequence[int]) -> None:
+        """Tokens that were not sampled (the prompt, a format's forced tokens): penalties see them."""
+
     def free(self) -> None: ...
 
 
@@ -37,6 +40,9 @@ class GreedySampler:
 
     def sample(self, context: LlamaContext, index: int) -> int:
         return int(context.logits_row(index).argmax())
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        pass
 
     def free(self) -> None:
         pass
@@ -71,8 +77,9 @@ class SamplerChain:
             add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         self.ptr = chain
 
-    def accept_prompt(self, tokens: Sequence[int] | npt.NDArray[np.int32]) -> None:
-        """Let the penalty sampler see the prompt, as llama.cpp's server does."""
+    def accept(self, tokens: Sequence[int] | npt.NDArray[np.int32]) -> None:
+        """Let the penalty sampler see tokens it did not sample: the prompt, as llama.cpp's
+        server does, and a format's forced tokens."""
         for token in tokens:
             ll.llama_sampler_accept(self.ptr, int(token))
 
@@ -94,5 +101,5 @@ def make_sampler(
     chain = SamplerChain(params, n_vocab=n_vocab)
     if params.repeat_penalty != 1.0:
         # the penalty looks back repeat_last_n tokens: older prompt tokens would fall out anyway
-        chain.accept_prompt(prompt[-params.repeat_last_n :] if params.repeat_last_n > 0 else prompt)
+        chain.accept(prompt[-params.repeat_last_n :] if params.repeat_last_n > 0 else prompt)
     return chain

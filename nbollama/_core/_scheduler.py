@@ -28,11 +28,26 @@ SCORED_CHUNK = 64
 
 @dataclass(frozen=True)
 class Decode:
-    """The next token of a generating slot."""
+    """A generating slot's entry: its sampled token, then the tokens its format forces after it.
+
+    ``lead_forced``: ``token`` is forced too (a format that forces its first
+    tokens: nothing was sampled before them). The sample is read from the
+    entry's last row; forced tokens are accepted once decoded.
+    """
 
     slot: int
     token: int
     pos: int
+    forced: tuple[int, ...] = ()
+    lead_forced: bool = False
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return (self.token, *self.forced)
+
+    @property
+    def n_forced(self) -> int:
+        return len(self.forced) + self.lead_forced
 
 
 @dataclass(frozen=True)
@@ -57,8 +72,12 @@ class StepPlan:
         return sum(c.count for c in self.chunks)
 
     @property
+    def decode_tokens(self) -> int:
+        return sum(1 + len(d.forced) for d in self.decodes)
+
+    @property
     def n_tokens(self) -> int:
-        return len(self.decodes) + self.prefill_tokens
+        return self.decode_tokens + self.prefill_tokens
 
     @property
     def empty(self) -> bool:
@@ -91,13 +110,18 @@ def _spend(chunks: Sequence[Chunk], budget: int) -> tuple[Chunk, ...]:
 def plan_step(
     slots: Sequence[Slot], token_budget: int, *, chunk_size: int | None = None
 ) -> StepPlan:
-    """One token per generating slot, then prompt chunks (oldest admission first) up to the budget.
+    """Each generating slot's entry (its token, and forced ones), then prompt chunks (oldest
+    admission first) up to the budget.
 
     With ``chunk_size`` (reproducible mode) a prompt is cut only at multiples
     of it, counted from position 0, so its chunks depend on nothing else; a
     chunk that does not fit the budget waits for the next step whole.
     """
-    decodes = tuple(Decode(s.id, s.last_token, s.n_past) for s in slots if s.state == "generating")
+    decodes = tuple(
+        Decode(s.id, s.last_token, s.n_past, s.forced, s.lead_forced)
+        for s in slots
+        if s.state == "generating"
+    )
     prefilling = sorted(  # (slot, its request)
         (
             (s, s.request)
@@ -106,7 +130,7 @@ def plan_step(
         ),
         key=lambda pair: pair[1].admitted_order,
     )
-    budget = token_budget - len(decodes)
+    budget = token_budget - sum(1 + len(d.forced) for d in decodes)
     if chunk_size is None:
         wanted = []
         for s, request in prefilling:

@@ -74,6 +74,11 @@ class Request:
     choice: ChoiceScoring | None = None  # choices= : scored, not generated
     constraint: Constraint | None = None
     matcher: llguidance.LLMatcher | None = None  # the constraint's state, token by token
+    # jump-forward (see _jump): tokens the format forced at the very start, decoded after the
+    # prompt; the entry of the first one (its row is the prompt's last); how many were taken
+    start_forced: tuple[int, ...] = ()
+    lead_entry: TokenLogprob | None = None
+    forced_tokens: int = 0
 
     @property
     def prompt_len(self) -> int:
@@ -101,7 +106,9 @@ class Slot:
     state: SlotState = "idle"
     request: Request | None = None
     n_past: int = 0  # tokens of this sequence in the KV cache
-    last_token: int = 0  # sampled, not yet decoded
+    last_token: int = 0  # sampled (or forced, with lead_forced), not yet decoded
+    forced: tuple[int, ...] = ()  # forced by the format after last_token: decoded, then accepted
+    lead_forced: bool = False
     ended: EndedRequest | None = None  # how the last request ended (its badge for a moment)
     # the prefix cache: tokens whose KV this slot's sequence keeps while it is idle
     cache: npt.NDArray[np.int32] = field(default_factory=lambda: _NO_TOKENS)
@@ -131,6 +138,7 @@ class Slot:
         self.request = request
         self.state = "prefill"
         self.n_past = keep
+        self.forced, self.lead_forced = (), False
         self.cache = _NO_TOKENS
 
     def release(
@@ -151,6 +159,7 @@ class Slot:
         self.cache = held.copy() if keep_cache else _NO_TOKENS
         self.request = None
         self.state = "idle"
+        self.forced, self.lead_forced = (), False
         self.n_past = len(held) if keep_cache else 0
         self.last_used = time.monotonic()
         self.ended = EndedRequest(

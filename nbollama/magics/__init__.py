@@ -25,16 +25,23 @@ from IPython.display import display
 from IPython.utils.text import DollarFormatter
 
 from .. import session
+from .._eval_results import EvalResults
 from ..bench import SweepResult
 from ..remote import RemoteEngine
 from ..remote._bench import RemoteSweepResult
 from ..results import BackgroundGeneration, Results
+from ._cache import CacheReport, run_cache
+from ._cell import run_compared, run_in_background, run_in_foreground, start_cell
+from ._eval import run_eval
+from ._models import ModelsListing, models_listing
 from ._parse_generate import GenerateHelpCall, parse_generate
 from ._parse_nbollama import (
     BenchCall,
+    CacheCall,
     ConnectCall,
     DashboardCall,
     DisconnectCall,
+    EvalCall,
     LoadCall,
     ModelsCall,
     StatusCall,
@@ -50,17 +57,11 @@ from ._render import (
     unloaded_message,
 )
 from ._run import (
-    ModelsListing,
     connect,
     load,
-    models_listing,
     named_or_usage,
     open_dashboard,
     run_bench,
-    run_compared,
-    run_in_background,
-    run_in_foreground,
-    start_cell,
     status_report,
     unload_engine,
 )
@@ -83,7 +84,7 @@ class NbollamaMagics(Magics):
     @line_magic("nbollama")  # type: ignore[arg-type]  # IPython mistypes the named form
     def nbollama_magic(
         self, line: str
-    ) -> StatusReport | EnginesReport | ModelsListing | SweepResult | RemoteSweepResult | None:
+    ) -> StatusReport | EnginesReport | ModelsListing | CacheReport | SweepResult | RemoteSweepResult | EvalResults | None:
         """Manage the kernel's engine: one model, N parallel slots.
 
         Usage::
@@ -92,7 +93,7 @@ class NbollamaMagics(Magics):
                            [--threads N] [--batch N] [--no-prefix-cache] [--reproducible]
                            [--max-parallel N] [--min-tps R | --max-ttft S]
                            [--kv-type f16|q8_0|q4_0] [--kv-type-v TYPE] [--flash-attn on|off|auto]
-                           [--as NAME] [--download]
+                           [--jump-forward on|off] [--as NAME] [--download]
             %nbollama status [NAME]
             %nbollama dashboard
             %nbollama bench [--parallel 1,2,4,8] [--prompts N] [--max-tokens N] [--ctx N]
@@ -104,6 +105,9 @@ class NbollamaMagics(Magics):
             %nbollama disconnect [NAME]
             %nbollama use NAME
             %nbollama models [FOLDER ...]
+            %nbollama cache [clear [--model NAME] [--older-than AGE]] [--dir PATH]
+            %nbollama eval TASKS [--limit N] [--num-fewshot K] [--include-path DIR]
+                           [--engine NAME[,NAME]] [--out VAR]
             %nbollama help
 
         ``load`` replaces the kernel's engine (the old one's requests are
@@ -165,6 +169,15 @@ class NbollamaMagics(Magics):
         ``--max-num-seqs``). ``disconnect`` closes the connection; the server
         keeps running.
 
+        ``eval`` runs lm-evaluation-harness tasks (``nbollama_mc,nbollama_gen`` or
+        ``hellaswag``; needs ``pip install 'nbollama[eval]'``) on the kernel's
+        engine, every request through its slots at once: a bar per task,
+        requests/s and the slots while it runs, then lm-eval's metrics with their
+        standard errors (the value: an ``EvalResults``; ``.samples`` has one row
+        per question, ``.calibration()`` the plot). ``--include-path DIR`` adds a
+        folder of task YAMLs (looked in first; relative ``data_files`` are read
+        beside the YAML); ``--engine a,b`` compares named engines in one table.
+
         Examples::
 
             %nbollama load
@@ -209,6 +222,10 @@ class NbollamaMagics(Magics):
             return None
         if isinstance(call, ModelsCall):
             return models_listing(call.folders)
+        if isinstance(call, EvalCall):
+            return run_eval(self.shell, call)
+        if isinstance(call, CacheCall):
+            return run_cache(call)
         print(nbollama_help(call))
         return None
 
@@ -259,6 +276,10 @@ class NbollamaMagics(Magics):
                                   Results when it finishes
             --markdown            render the final texts as Markdown
             --quiet               no live output, only the value
+            --cache / --no-cache  the result store: replay any stored identical request
+                                  (sampled ones too) / neither read nor write; by default
+                                  only what a rerun would give anyway (reproducible mode)
+                                  and the finished rows of this cell cut short
             --watch               a compact engine dashboard above the outputs
                                   (with nbollama.widgets)
             --model NAME          ask the engine called NAME (%nbollama load --as NAME)

@@ -10,7 +10,10 @@ import argparse
 import importlib.util
 import io
 import keyword
+import re
 import shlex
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal, NoReturn
 
 from IPython.core.error import UsageError
@@ -29,6 +32,12 @@ __all__ = [
     "variable",
     "shell_split",
     "first_token",
+    "in_option_words",
+    "duration",
+    "eval_limit",
+    "non_negative_int",
+    "folder",
+    "engine_list",
     "widgets_available",
 ]
 
@@ -147,10 +156,71 @@ def _positive_float(text: str, unit: str) -> float:
     return value
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(text: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``90s``, ``2w`` (or plain seconds) -> seconds."""
+    cleaned = text.strip().lower()
+    unit = cleaned[-1:] if cleaned[-1:] in _UNITS else "s"
+    number = cleaned[:-1] if cleaned[-1:] in _UNITS else cleaned
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age: write 7d, 12h, 30m or 90s") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: an age must be more than 0")
+    return value
+
+
+def eval_limit(text: str) -> int | float:
+    """``--limit``: questions per task, or a fraction of them below 1 (lm-eval's meaning)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of questions") from None
+    if value >= 1 and value.is_integer():
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1, or a fraction between 0 and 1")
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def folder(text: str) -> str:
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return text
+
+
+def engine_list(text: str) -> tuple[str, ...]:
+    """``--engine a`` or ``--engine a,b``: engine names (loaded with ``--as NAME``)."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give engine names, e.g. small or small,lab")
+    return tuple(engine_name(name) for name in names)
+
+
 def variable(text: str) -> str:
     if not text.isidentifier() or keyword.iskeyword(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a Python variable name")
     return text
+
+
+def in_option_words(message: str, names: Iterable[str]) -> str:
+    """An engine's message in the words a magic's user typed: ``choice_score='x'`` reads
+    ``--choice-score 'x'`` and ``choices=`` reads ``--choices`` (Python keeps the keywords)."""
+    for name in sorted(names, key=len, reverse=True):
+        option = "--" + name.replace("_", "-")
+        message = re.sub(rf"(?<![\w-]){name}=(?=[^\s,;:)])", option + " ", message)
+        message = re.sub(rf"(?<![\w-]){name}=", option, message)
+        message = re.sub(rf"(?<![\w.-]){name}\b(?!\()", option, message) if "_" in name else message
+    return message
 
 
 # -- splitting what was typed -------------------------------------------------------------------

@@ -36,7 +36,8 @@ def start_compare(engines: dict[str, EngineLike], call: GenerateCall) -> Compare
     feeders: dict[str, Feeder] = {}
     try:
         for name, engine in engines.items():
-            feeder = Feeder(call.prompts, engine.submit_many, call.params, window=window_of(engine))
+            run = engine.open_store_run(call.prompts, dict(call.params))
+            feeder = Feeder(call.prompts, engine.submit_many, call.params, window=window_of(engine), run=run)
             feeders[name] = feeder
             feeder.feed()
     except NbollamaError as exc:

@@ -23,6 +23,7 @@ from ._args import (
     engine_name,
     engine_names,
     first_token,
+    in_option_words,
     positive_int,
     shell_split,
     usage_line,
@@ -35,6 +36,11 @@ from ._prompts import interpolate, split_prompts
 __all__ = ["GenerateCall", "GenerateHelpCall", "parse_generate"]
 
 _OPTION_LIKE = re.compile(r"-[A-Za-z-]")
+#: keywords whose options a user types as --with-dashes (the engine's messages name the keywords)
+_OPTION_WORDS = (
+    "max_tokens", "top_k", "top_p", "min_p", "repeat_penalty", "choice_score", "json_schema",
+    "prompt_logprobs", "logprobs", "choices", "regex", "grammar", "temperature", "seed", "stop", "system",
+)  # fmt: skip
 _SAMPLING_OPTIONS = (
     "max_tokens",
     "temperature",
@@ -130,6 +136,9 @@ def _generate_parser(*, line: bool) -> _GenerateParser:
     add("--markdown", action="store_true")
     add("--quiet", action="store_true")
     add("--cards", action="store_true")
+    store = parser.add_mutually_exclusive_group()  # the result store's policy; default "auto"
+    add("--cache", to=store, dest="cache", action="store_const", const=True, default=None)
+    add("--no-cache", to=store, dest="cache", action="store_const", const=False)
     add("--logprobs", type=int, metavar="K")
     add("--prompt-logprobs", action="store_true")
     add("--choices", metavar="A,B|VAR")
@@ -294,10 +303,12 @@ def parse_generate(
     elif args.chat is not None:
         params["chat"] = args.chat
     params.update(_output_params(prog, args, namespace))
+    if args.cache is not None:
+        params["cache"] = args.cache
     try:
         sampling, request = check_request_params(dict(params))
-    except InvalidParamsError as exc:
-        raise UsageError(f"{prog}: {exc}") from None
+    except InvalidParamsError as exc:  # the engine's rule, in the options' words
+        raise UsageError(f"{prog}: {in_option_words(str(exc), _OPTION_WORDS)}") from None
 
     return GenerateCall(
         prog=prog,

@@ -7,6 +7,7 @@ or connects: a typo is a one-line ``UsageError``.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeAlias
 
@@ -16,10 +17,16 @@ from ..engine import LoadOptions
 from ..exceptions import InvalidParamsError
 from ._args import (
     Parser,
+    duration,
+    engine_list,
     engine_name,
+    eval_limit,
     flash_attn_arg,
+    folder,
+    in_option_words,
     int_or_auto,
     kv_type_list,
+    non_negative_int,
     parallel_arg,
     parallel_list,
     positive_int,
@@ -27,6 +34,7 @@ from ._args import (
     positive_seconds,
     shell_split,
     usage_line,
+    variable,
     widgets_available,
 )
 
@@ -40,7 +48,9 @@ __all__ = [
     "ConnectCall",
     "DisconnectCall",
     "UseCall",
+    "EvalCall",
     "ModelsCall",
+    "CacheCall",
     "HelpCall",
     "NbollamaCall",
     "parse_nbollama",
@@ -57,6 +67,8 @@ COMMANDS: dict[str, str] = {
     "disconnect": "close the connection to the server (it keeps running); like unload",
     "use": "make the engine called NAME the default: cells, generate() and the views follow it",
     "models": "the GGUF models on this machine: Ollama's store, the Hugging Face cache, LM Studio, folders",
+    "eval": "lm-evaluation-harness tasks on the engine (or --engine a,b): live progress, then metrics ± stderr",
+    "cache": "the result store: its size and hit rate; `cache clear` removes entries; --dir moves it",
     "help": "this help",
 }
 
@@ -85,6 +97,7 @@ def _nbollama_parser(*, dashboard: bool) -> tuple[Parser, dict[str, Parser]]:
     load.add_argument("--kv-type", metavar="f16|q8_0|q4_0")
     load.add_argument("--kv-type-v", metavar="TYPE")
     load.add_argument("--flash-attn", type=flash_attn_arg, metavar="on|off|auto")
+    load.add_argument("--jump-forward", type=_on_off, metavar="on|off")
     load.add_argument("--as", dest="name", type=engine_name, metavar="NAME")
     load.add_argument("--download", action="store_true", default=None)
     connect = subs["connect"]
@@ -101,6 +114,18 @@ def _nbollama_parser(*, dashboard: bool) -> tuple[Parser, dict[str, Parser]]:
     subs["disconnect"].add_argument("name", nargs="?", type=engine_name, metavar="NAME")
     subs["use"].add_argument("name", type=engine_name, metavar="NAME")
     subs["models"].add_argument("folders", nargs="*", metavar="FOLDER")
+    evaluation = subs["eval"]
+    evaluation.add_argument("tasks", nargs="+", metavar="TASKS")
+    evaluation.add_argument("--limit", type=eval_limit, metavar="N")
+    evaluation.add_argument("--num-fewshot", type=non_negative_int, metavar="K")
+    evaluation.add_argument("--include-path", action="append", type=folder, default=[], metavar="DIR")
+    evaluation.add_argument("--engine", dest="engines", type=engine_list, default=(), metavar="NAME[,NAME]")
+    evaluation.add_argument("--out", type=variable, metavar="VAR")
+    cache = subs["cache"]
+    cache.add_argument("action", nargs="?", choices=["clear"], metavar="clear")
+    cache.add_argument("--model", metavar="NAME")
+    cache.add_argument("--older-than", type=duration, metavar="AGE")
+    cache.add_argument("--dir", dest="directory", metavar="PATH")
     bench = subs["bench"]
     # a remote engine sweeps client concurrency (default 1,2,4,8,16,32); the local one parallel (1,2,4,8)
     bench.add_argument(
@@ -137,6 +162,7 @@ class LoadCall:
     kv_type: str | None = None
     kv_type_v: str | None = None
     flash_attn: bool | Literal["auto"] | None = None
+    jump_forward: bool | None = None  # --jump-forward off: a format's forced tokens are sampled too
     name: str | None = None  # --as NAME
     download: bool | None = None  # hf:... not in the cache: fetch it
 
@@ -168,6 +194,28 @@ class ModelsCall:
     """``%nbollama models [FOLDER ...]``."""
 
     folders: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CacheCall:
+    """``%nbollama cache [clear [--model NAME] [--older-than AGE]] [--dir PATH]``."""
+
+    clear: bool = False
+    model: str | None = None
+    older_than: float | None = None  # seconds
+    directory: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalCall:
+    """``%nbollama eval TASKS``: lm-eval task names, and how much of each, on which engines."""
+
+    tasks: tuple[str, ...]
+    limit: int | float | None = None  # questions per task (a fraction below 1)
+    num_fewshot: int | None = None
+    include_paths: tuple[str, ...] = ()  # folders of task YAMLs, looked in first
+    engines: tuple[str, ...] = ()  # engine names; () the kernel's engine
+    out: str | None = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +292,8 @@ NbollamaCall: TypeAlias = (
     | DisconnectCall
     | UseCall
     | ModelsCall
+    | EvalCall
+    | CacheCall
     | HelpCall
 )
 
@@ -260,11 +310,18 @@ def _remote_kinds() -> tuple[str, ...]:
     return KINDS
 
 
+def _on_off(text: str) -> bool:
+    """``--jump-forward on|off``."""
+    if text.lower() not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not on or off")
+    return text.lower() == "on"
+
+
 def _check_load_options(prog: str, **options: Any) -> None:
     try:
         LoadOptions.check(**options)
-    except InvalidParamsError as exc:
-        raise UsageError(f"{prog}: {exc}") from None
+    except InvalidParamsError as exc:  # LoadOptions' rule, in the options' words
+        raise UsageError(f"{prog}: {in_option_words(str(exc), LoadOptions.__dataclass_fields__)}") from None
 
 
 def parse_nbollama(line: str) -> NbollamaCall:
@@ -288,6 +345,7 @@ def parse_nbollama(line: str) -> NbollamaCall:
             kv_type=args.kv_type,
             kv_type_v=args.kv_type_v,
             flash_attn=args.flash_attn,
+            jump_forward=args.jump_forward,
             name=args.name,
             download=args.download,
         )
@@ -299,6 +357,15 @@ def parse_nbollama(line: str) -> NbollamaCall:
         return UseCall(args.name)
     if command == "models":
         return ModelsCall(tuple(args.folders))
+    if command == "eval":
+        names = tuple(dict.fromkeys(t.strip() for raw in args.tasks for t in raw.split(",") if t.strip()))
+        if not names:
+            raise UsageError("%nbollama eval: give task names, e.g. nbollama_mc,nbollama_gen")
+        return EvalCall(names, args.limit, args.num_fewshot, tuple(args.include_path), args.engines, args.out)
+    if command == "cache":
+        if args.action != "clear" and (args.model is not None or args.older_than is not None):
+            raise UsageError("%nbollama cache: --model and --older-than choose what `cache clear` removes")
+        return CacheCall(args.action == "clear", args.model, args.older_than, args.directory)
     if command == "dashboard":
         return DashboardCall()
     if command == "bench":

@@ -166,6 +166,7 @@ class StatusReport:
             + f" ({memory['kv_estimate']})",
             "prefix cache": _prefix_cache_line(s),
             **({"adaptive": _adaptive_line(s)} if s.get("adaptive") else {}),
+            **({"CPU path": str(s["amx"])} if s.get("amx") else {}),
             "memory": host
             + (f"; {gpus}" if gpus else "")
             + (f" — {memory['note']}" if memory["note"] else ""),

@@ -326,13 +326,13 @@ def remote_sweep(
     rows: list[ConcurrencyRow] = []
     try:
         engine.set_max_inflight(1)
-        engine.generate([pool[0]], max_tokens=2, temperature=temperature)  # warm up
+        engine.generate([pool[0]], max_tokens=2, temperature=temperature, cache=False)  # warm up
         for level in levels:
             engine.set_max_inflight(level)
             n = max(n_prompts, level)
             chosen = [pool[i % len(pool)] for i in range(n)]
             started = time.perf_counter()
-            handles = engine.submit_many(chosen, max_tokens=max_tokens, temperature=temperature)
+            handles = engine.submit_many(chosen, max_tokens=max_tokens, temperature=temperature, cache=False)
             try:
                 for handle in handles:
                     handle.result()

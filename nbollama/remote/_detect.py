@@ -50,6 +50,7 @@ class ServerInfo:
     model_size: int | None = None  # bytes of the model file, when the server says
     model_params: int | None = None
     model_family: str = ""
+    model_digest: str = ""  # Ollama's: the sha256 of the model's blob
     parallel: int | None = None  # the server's own: total_slots, OLLAMA_NUM_PARALLEL, --max-num-seqs
     parallel_source: str = ""
     ctx: int | None = None  # context per request (llama-server: per slot)
@@ -203,6 +204,7 @@ def _ollama(
     loaded: list[dict[str, Any]] = []
     installed: list[str] = []
     sizes: dict[str, int] = {}  # bytes of each installed model's files
+    digests: dict[str, str] = {}
     with contextlib.suppress(httpx.HTTPError):
         ps = _json(get(client, "/api/ps"))
         loaded = [m for m in (ps or {}).get("models", []) if isinstance(m, dict)] if isinstance(ps, dict) else []
@@ -214,6 +216,8 @@ def _ollama(
                 installed.append(name)
                 if isinstance(entry.get("size"), int):
                     sizes[name] = entry["size"]
+                if isinstance(entry.get("digest"), str):
+                    digests[name] = entry["digest"]
     loaded_names = [str(m.get("name") or m.get("model")) for m in loaded]
     if model is None:
         if len(loaded_names) == 1:
@@ -250,6 +254,7 @@ def _ollama(
         model=model,
         model_size=sizes.get(model, sizes.get(f"{model}:latest")),
         model_family=str(details.get("family") or ""),
+        model_digest=digests.get(model, digests.get(f"{model}:latest", str((entry or {}).get("digest") or ""))),
         parallel=parallel,
         parallel_source=source,
         ctx=ctx,

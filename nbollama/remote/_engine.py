@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import threading
 import time
 from collections.abc import Hashable, Sequence
@@ -51,7 +52,7 @@ __all__ = ["RemoteEngine", "RemoteHandle", "DEFAULT_MAX_INFLIGHT", "BUSY_RETRIES
 
 #: Requests in flight when the server does not say how many it runs at once.
 DEFAULT_MAX_INFLIGHT = 4
-_REQUEST_FIELDS = frozenset({"priority", "chat", "system"})
+_REQUEST_FIELDS = frozenset({"priority", "chat", "system", "cache"})  # not sent: nbollama's own
 
 
 class RemoteEngine(RemoteRows):
@@ -288,6 +289,30 @@ class RemoteEngine(RemoteRows):
         self._adapter.check(given)
         self._adapter.check_outputs(params)
         return given
+
+    def _store_identity(self) -> str | None:
+        """The server's model (Ollama's digest, llama-server's model file, vLLM's model) and its URL
+        without credentials: the result store's key for what this server answers."""
+        info = self._info
+        return json.dumps(
+            {
+                "kind": info.kind,
+                "url": info.url,
+                "model": info.model,
+                "model_path": info.model_path,
+                "model_size": info.model_size,
+                "model_digest": info.model_digest,
+                "version": info.version,
+            },
+            sort_keys=True,
+        )
+
+    def _store_material(self, request: _Request) -> bytes:
+        """What the server is sent (the path and body: prompt or messages, system, every field)."""
+        return json.dumps([request.path, request.body], sort_keys=True, default=str).encode()
+
+    def _store_label(self) -> str:
+        return f"{self._info.model} ({self._info.kind})"
 
     def _enqueue(self, requests: Sequence[_Request]) -> None:
         self._queue.push_all([(r, r.priority) for r in requests])

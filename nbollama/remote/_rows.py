@@ -103,6 +103,7 @@ class RemoteRows(RemoteState):
             parallel=len(slots),
             parallel_max=len(slots),
             reproducible=False,
+            amx=None,
             ctx_per_slot=ctx,
             n_batch=None,
             gpu_layers=None,

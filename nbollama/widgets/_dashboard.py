@@ -59,6 +59,8 @@ class Dashboard(widgets.VBox):
     #: "live", "engine closed", "no engine"; "stopped" or "closed" after ``stop()`` / ``close()``
     status = Unicode("no engine")
     following_session = Bool(False)
+    #: the engine picked in the selector ("" while following the kernel's default)
+    pinned = Unicode("")
     model_name = Unicode("")
     parallel = Int(0)
     ctx_per_slot = Int(0, allow_none=True)  # None: a remote server that does not say
@@ -89,11 +91,25 @@ class Dashboard(widgets.VBox):
         )
         self._filling = False
         self.selector.observe(self._on_select, names="value")
+        # picked in the selector: pinned to that engine, with the way back to the default
+        self._pin_note = widgets.HTML("", layout=widgets.Layout(margin="0 0 0 8px"))
+        self.follow_button = widgets.Button(
+            description="follow the default",
+            tooltip="Show the kernel's default engine again, and follow %nbollama use",
+            layout=widgets.Layout(width="auto"),
+        )
+        self.follow_button.add_class("nbollama-follow-default")
+        self.follow_button.on_click(lambda _button: self.follow_default())
+        self._engine_bar = widgets.HBox(
+            [self.selector, self._pin_note, self.follow_button],
+            layout=widgets.Layout(display="none", align_items="center"),
+        )
+        self._engine_bar.add_class("nbollama-engine-bar")
         self.slots = SlotMonitor(summary=not compact)
         self.chart: ThroughputChart | None = None
         self.memory: MemoryPanel | None = None
         self._summary: widgets.HTML | None = None
-        parts: list[widgets.Widget] = [self.selector, self._header, self.slots]
+        parts: list[widgets.Widget] = [self._engine_bar, self._header, self.slots]
         if compact:
             self._summary = widgets.HTML("")
             parts.append(self._summary)
@@ -139,10 +155,37 @@ class Dashboard(widgets.VBox):
         finally:
             self._filling = False
         self.selector.layout.display = "" if len(options) > 1 else "none"
+        self._show_pin(default)
+
+    def _show_pin(self, default: str | None) -> None:
+        """"pinned to 'small'" and the button back to the default, while the selector pins the view."""
+        pinned = self._link.selected
+        self.pinned = pinned or ""
+        if pinned is None:
+            self._pin_note.value = ""
+        else:
+            now = f"the default is '{default}'" if default not in (None, pinned) else "also the default now"
+            self._pin_note.value = (
+                f'<span class="nbollama-pinned" style="font-size:12px;padding:0 6px;border:1px solid #f57c00;'
+                f'border-radius:8px" title="This dashboard ignores %nbollama use ({html.escape(now)})">'
+                f"pinned to '{html.escape(pinned)}'</span>"
+            )
+        self._pin_note.layout.display = "none" if pinned is None else ""
+        self.follow_button.layout.display = "none" if pinned is None else ""
+        several = self.selector.layout.display != "none"
+        self._engine_bar.layout.display = "" if several or pinned is not None else "none"
 
     def _on_select(self, change: dict[str, Any]) -> None:
         if not self._filling and change["new"] and self.following_session:
             self._link.select(change["new"])
+            self._show_pin(session.current_name())
+
+    def follow_default(self) -> None:
+        """Unpin: show the kernel's default engine again and follow ``%nbollama use`` (the button)."""
+        if not self.following_session:
+            return
+        self._link.select(None)
+        self._fill_selector(session.engines())
 
     @property
     def engine(self) -> EngineLike | None:
@@ -300,7 +343,8 @@ class Dashboard(widgets.VBox):
         return (
             f'<div class="nbollama-header" style="font-size:13px">{line}'
             f'<div style="color:#757575;font-size:11px">'
-            f"{'last change' if self.adaptive_target else f'why parallel={self.parallel}'}: {reason}</div></div>"
+            f"{'last change: ' if self.adaptive_target else _why(self.parallel, self.parallel_reason)}"
+            f"{reason if self.adaptive_target else ''}</div></div>"
         )
 
     def _summary_html(self, snapshot: EngineSnapshot) -> str:
@@ -346,3 +390,10 @@ def dashboard(engine: EngineLike | None = None, *, compact: bool = False) -> Das
     state, ``close()`` stops it and removes it.
     """
     return Dashboard(engine, compact=compact)
+
+
+def _why(parallel: int, reason: str) -> str:
+    """"parallel=4, as asked" where the user chose it; "why parallel=4: <the rule's reason>" else."""
+    if reason == "as asked":
+        return f"parallel={parallel}, as asked"
+    return f"why parallel={parallel}: {html.escape(reason)}"

@@ -206,8 +206,15 @@ describe('KernelLink', () => {
     expect(link.state.engines).toEqual(engines);
     expect(link.state.defaultName).toBe('small');
     expect(link.state.shown).toBe('small');
+    expect(link.state.pinned).toBeNull();
     link.select('wide');
     expect(comm.sent).toEqual([{ type: 'select', name: 'wide' }]);
+    comm.receive({ v: 1, type: 'engines', engines, default: 'small', shown: 'wide', pinned: 'wide' });
+    expect(link.state.pinned).toBe('wide');
+    link.followDefault(); // the panel's "follow the default"
+    expect(comm.sent[1]).toEqual({ type: 'select', name: null });
+    comm.receive({ v: 1, type: 'engines', engines, default: 'small', shown: 'small', pinned: null });
+    expect(link.state.pinned).toBeNull();
     comm.receive({ v: 1, type: 'engines', engines: [{ name: 'oops' }, 3], default: null, shown: null });
     expect(link.state.notice?.isError).toBe(true);
     expect(link.state.engines).toEqual(engines);

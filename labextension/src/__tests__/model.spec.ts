@@ -14,6 +14,7 @@ import {
   memoryView,
   parallelText,
   parseKernelMessage,
+  pinView,
   prefixCacheText,
   pushHistory,
   remoteView,
@@ -61,8 +62,12 @@ describe('parseKernelMessage', () => {
       type: 'engines',
       engines: [{ name: 'lab', kind: 'vllm', model: 'm', parallel: 1, kv_type: '' }],
       default: 'lab',
-      shown: 'lab'
+      shown: 'lab',
+      pinned: null // an older kernel says nothing of pins: the view follows the default
     });
+    expect(
+      parseKernelMessage({ v: 1, type: 'engines', engines: [], default: 'a', shown: 'b', pinned: 'b' })
+    ).toHaveProperty('pinned', 'b');
     expect(parseKernelMessage({ v: 1, type: 'engines', engines: 'no' })).toHaveProperty('invalid');
     expect(
       engineOptionLabel({ name: 'wide', kind: 'local', model: 'Gemma', parallel: 8, kv_type: 'q8_0' }, 'small')
@@ -70,6 +75,16 @@ describe('parseKernelMessage', () => {
     expect(engineOptionLabel({ name: 'lab', kind: 'vllm', model: 'm', parallel: 1, kv_type: '' }, 'lab')).toBe(
       'lab · m · vllm · 1 slot (default)'
     );
+  });
+
+  it('says a pinned view is pinned, to what, and what the default is', () => {
+    expect(pinView(null, 'wide')).toBeNull();
+    const pinned = pinView('small', 'wide');
+    expect(pinned?.text).toBe("pinned to 'small'");
+    expect(pinned?.follow).toBe('follow the default');
+    expect(pinned?.title).toContain("the default is 'wide'");
+    expect(pinView('small', 'small')?.title).toContain("'small' is also the default now");
+    expect(pinView('small', null)?.title).toContain('no default engine');
   });
 
   it('rejects other protocol versions, unknown types and non-objects', () => {
