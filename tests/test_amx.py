@@ -139,3 +139,15 @@ def test_llama_server_skips_repacking_where_the_guard_says_off(
             assert answer.status_code == 200 and answer.json()["tokens_predicted"] >= 1
     finally:
         amx.reset()
+
+
+def test_the_machine_report_that_ci_prints_is_clean() -> None:
+    """``python -m nbollama.amx`` (what .ci/run prints first): the CPU, llama.cpp's features, the decision."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([PY, "-m", "nbollama.amx"], capture_output=True, text=True, timeout=300, cwd=repo)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("cpu: ") and lines[-1].startswith("AMX: ") and "llama-cpp-python" in lines[2]
+    assert "Warning" not in done.stderr, done.stderr

@@ -217,8 +217,8 @@ def test_server_words_name_each_servers_kv_setting() -> None:
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("load --kv-type q8_0 --flash-attn off", r"%nbollama load: kv_type='q8_0' quantises V"),
-        ("load --kv-type q9", r"%nbollama load: kv_type='q9': must be one of"),
+        ("load --kv-type q8_0 --flash-attn off", r"%nbollama load: --kv-type 'q8_0' quantises V.*--flash-attn off turns it off: pass --flash-attn on \(or 'auto'\)"),
+        ("load --kv-type q9", r"%nbollama load: --kv-type 'q9': must be one of f32, f16"),
         ("load --flash-attn maybe", r"'maybe' is not on, off or auto"),
         ("bench --kv-type f16,q9", r"q9 is not a KV type"),
     ],

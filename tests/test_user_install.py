@@ -268,12 +268,14 @@ def test_the_quickstart_and_the_new_notebooks_run_in_the_setup_env(
 
 
 def _outputs_without_clocks(nb: nbformat.NotebookNode) -> list[object]:
-    """Each code cell's outputs, but for the live views and load lines whose timings move run to run."""
+    """Each code cell's outputs, but for the live views, progress bars and load lines whose
+    timings (and, once replayed, counts of cached rows) move run to run."""
     kept: list[object] = []
     for cell in nb.cells:
         if cell.cell_type != "code" or cell.source.lstrip().startswith(("%%generate", "%nbollama load")):
             continue
-        kept.append([{k: v for k, v in o.items() if k != "execution_count"} for o in cell.get("outputs", [])])
+        outputs = [o for o in cell.get("outputs", []) if 'class="nbollama-progress"' not in str(o.get("data", ""))]
+        kept.append([{k: v for k, v in o.items() if k != "execution_count"} for o in outputs])
     return kept
 
 

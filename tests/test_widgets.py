@@ -8,6 +8,7 @@ thread reach the frontend through IOPub.
 
 from __future__ import annotations
 
+import html
 import json
 import sys
 import threading
@@ -344,7 +345,7 @@ def test_compact_and_memory(idle_engine: Engine) -> None:
         )
         assert memory.source == snap["memory"]["source"]
         assert engine.kv_estimate in memory.html and "parallel x ctx/slot" in memory.html
-        assert memory.note and memory.note.split(" (")[0] in memory.html
+        assert memory.note and html.escape(memory.note.split(" (")[0]) in memory.html
         if memory.source == "host":
             assert (
                 memory.process_rss > 0

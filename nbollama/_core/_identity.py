@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from .. import amx
 from ..models import model_identity
 from ._config import EngineConfig
 from ._llama import LlamaModel
@@ -15,6 +14,8 @@ __all__ = ["engine_identity"]
 def engine_identity(model: LlamaModel, config: EngineConfig, *, flash_attn: bool) -> str:
     """The model's bytes, the llama.cpp build and CPU, the AMX path, and every setting that
     changes the numbers (KV types, reproducible mode, jump-forward, ctx, batch, threads, GPU layers)."""
+    from .. import amx  # here: `python -m nbollama.amx` runs before the package imports it
+
     return json.dumps(
         {
             "kind": "local",

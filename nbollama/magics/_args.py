@@ -212,9 +212,14 @@ def variable(text: str) -> str:
     return text
 
 
-def in_option_words(message: str, names: Iterable[str]) -> str:
+def in_option_words(message: str, names: Iterable[str], switches: Iterable[str] = ()) -> str:
     """An engine's message in the words a magic's user typed: ``choice_score='x'`` reads
-    ``--choice-score 'x'`` and ``choices=`` reads ``--choices`` (Python keeps the keywords)."""
+    ``--choice-score 'x'`` and ``choices=`` reads ``--choices`` (Python keeps the keywords);
+    a switch's ``flash_attn=True`` reads ``--flash-attn on``, as the magic spells it."""
+    for name in switches:
+        option = "--" + name.replace("_", "-")
+        message = re.sub(rf"(?<![\w-]){name}=True\b", option + " on", message)
+        message = re.sub(rf"(?<![\w-]){name}=False\b", option + " off", message)
     for name in sorted(names, key=len, reverse=True):
         option = "--" + name.replace("_", "-")
         message = re.sub(rf"(?<![\w-]){name}=(?=[^\s,;:)])", option + " ", message)

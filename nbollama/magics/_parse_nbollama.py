@@ -317,11 +317,14 @@ def _on_off(text: str) -> bool:
     return text.lower() == "on"
 
 
+_SWITCHES = ("flash_attn", "jump_forward")  # on|off in the magic, True/False in Python
+
+
 def _check_load_options(prog: str, **options: Any) -> None:
     try:
         LoadOptions.check(**options)
     except InvalidParamsError as exc:  # LoadOptions' rule, in the options' words
-        raise UsageError(f"{prog}: {in_option_words(str(exc), LoadOptions.__dataclass_fields__)}") from None
+        raise UsageError(f"{prog}: {in_option_words(str(exc), LoadOptions.__dataclass_fields__, _SWITCHES)}") from None
 
 
 def parse_nbollama(line: str) -> NbollamaCall:
