@@ -2,10 +2,11 @@
 
     .venv/bin/python scripts/look_in_lab.py [NOTEBOOK ...] [--out DIR] [--full] [--timeout S] [--strict]
     .venv/bin/python scripts/look_in_lab.py --readme [DIR]   # the README's screenshots, into docs/
-    .venv/bin/python scripts/look_in_lab.py --url http://127.0.0.1:8899 --token T examples/01_quickstart.ipynb
+    .venv/bin/python scripts/look_in_lab.py --url http://127.0.0.1:8888 --token T 01_quickstart.ipynb
 
 ``--url`` looks at notebooks on a JupyterLab that is already running (the one
-``scripts/lab.sh`` started, say), as they are, named relative to its root.
+``scripts/lab.sh`` started, say), as they are, named relative to its root
+(``scripts/lab.sh`` serves ``examples/``).
 
 Without NOTEBOOK arguments it takes every ``examples/*.ipynb``. The notebooks
 are copied (outputs cleared) into a temporary root, one ``jupyter lab`` serves
@@ -195,14 +196,37 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad else 0
 
 
+def _served(lab: LabServer, name: Path) -> bool:
+    """Whether the running server's contents API knows ``name`` (asked before Chromium starts)."""
+    import httpx
+
+    try:
+        answer = httpx.get(
+            f"{lab.url}/api/contents/{name.as_posix()}", params={"content": 0, "token": lab.token}
+        )
+    except httpx.TransportError as exc:
+        raise SystemExit(f"no JupyterLab answers at {lab.url}: {exc}") from None
+    return answer.status_code == 200
+
+
 def _look_in_running_lab(
     url: str, token: str, names: list[Path], out: Path, args: argparse.Namespace
 ) -> int:
     """Run All on notebooks a running JupyterLab serves (names relative to its root)."""
     if not names:
-        print("--url needs the notebooks to look at, relative to the server's root", file=sys.stderr)
+        print(
+            "--url needs the notebooks to look at, relative to the server's root", file=sys.stderr
+        )
         return 2
     lab = LabServer(url=url.rstrip("/"), token=token, root=Path("."), log=out / "no-log")
+    missing = [name for name in names if not _served(lab, name)]
+    if missing:
+        print(
+            f"{lab.url} does not serve {', '.join(map(str, missing))}: name notebooks relative to the "
+            "server's root (scripts/lab.sh serves examples/, so 01_quickstart.ipynb)",
+            file=sys.stderr,
+        )
+        return 2
     reports = []
     with chromium() as browser:
         for name in names:
@@ -210,7 +234,9 @@ def _look_in_running_lab(
             page = context.new_page()
             page.set_default_timeout(60_000)
             try:
-                report = look_at(page, lab, name.as_posix(), out, timeout_s=args.timeout, strict=args.strict)
+                report = look_at(
+                    page, lab, name.as_posix(), out, timeout_s=args.timeout, strict=args.strict
+                )
             finally:
                 context.close()
             print(report.format())
