@@ -518,3 +518,39 @@ def test_releasing_the_callers_openmp_team_frees_its_worker_threads(model_path: 
     finally:
         context.close()
         model.close()
+
+
+def test_prompt_chunks_decoded_together_read_what_each_alone_reads(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a KV stream per slot, a step's prompt chunks go in one call, padded with throwaway
+    tokens (``_batch.chunk_layout``): each prompt's first token and its log-probability are
+    those of the prompt decoded alone (batch variance aside), and no throwaway token stays."""
+    from nbollama._core import _streams
+
+    laid: list[list[int]] = []
+    real_layout = _streams.chunk_layout
+
+    def spy(*args: object, **kwargs: object) -> list[int] | None:
+        layout = real_layout(*args, **kwargs)  # type: ignore[arg-type]
+        laid.extend([layout] if layout else [])
+        return layout
+
+    monkeypatch.setattr(_streams, "chunk_layout", spy)
+    prompts = [
+        "The capital of France is",
+        "Water freezes at a temperature of zero degrees",
+        "One, two, three, four,",
+        "The opposite of hot is",
+    ]
+    asked = dict(max_tokens=3, temperature=0.0, logprobs=1, cache=False)
+    with Engine.load(model_path, parallel=4, ctx=128) as together:
+        both = together.generate(prompts, **asked)
+        assert laid, "the four chunks went in one call"
+        again = together.generate(prompts[:1], **asked)  # its slot's KV holds no throwaway token
+    with Engine.load(model_path, parallel=1, ctx=128) as alone:
+        each = [alone.generate([p], **asked)[0] for p in prompts]
+    for t, a in zip([*both, *again], [*each, each[0]]):
+        assert t.text == a.text, (t.text, a.text)
+        assert t.logprobs and a.logprobs
+        assert abs(t.logprobs[0]["logprob"] - a.logprobs[0]["logprob"]) < 0.05

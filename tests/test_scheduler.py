@@ -108,3 +108,37 @@ def test_the_queue_is_all_or_none_and_cancels_in_place() -> None:
     queue.push_all([("e", 9)])
     assert queue.items() == ["e", "b"]
     assert queue.pop() == "e" and queue.pop() == "b" and queue.pop() is None
+
+
+# -- laying prompt chunks out for a KV stream per slot (``_batch.chunk_layout``) -------------------
+
+
+def test_ubatch_rows_follows_llama_cpps_equal_split() -> None:
+    from nbollama._core._batch import UBATCH_ROWS, ubatch_rows
+
+    assert ubatch_rows([5, 5, 5]) == UBATCH_ROWS + 15  # one run, equal counts: one ubatch
+    assert ubatch_rows([5, 9]) == 2 * UBATCH_ROWS + 14  # 2 x 5, then 4 of the second alone
+    assert ubatch_rows([5, 0, 5]) == 2 * UBATCH_ROWS + 10  # a gap breaks the run of ids
+    assert ubatch_rows([0, 0]) == 0
+
+
+def test_similar_chunks_go_together_and_scattered_ones_alone() -> None:
+    from nbollama._core._batch import UBATCH_ROWS, chunk_layout, ubatch_rows
+
+    ends = {seq: 40 for seq in range(8)}
+    lay = lambda spans: chunk_layout(spans, capacity=512, ctx_per_slot=256, end_of=ends.__getitem__)  # noqa: E731
+    assert lay({0: (0, 55), 1: (0, 56), 2: (0, 57), 3: (0, 55)}) == [57, 57, 57, 57]
+    # two slots far apart with long chunks: padding the six between costs more than a call each
+    assert lay({0: (0, 50), 7: (0, 50)}) is None
+    # levels: two short and two long chunks cost two ubatches, not four nor one of the longest
+    layout = lay({0: (0, 10), 1: (0, 11), 2: (0, 40), 3: (0, 41)})
+    assert layout is not None and ubatch_rows(layout) < 4 * UBATCH_ROWS + 102
+    assert all(n >= c for n, c in zip(layout, [10, 11, 40, 41]))
+    # a throwaway token past a slot's context is never laid out
+    assert lay({0: (200, 56), 1: (0, 40)}) in (None, [56, 40])
+    assert (
+        chunk_layout(
+            {0: (0, 300), 1: (0, 300)}, capacity=512, ctx_per_slot=1024, end_of=ends.__getitem__
+        )
+        is None
+    )

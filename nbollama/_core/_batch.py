@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 
 import llama_cpp as ll
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Batch"]
+__all__ = ["UBATCH_ROWS", "Batch", "chunk_layout", "padded_width"]
+
+#: A ubatch reads every weight once more: on this CPU (2 threads or 1) that costs about as much
+#: as 8-10 more rows of the same ubatch, so padding entries by up to this many throwaway rows
+#: per ubatch saved is a gain.
+UBATCH_ROWS = 8
 
 
 class Batch:
@@ -84,3 +91,84 @@ class Batch:
             self.logits[end - 1] = 1
         self.n_tokens = self.raw.n_tokens = end
         return i
+
+
+def padded_width(
+    spans: Mapping[int, tuple[int, int]],
+    *,
+    capacity: int,
+    ctx_per_slot: int,
+    end_of: Callable[[int], int],
+    gap_rows: int | None,
+    saved: int,
+) -> int:
+    """The length every sequence from the lowest to the highest of ``spans`` (seq -> (start,
+    count)) is padded to with throwaway tokens so that all go in one ubatch, or 0 when that
+    costs more rows than the ``saved`` ubatches are worth (UBATCH_ROWS each), overflows the
+    batch, or a throwaway token would not fit a slot's context (``end_of``: a gap's end).
+
+    With a KV stream per slot llama.cpp keeps only a run of consecutive sequence ids with
+    equal token counts in one ubatch. A gap (a sequence without a span) counts ``gap_rows``
+    rows that are paid anyway (None: the full width)."""
+    if not spans or saved <= 0:
+        return 0
+    width = max(count for _, count in spans.values())
+    first, last = min(spans), max(spans)
+    seqs = last - first + 1
+    if seqs * width > capacity:
+        return 0
+    for seq in range(first, last + 1):
+        start = spans[seq][0] if seq in spans else end_of(seq)
+        if start + width > ctx_per_slot:
+            return 0
+    gaps = seqs - len(spans)
+    paid = sum(count for _, count in spans.values()) + gaps * (
+        width if gap_rows is None else gap_rows
+    )
+    return width if seqs * width - paid <= UBATCH_ROWS * saved else 0
+
+
+def ubatch_rows(counts: Sequence[int]) -> int:
+    """What one call of consecutive sequences with these token counts costs, in rows: llama.cpp
+    (a stream per slot) takes the longest run of consecutive sequences with tokens left, as
+    many tokens of each as the fewest has, and repeats; each ubatch costs UBATCH_ROWS more."""
+    left, cost = list(counts), 0
+    while any(left):
+        first = next(i for i, n in enumerate(left) if n)
+        end = next((i for i in range(first, len(left)) if not left[i]), len(left))
+        taken = min(left[first:end])
+        left[first:end] = [n - taken for n in left[first:end]]
+        cost += UBATCH_ROWS + taken * (end - first)
+    return cost
+
+
+def chunk_layout(
+    spans: Mapping[int, tuple[int, int]],
+    *,
+    capacity: int,
+    ctx_per_slot: int,
+    end_of: Callable[[int], int],
+) -> list[int] | None:
+    """How many tokens (a chunk's own, then throwaway ones) each sequence from the lowest to
+    the highest of ``spans`` (seq -> (start, count)) gets so that the chunks cost the fewest
+    rows in one call: each count is raised to the next of a few levels, a gap (a sequence
+    without a chunk) to nothing or the lowest level. None: a call per chunk is cheaper."""
+    first, last = min(spans), max(spans)
+    seqs = range(first, last + 1)
+    starts = [spans[s][0] if s in spans else end_of(s) for s in seqs]
+    counts = [spans[s][1] if s in spans else 0 for s in seqs]
+    best, layout = sum(counts) + UBATCH_ROWS * len(spans), None  # each chunk alone
+    distinct = sorted(set(c for c in counts if c))
+    for k in range(len(distinct)):  # the levels: the highest count and any k of the others
+        for lower in itertools.combinations(distinct[:-1], k):
+            levels = [*lower, distinct[-1]]
+            for gap in {0, levels[0]}:
+                padded = [next(v for v in levels if v >= c) if c else gap for c in counts]
+                if sum(padded) > capacity or any(
+                    s + n > ctx_per_slot for s, n in zip(starts, padded)
+                ):
+                    continue
+                cost = ubatch_rows(padded)
+                if cost < best:
+                    best, layout = cost, padded
+    return layout

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -34,55 +33,14 @@ from ._llama import (
 from ._logits import apply_mask, entry_for, row_stats
 from ._masks import FormatMasks, MaskResult
 from ._sampler import GreedySampler, Sampler, make_sampler
-from ._scheduler import Chunk, Decode, StepPlan
+from ._scheduler import Chunk, StepPlan
 from ._slots import Request
+from ._streams import INVARIANT_ROWS, Row, Span, StepOutcome, StreamSteps
 
-__all__ = ["ModelRunner", "StepOutcome"]
-
-
-@dataclass
-class StepOutcome:
-    """What one step did: the plan that was decoded, and what each slot's rows gave."""
-
-    status: int  # llama_decode's: 0 ok, 1 no KV room even for the smallest plan, else fatal for the step
-    plan: StepPlan
-    tokens: dict[int, int] = field(default_factory=dict)  # slot -> sampled token
-    failures: dict[int, str] = field(default_factory=dict)  # slot -> why its rows failed
-    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # slot -> its token's entry
-    #: slot -> (position, entry) of each scored prompt token (prompt logprobs, a choice's rest)
-    scored: dict[int, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
-    choice_first: dict[int, list[float]] = field(
-        default_factory=dict
-    )  # slot -> options' first tokens
-    #: slot -> the entries of the forced tokens decoded this step (with logprobs), in order
-    forced_entries: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+__all__ = ["INVARIANT_ROWS", "ModelRunner", "StepOutcome"]
 
 
-@dataclass(frozen=True)
-class _Span:
-    """Tokens ``[start, end)`` of a decode entry, decoded together (a row each where read)."""
-
-    decode: Decode
-    start: int
-    end: int
-
-
-#: A row to read after a decode: (slot, batch index of its first row, its chunk or decode span)
-_Row = tuple[int, int, "Chunk | _Span"]
-
-
-#: Reproducible mode decodes at least this many rows at once. On llama.cpp's CPU
-#: backend a row's result depends on how many rows its batch has: 1-3, 4-7 and
-#: 8 or more give three different results (the kernels group rows), while any
-#: count from 8 up gives the same (measured up to 40). See README, "Reproducible mode".
-INVARIANT_ROWS = 8
-#: A ubatch reads every weight once more: on this CPU (2 threads or 1) that costs about as much
-#: as 8-10 more rows of the same ubatch, so padding entries by up to this many throwaway rows
-#: per forced run saved from a ubatch of its own is a gain.
-UBATCH_ROWS = 8
-
-
-class ModelRunner:
+class ModelRunner(StreamSteps):
     """Fills batches from plans, decodes them, samples.
 
     ``invariant=True`` (reproducible mode) runs each plan so that no row's
@@ -136,7 +94,7 @@ class ModelRunner:
         ahead = self._masks_ahead(plan, requests)
         current: StepPlan | None = plan
         status = DECODE_NO_KV_SLOT
-        rows: list[_Row] = []
+        rows: list[Row] = []
         while current is not None:
             rows = self._fill(current, requests)
             status = self._decode()
@@ -157,7 +115,7 @@ class ModelRunner:
     def _read(
         self,
         outcome: StepOutcome,
-        rows: list[_Row],
+        rows: list[Row],
         requests: Mapping[int, Request],
         masks: MaskResult,
     ) -> None:
@@ -166,7 +124,7 @@ class ModelRunner:
         for slot, index, item in rows:
             request = requests[slot]
             try:
-                if isinstance(item, _Span):
+                if isinstance(item, Span):
                     if self._read_span(outcome, item, index, request):
                         sampling.append((slot, index + item.end - item.start - 1))
                     continue
@@ -182,7 +140,9 @@ class ModelRunner:
                     k = request.params.logprobs
                     if k is not None:
                         row = self.context.logits_row(last)
-                        entry = entry_for(row, row_stats(row, k), request.start_forced[0], self.model.piece)
+                        entry = entry_for(
+                            row, row_stats(row, k), request.start_forced[0], self.model.piece
+                        )
                         request.lead_entry = _forced(entry)
                     continue
             except Exception as exc:  # this request's rows: it fails alone
@@ -203,7 +163,7 @@ class ModelRunner:
                 outcome, slot, index, requests[slot], mask if isinstance(mask, np.ndarray) else None
             )
 
-    def _read_span(self, outcome: StepOutcome, span: _Span, first: int, request: Request) -> bool:
+    def _read_span(self, outcome: StepOutcome, span: Span, first: int, request: Request) -> bool:
         """The entries of the forced tokens these rows predict (with logprobs); whether the
         slot's next token is sampled from the last row (its entry ends here, and its format,
         if any, still goes on)."""
@@ -213,7 +173,9 @@ class ModelRunner:
             entries = outcome.forced_entries.setdefault(d.slot, [])
             if span.start == 0 and d.lead_forced:
                 if request.lead_entry is None:
-                    raise ValueError("the first forced token has no entry from the prompt's last row")
+                    raise ValueError(
+                        "the first forced token has no entry from the prompt's last row"
+                    )
                 entries.append(request.lead_entry)
             for j in range(span.start, min(span.end, len(d.tokens) - 1)):
                 row = self.context.logits_row(first + j - span.start)
@@ -315,117 +277,6 @@ class ModelRunner:
         except Exception as exc:  # one slot's sampler: that request fails, the step goes on
             outcome.failures[slot] = f"sampling failed: {type(exc).__name__}: {exc}"
 
-    def _run_by_stream(self, plan: StepPlan, requests: Mapping[int, Request]) -> StepOutcome:
-        """A stream per slot: all decode rows in one call over consecutive sequence ids, then
-        (where they do not ride in that call) each slot's forced tokens alone, then each chunk alone.
-
-        llama.cpp splits a batch into one ubatch per run of consecutive sequence
-        ids with equal token counts, and each ubatch reads every weight again
-        (about as long as ten more rows on this CPU). So gaps (idle slots) get
-        a throwaway row, and when slots' forced runs would cost more ubatches
-        than padding every entry to the longest does, every entry is padded
-        with throwaway tokens to the same length: one ubatch; the padding is
-        removed afterwards. Reproducible mode pads to INVARIANT_ROWS rows, the
-        smallest count whose kernels give every row the same result, and
-        decodes each forced run in a call of its own, as a prompt chunk is:
-        what it computes then depends on the request alone.
-        """
-        outcome = StepOutcome(DECODE_OK, plan)
-        ahead = self._masks_ahead(plan, requests)  # filled while the first decode runs
-        batch, context = self.batch, self.context
-        masks: MaskResult | None = None
-        span = self._common_width(plan)  # 0: forced runs go alone
-        real = {d.slot: d for d in plan.decodes if span or not d.lead_forced}
-        if real:
-            rows = INVARIANT_ROWS if self.invariant else 1
-            first, last = min(real), max(real)
-            last = max(last, first + rows - 1)
-            if last >= context.n_seq:  # not enough sequences above: extend downwards
-                last = context.n_seq - 1
-                first = max(0, min(first, last - rows + 1))
-            width = max(span, 1)
-            batch.clear()
-            to_read: list[_Row] = []
-            throwaway: list[tuple[int, int]] = []
-            for seq in range(first, last + 1):  # consecutive ids: llama.cpp keeps them in one ubatch
-                d = real.get(seq)
-                n, end = 0, context.sequence_length(seq)
-                if d is not None:
-                    n, end = (len(d.tokens) if span else 1), d.pos
-                    with_rows = n > 1 and requests[seq].params.logprobs is not None
-                    tokens = np.asarray(d.tokens[:n], dtype=np.int32)
-                    index = batch.add_span(tokens, end, seq, True, logits_from=end if with_rows else None)
-                    to_read.append((seq, index, _Span(d, 0, n)))
-                    end += n
-                if n < width:
-                    batch.add_span(np.zeros(width - n, dtype=np.int32), end, seq, False)
-                    throwaway.append((seq, end))
-            status = self._decode()
-            for seq, end in throwaway:
-                context.truncate_sequence(seq, end)
-            if status != DECODE_OK:
-                self.masks.join(ahead)  # the mask thread is done before anyone else uses it
-                return StepOutcome(status, StepPlan(plan.decodes))
-            masks = self.masks.join(ahead)
-            self._read(outcome, to_read, requests, masks)
-        for d in plan.decodes:  # forced tokens: after the slot's own row, alone
-            start = 0 if d.lead_forced else 1
-            if span or start >= len(d.tokens) or d.slot in outcome.failures:
-                continue
-            batch.clear()
-            at = d.pos + start
-            with_rows = requests[d.slot].params.logprobs is not None
-            index = batch.add_span(
-                np.asarray(d.tokens[start:], dtype=np.int32),
-                at,
-                d.slot,
-                True,
-                logits_from=at if with_rows else None,
-            )
-            status = self._decode()
-            if status != DECODE_OK:
-                outcome.failures[d.slot] = (
-                    f"llama_decode failed with status {status} on its forced tokens"
-                )
-                continue
-            masks = self.masks.join(ahead) if masks is None else masks
-            self._read(outcome, [(d.slot, index, _Span(d, start, len(d.tokens)))], requests, masks)
-        for c in plan.chunks:
-            batch.clear()
-            index = self._add_chunk(c, requests[c.slot])
-            status = self._decode()
-            if status != DECODE_OK:
-                outcome.failures[c.slot] = (
-                    f"llama_decode failed with status {status} on a prompt chunk"
-                )
-                continue
-            masks = self.masks.join(ahead) if masks is None else masks
-            self._read(outcome, [(c.slot, index, c)], requests, masks)
-        if masks is None:
-            self.masks.join(ahead)
-        return outcome
-
-    def _common_width(self, plan: StepPlan) -> int:
-        """The length every decode entry is padded to so that the forced runs ride in the decode
-        rows' ubatch; 0 when they go alone (reproducible mode, no runs, no room, or padding
-        that costs more rows than the ubatches it saves)."""
-        runs = sum(1 for d in plan.decodes if len(d.tokens) > 1 or d.lead_forced)
-        if self.invariant or not runs:
-            return 0
-        width = max(len(d.tokens) for d in plan.decodes)
-        entries = {d.slot: d for d in plan.decodes}
-        first, last = min(entries), max(entries)
-        seqs = last - first + 1
-        if seqs * width > self.batch.capacity:
-            return 0
-        for seq in range(first, last + 1):
-            d = entries.get(seq)
-            start = d.pos if d is not None else self.context.sequence_length(seq)
-            if start + width > self.context.ctx_per_slot:
-                return 0  # a throwaway token would not fit the slot's context
-        tokens = sum(len(d.tokens) for d in plan.decodes) + (seqs - len(entries))  # gaps: 1 anyway
-        return width if seqs * width - tokens <= UBATCH_ROWS * runs else 0
-
     def time_decode(self, rows: int) -> float:
         """Seconds one decode step of ``rows`` sequences takes (throwaway tokens, removed after).
 
@@ -446,7 +297,7 @@ class ModelRunner:
             raise EngineError(f"llama_decode failed with status {status} while timing {rows} rows")
         return seconds
 
-    def _fill(self, plan: StepPlan, requests: Mapping[int, Request]) -> list[_Row]:
+    def _fill(self, plan: StepPlan, requests: Mapping[int, Request]) -> list[Row]:
         """Put the plan in the batch; the rows to read after the decode.
 
         A decode entry with forced tokens goes in as one span of its sequence,
@@ -454,7 +305,7 @@ class ModelRunner:
         """
         batch = self.batch
         batch.clear()
-        rows: list[_Row] = []
+        rows: list[Row] = []
         for d in plan.decodes:
             if len(d.tokens) == 1:
                 index = batch.add(d.token, d.pos, d.slot, True)
@@ -464,7 +315,7 @@ class ModelRunner:
                 index = batch.add_span(
                     tokens, d.pos, d.slot, True, logits_from=d.pos if with_rows else None
                 )
-            rows.append((d.slot, index, _Span(d, 0, len(d.tokens))))
+            rows.append((d.slot, index, Span(d, 0, len(d.tokens))))
         rows += [(c.slot, self._add_chunk(c, requests[c.slot]), c) for c in plan.chunks]
         return rows
 
