@@ -142,3 +142,14 @@ def test_similar_chunks_go_together_and_scattered_ones_alone() -> None:
         )
         is None
     )
+
+
+def test_many_slots_get_a_layout_from_a_few_levels() -> None:
+    from nbollama._core._batch import MAX_LEVELS, chunk_layout
+
+    counts = {seq: 50 + seq % 5 for seq in range(64)}
+    layout = chunk_layout(
+        {seq: (0, n) for seq, n in counts.items()}, capacity=4096, ctx_per_slot=1024, end_of=lambda seq: 0
+    )
+    assert layout is not None and all(n >= counts[seq] for seq, n in enumerate(layout))
+    assert len(set(layout)) <= MAX_LEVELS

@@ -128,6 +128,12 @@ def padded_width(
     return width if seqs * width - paid <= UBATCH_ROWS * saved else 0
 
 
+#: ``chunk_layout`` tries at most this many lengths in one call, raised to from at most
+#: LEVEL_CANDIDATES of the chunks' counts: 37 layouts at most, whatever the number of slots.
+MAX_LEVELS = 3
+LEVEL_CANDIDATES = 8
+
+
 def ubatch_rows(counts: Sequence[int]) -> int:
     """What one call of consecutive sequences with these token counts costs, in rows: llama.cpp
     (a stream per slot) takes the longest run of consecutive sequences with tokens left, as
@@ -159,8 +165,12 @@ def chunk_layout(
     counts = [spans[s][1] if s in spans else 0 for s in seqs]
     best, layout = sum(counts) + UBATCH_ROWS * len(spans), None  # each chunk alone
     distinct = sorted(set(c for c in counts if c))
-    for k in range(len(distinct)):  # the levels: the highest count and any k of the others
-        for lower in itertools.combinations(distinct[:-1], k):
+    lowers = distinct[:-1]
+    if len(lowers) > LEVEL_CANDIDATES:  # many slots: an even sample of the counts, so a step stays cheap
+        step = len(lowers) / LEVEL_CANDIDATES
+        lowers = [lowers[int(i * step)] for i in range(LEVEL_CANDIDATES)]
+    for k in range(min(len(lowers), MAX_LEVELS - 1) + 1):  # the highest count and up to 2 others
+        for lower in itertools.combinations(lowers, k):
             levels = [*lower, distinct[-1]]
             for gap in {0, levels[0]}:
                 padded = [next(v for v in levels if v >= c) if c else gap for c in counts]
