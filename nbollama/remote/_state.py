@@ -141,13 +141,12 @@ class RemoteState(RemoteStreams):
             matched[rid] = sid
             taken.add(sid)
         # Sent, but the server has not said it started (its first progress event may not have
-        # come yet): a slot still reading a prompt, with our max_tokens, is most likely ours.
+        # come yet): a slot with our max_tokens is most likely ours: the one it had, else one
+        # still reading a prompt, else one already decoding (a fast server runs ahead of the stream).
         for request in waiting:
             sid = self._slot_of.get(request.id)
-            candidates = ([busy[sid]] if sid in busy else []) + sorted(busy.values(), key=lambda s: s.id)
-            slot = next(
-                (s for s in candidates if s.id not in taken and s.decoded == 0 and fits(request, s)), None
-            )
+            free = [s for s in busy.values() if s.id not in taken and fits(request, s)]
+            slot = min(free, key=lambda s: (s.id != sid, s.decoded > 0, s.id), default=None)
             if slot is not None:
                 matched[request.id] = slot.id
                 taken.add(slot.id)
