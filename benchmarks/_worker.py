@@ -34,7 +34,8 @@ def engine_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
             engine = Engine.load(config.get("model"), **options)
         # speed is measured, not the result store: a job that wants the store says cache="auto"
         # (and "store_dir": the folder it keeps results in, from this run on)
-        params = {"cache": False, **{k: v for k, v in job.items() if k not in ("prompts", "store_dir", "render")}}
+        params = {"cache": False, **{k: v for k, v in job.items()
+                                     if k not in ("prompts", "store_dir", "render", "max_tokens_each")}}
         if "store_dir" in job:
             from nbollama import store
 
@@ -43,7 +44,12 @@ def engine_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         if step_times is not None:
             step_times(reset=True)
         start = time.perf_counter()
-        results = engine.generate(job["prompts"], **params)
+        if "max_tokens_each" in job:  # a length per prompt: all queued at once, as generate() queues them
+            handles = [engine.submit(p, **{**params, "max_tokens": k})
+                       for p, k in zip(job["prompts"], job["max_tokens_each"], strict=True)]
+            results = [h.result() for h in handles]
+        else:
+            results = engine.generate(job["prompts"], **params)
         wall = time.perf_counter() - start
         if job.get("store_dir"):
             from nbollama import store
@@ -79,6 +85,7 @@ def engine_worker(config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
             "per_request_tps": statistics.mean(speeds) if speeds else 0.0,
             "ttft": statistics.mean(r.ttft for r in results if r.ttft is not None),
             "texts": [r.text for r in results],
+            "lengths": [r.completion_tokens for r in results],
             **extra,
         }
 

@@ -98,7 +98,10 @@ def worker(kind: str, config: dict[str, Any]) -> int:
         from nbollama.sources import resolve_model
 
         engine = Engine.load(
-            resolve_model(config["path"]), parallel=config["parallel"], ctx=config["ctx"]
+            resolve_model(config["path"]),
+            parallel=config["parallel"],
+            ctx=config["ctx"],
+            cache_ram=config["cache_ram"],
         )
         config["lm"] = NbollamaLM(engine, progress=False)
     print(json.dumps({"ready": True}), file=out, flush=True)
@@ -191,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         "--ctx", type=int, default=1024, help="context per slot (nbollama, llama-server)"
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--cache-ram", type=int, default=1024,
+        help="nbollama: MiB of host RAM for prompts evicted from slots (0: none; llama-server keeps its own)",
+    )
     parser.add_argument("--model", default=None)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
@@ -222,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for system in systems:
             if system == "nbollama":
-                config: dict[str, Any] = {"path": model, "parallel": args.parallel, "ctx": args.ctx}
+                config: dict[str, Any] = {
+                    "path": model, "parallel": args.parallel, "ctx": args.ctx, "cache_ram": args.cache_ram
+                }
             elif system == "gguf":
                 port = free_port()
                 process = subprocess.Popen(

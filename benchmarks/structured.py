@@ -9,7 +9,9 @@
   forced) and ``profile`` (an object of 8 keys with enums: most tokens
   forced). For each, the engine constrained with jump-forward (forced tokens
   decoded as one chunk, not sampled) and without it (``--jump-forward off``),
-  unconstrained generation of the same mean length, and llama-server with
+  unconstrained generation of the same mean length (every answer at the
+  mean, and "matched": each answer at its JSON answer's length, so the
+  answers end apart as the JSON ones do), and llama-server with
   ``json_schema``. A constrained answer ends when its JSON does, so the
   unconstrained baseline generates as many tokens per prompt as the
   constrained answers' mean, measured in the warm-up; otherwise tok/s would
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     def engine(worker: Worker, job: dict[str, Any], name: str, count: int) -> Run:
         run = worker.run(job)
         seen[name] = run.pop("texts")  # type: ignore[arg-type]
+        run.pop("lengths", None)
         return with_pps(run, count)
 
     def on_server(bodies: list[dict[str, Any]], name: str) -> Run:
@@ -212,6 +215,9 @@ def _json_setups(
     lengths[name] = same_length = max(1, round(first["tokens"] / len(json_prompts)))
     free_job = {"prompts": json_prompts, "max_tokens": same_length, "temperature": 0.0}
     free_w.run(free_job)
+    # the same lengths, prompt by prompt: the answers end apart, as the JSON ones do
+    matched_job = {"prompts": json_prompts, "max_tokens_each": first["lengths"], "temperature": 0.0}
+    free_w.run(matched_job)
     bodies = [
         {"prompt": p, "n_predict": max_tokens, "temperature": 0.0, "cache_prompt": False, "json_schema": schema}
         for p in json_prompts
@@ -222,6 +228,7 @@ def _json_setups(
         for jf, w in json_ws.items()
     ]
     out.append((f"{name} free", lambda: engine(free_w, free_job, f"{name} free", count)))
+    out.append((f"{name} free matched", lambda: engine(free_w, matched_job, f"{name} free matched", count)))
     out.append((f"{name} server", lambda: on_server(bodies, f"{name} server")))
     return out
 
@@ -253,13 +260,13 @@ def report_choices(runs: dict[str, list[Run]], seen: dict[str, list[str]], n: in
 def report_json(name: str, runs: dict[str, list[Run]], seen: dict[str, list[str]], same_length: int, modes: list[bool]) -> None:
     schema = SCHEMAS[name][0]
     engines = [f"{name} {_label(jf)}" for jf in modes]
-    rows = [*engines, f"{name} free", f"{name} server"]
+    rows = [*engines, f"{name} free", f"{name} free matched", f"{name} server"]
     n = len(seen[rows[0]])
     valid = ", ".join(f"{row.removeprefix(name + ' ')} {sum(valid_json(t, schema) for t in seen[row])}/{n}"
-                      for row in rows if row != f"{name} free")
+                      for row in rows if not row.startswith(f"{name} free"))
     print()
     print(f"{name}: valid JSON: {valid}; the unconstrained baseline generates {same_length} tokens per prompt "
-          "(the constrained mean)")
+          "(the constrained mean); 'free matched' generates each prompt's JSON answer's length")
     first = engines[0]
     print(f"| {name}, parallel 8 | tok/s (median) | per round | {first.removeprefix(name + ' ')} / this (range) |")
     print("|---|---:|---|---|")

@@ -151,7 +151,9 @@ def test_no_prefix_cache_keeps_nothing(model_path: Path) -> None:
         assert again.cached_tokens == 0
         assert kv_cells(engine, 0) == 0
         snap = engine.snapshot()
-        assert snap["prefix_cache"] == {"enabled": False, "hit_rate": 0.0, "shared_prefills": 0}
+        assert snap["prefix_cache"] == {
+            "enabled": False, "hit_rate": 0.0, "shared_prefills": 0, "ram_prompts": 0, "ram_bytes": 0
+        }
 
 
 def test_a_failed_request_leaves_no_cache_and_a_cancelled_one_a_true_one(

@@ -246,6 +246,8 @@ class PrefixCacheFigures(TypedDict):
     enabled: bool | None  # None: unknown remotely
     hit_rate: float  # cached_tokens / prompt_tokens over the engine's life (0 with no prompts)
     shared_prefills: int | None  # prefixes computed once and copied to other slots; None: remote
+    ram_prompts: int | None  # prompts kept in host RAM after their slot moved on; None: remote
+    ram_bytes: int | None  # their KV bytes
 
 
 class ParallelChange(TypedDict):

@@ -24,6 +24,7 @@ from ..exceptions import EngineClosedError, InvalidParamsError
 from ._adaptive import Target
 from ._kvprobe import KVCacheType, kv_bytes_per_slot
 from ._llama import LlamaModel
+from ._prompt_cache import DEFAULT_CACHE_RAM_MIB
 
 __all__ = [
     "DEFAULT_MAX_QUEUE",
@@ -64,6 +65,7 @@ class LoadOptions:
         None  # adaptive: time to first token (queue wait included) stays under this
     )
     jump_forward: bool = True  # a format's forced tokens are decoded as one chunk, not sampled
+    cache_ram: int = DEFAULT_CACHE_RAM_MIB  # MiB of host RAM for prompts evicted from slots; 0: none
 
     @classmethod
     def check(cls, **options: Any) -> LoadOptions:  # any values: checked below
@@ -90,6 +92,7 @@ class LoadOptions:
                 raise InvalidParamsError(f"{', '.join(given)} only apply with parallel='adaptive'")
         _whole("ctx", loaded.ctx, 32, "the context of one slot must be a whole number >= 32 tokens")
         _whole("n_batch", loaded.n_batch, 1, "must be a whole number >= 1")
+        _whole("cache_ram", loaded.cache_ram, 0, "MiB of host RAM for saved prompts: a whole number >= 0")
         if loaded.gpu_layers != "auto":
             _whole(
                 "gpu_layers",
@@ -143,6 +146,7 @@ class EngineConfig:
     adaptive: Target | None = None  # parallel="adaptive": what the controller aims at
     load_seconds: float = 0.0
     jump_forward: bool = True
+    cache_ram: int = DEFAULT_CACHE_RAM_MIB
 
     @classmethod
     def resolve(
@@ -177,6 +181,7 @@ class EngineConfig:
             if options.parallel == "adaptive"
             else None,
             jump_forward=options.jump_forward,
+            cache_ram=options.cache_ram,
         )
 
 

@@ -48,6 +48,7 @@ from ._llama import (
 )
 from ._loop import EngineLoop
 from ._outputs import prepare_output
+from ._prompt_cache import DEFAULT_CACHE_RAM_MIB, PromptCache
 from ._runner import INVARIANT_ROWS, ModelRunner
 from ._scheduler import Scheduler
 from ._slots import Request, Slot
@@ -96,6 +97,7 @@ class Engine(EngineFacts, EngineLoop):
         max_ttft: float | None = None,
         share_weights_with: Engine | None = None,
         jump_forward: bool = True,
+        cache_ram: int = DEFAULT_CACHE_RAM_MIB,
     ) -> Engine:
         """Load a GGUF model (``None``/``"default"``: the bundled Gemma 3 270M) and start the slots.
 
@@ -123,6 +125,9 @@ class Engine(EngineFacts, EngineLoop):
         reading the file again (the session does this for named engines).
         ``jump_forward=False`` samples every token of a format, also those it
         forces (``True`` decodes them as one chunk without sampling: faster).
+        ``cache_ram`` MiB of host RAM keep the KV of prompts whose slot moved
+        on, written back when a prompt starts the same way (llama-server's
+        ``--cache-ram``; 0 keeps none).
         """
         options = LoadOptions.check(
             parallel=parallel,
@@ -141,6 +146,7 @@ class Engine(EngineFacts, EngineLoop):
             min_tps=min_tps,
             max_ttft=max_ttft,
             jump_forward=jump_forward,
+            cache_ram=cache_ram,
         )
         started = time.perf_counter()
         path = locate(model).path  # a GGUFHeader given (the session's) is not read again
@@ -206,7 +212,10 @@ class Engine(EngineFacts, EngineLoop):
         self._slots = [Slot(i) for i in range(config.parallel)]
         self._chunk_size = REPRODUCIBLE_CHUNK if config.reproducible else None
         self._scheduler = Scheduler(
-            config.max_queue, prefix_cache=config.prefix_cache, chunk_size=self._chunk_size
+            config.max_queue,
+            prefix_cache=config.prefix_cache,
+            chunk_size=self._chunk_size,
+            saved=PromptCache(config.cache_ram if config.prefix_cache else 0),
         )
         self._controller = (
             ParallelController(config.parallel, config.adaptive)
@@ -251,6 +260,7 @@ class Engine(EngineFacts, EngineLoop):
             "prefix_cache": self._config.prefix_cache,
             "reproducible": self._config.reproducible,
             "jump_forward": self._config.jump_forward,
+            "cache_ram": self._config.cache_ram,
             "kv_type": self._config.type_k,
             "kv_type_v": self._config.type_v if "kv_type" not in modes else None,
         }
@@ -383,6 +393,7 @@ class Engine(EngineFacts, EngineLoop):
             queue_length = len(self._scheduler.queue)
             books = self._read_books()
             history = list(self._parallel_history)
+        saved = self._scheduler.saved  # ints read while the engine's thread may add: a moment old at worst
         return self._snapshot(
             slots=slots,
             queue_length=queue_length,
@@ -414,6 +425,8 @@ class Engine(EngineFacts, EngineLoop):
                 "enabled": self._config.prefix_cache,
                 "hit_rate": prefix_hit_rate(books[0]),
                 "shared_prefills": self._shared_prefills,
+                "ram_prompts": len(saved),
+                "ram_bytes": saved.nbytes,
             },
             adaptive=None
             if self._controller is None

@@ -402,6 +402,25 @@ class LlamaContext:
             ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
             ll.llama_memory_seq_rm(self.memory, dst, n, -1)
 
+    def save_sequence(self, seq: int) -> bytes:
+        """The sequence's KV cells as llama.cpp serializes them (``llama_state_seq_get_data``)."""
+        size = int(ll.llama_state_seq_get_size(self.ptr, seq))
+        buffer = (ctypes.c_uint8 * size)()
+        written = int(ll.llama_state_seq_get_data(self.ptr, buffer, size, seq))
+        if written == 0:
+            raise ContextError(f"llama.cpp could not save sequence {seq}")
+        return bytes(memoryview(buffer)[:written])
+
+    def restore_sequence(self, seq: int, state: bytes) -> bool:
+        """Replace the sequence with cells saved by ``save_sequence`` (from any sequence); False
+        when llama.cpp refuses them (the sequence is then empty)."""
+        self.clear_sequence(seq)
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if int(ll.llama_state_seq_set_data(self.ptr, buffer, len(state), seq)) == 0:
+            self.clear_sequence(seq)
+            return False
+        return True
+
     def sequence_length(self, seq: int) -> int:
         """Cells the sequence holds (its highest position + 1)."""
         return int(ll.llama_memory_seq_pos_max(self.memory, seq)) + 1

@@ -136,6 +136,7 @@ class EngineLoop(StepIntake):
                 # the format's first tokens, when it forces them: decoded after the prompt
                 room = self._forced_room(request, at=len(request.tokens))
                 request.start_forced = tuple(self._take_forced(request, room))
+            self._swap_saved(slot, request)
             self._runner.keep_prefix(slot.id, request.n_prefilled)
             if request.copy_from is not None and request.copy_from.ready:
                 self._copy_prefix(slot, request)
@@ -150,6 +151,22 @@ class EngineLoop(StepIntake):
         request.handle.cached_tokens = request.cached_tokens
         request.handle.timing.started = time.perf_counter()
         request.handle._set_running(slot.id, "prefill")
+
+    def _swap_saved(self, slot: Slot, request: Request) -> None:
+        """The prompt cache in host RAM: save what the slot held before it is cut, then write in
+        the saved prompt the scheduler picked (a refused one is prefilled instead)."""
+        saved = self._scheduler.saved
+        evicts, request.evicts = request.evicts, None
+        if evicts is not None and saved.worth_saving(evicts):
+            saved.add(evicts, self._runner.save_sequence(slot.id))
+        if request.restore is None:
+            return
+        entry, keep = request.restore
+        request.restore = None
+        if self._runner.restore_sequence(slot.id, entry.state):
+            saved.count_restore(keep)
+        else:
+            request.n_prefilled = request.cached_tokens = slot.n_past = 0
 
     def _copy_prefix(self, slot: Slot, request: Request) -> None:
         """Take the shared prefix from the source slot instead of prefilling it."""

@@ -30,6 +30,7 @@ __all__ = [
     "choose_slot",
     "Source",
     "find_source",
+    "usable_prefix",
 ]
 
 #: A slot's own cache is reused from this many shared tokens on. Fewer (a BOS
@@ -52,7 +53,7 @@ def common_prefix(a: npt.NDArray[np.int32], b: npt.NDArray[np.int32]) -> int:
     return int(differ[0]) if differ.size else n
 
 
-def _usable(shared: int, prompt_len: int, align: int) -> int:
+def usable_prefix(shared: int, prompt_len: int, align: int) -> int:
     """Reuse stops one token short of the whole prompt (its last token must be evaluated), and
     at a multiple of ``align`` (reproducible mode prefills in fixed chunks from position 0)."""
     usable = min(shared, prompt_len - 1)
@@ -73,7 +74,7 @@ def choose_slot(
         return idle[0], 0
     best, best_keep = None, -1
     for slot in idle:
-        keep = _usable(common_prefix(request.tokens, slot.cache), request.prompt_len, align)
+        keep = usable_prefix(common_prefix(request.tokens, slot.cache), request.prompt_len, align)
         if keep > best_keep or (
             keep == best_keep and best is not None and slot.last_used < best.last_used
         ):
@@ -104,7 +105,7 @@ def find_source(
         if slot is target:
             continue
         held = slot.sequence_tokens(prompt_only=prompt_only)
-        shared = _usable(common_prefix(request.tokens, held), request.prompt_len, align)
+        shared = usable_prefix(common_prefix(request.tokens, held), request.prompt_len, align)
         if shared - own >= SHARE_MIN_TOKENS and (best is None or shared > best.tokens):
             best = Source(slot.id, shared, ready=slot.n_past >= shared)
     return best

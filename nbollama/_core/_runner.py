@@ -86,6 +86,12 @@ class ModelRunner(StreamSteps):
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         self.context.copy_prefix(src, dst, n)
 
+    def save_sequence(self, seq: int) -> bytes:
+        return self.context.save_sequence(seq)
+
+    def restore_sequence(self, seq: int, state: bytes) -> bool:
+        return self.context.restore_sequence(seq, state)
+
     def run(self, plan: StepPlan, requests: Mapping[int, Request]) -> StepOutcome:
         """Decode ``plan`` (``requests``: slot -> its request), then read the rows it asked for."""
         self.times.steps += 1

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .._api.queue import WaitingQueue
 from ._prefix import choose_slot, find_source
+from ._prompt_cache import PromptCache
 from ._slots import Request, Slot
 
 __all__ = ["Decode", "Chunk", "StepPlan", "plan_step", "Scheduler", "SCORED_CHUNK"]
@@ -160,10 +161,16 @@ class Scheduler:
     """
 
     def __init__(
-        self, max_queue: int, *, prefix_cache: bool = True, chunk_size: int | None = None
+        self,
+        max_queue: int,
+        *,
+        prefix_cache: bool = True,
+        chunk_size: int | None = None,
+        saved: PromptCache | None = None,
     ) -> None:
         self.queue: WaitingQueue[Request] = WaitingQueue(max_queue)
         self.prefix_cache = prefix_cache
+        self.saved = saved if saved is not None else PromptCache(0)  # prompts kept in host RAM
         self.chunk_size = (
             chunk_size  # reproducible mode: prompts are prefilled in these fixed chunks
         )
@@ -177,7 +184,10 @@ class Scheduler:
 
         Each request goes to the idle slot whose cached tokens share the most
         with its prompt, and may be told to copy a longer shared prefix from
-        another slot (``Request.copy_from``) instead of prefilling it. With
+        another slot (``Request.copy_from``) instead of prefilling it, or to
+        take a prompt saved in host RAM (``Request.restore``) when that holds
+        more of it than the slot. A slot whose cached tokens the request will
+        cut hands them over in ``Request.evicts``, to be saved first. With
         ``limit`` (adaptive parallelism) only the first ``limit`` slots take
         requests, and no more than ``limit`` are busy at once: slots above it
         finish what they serve and then rest.
@@ -195,6 +205,15 @@ class Scheduler:
             reuse = self.prefix_cache and request.reuses_prefix
             slot, keep = choose_slot(request, idle, reuse=reuse, align=align)
             idle.remove(slot)
+            request.restore = (
+                self.saved.best(request.tokens, request.prompt_len, beyond=keep, align=align)
+                if reuse and self.saved.enabled
+                else None
+            )
+            if request.restore is not None:
+                keep = request.restore[1]
+            if self.saved.enabled and (request.restore is not None or keep < len(slot.cache)):
+                request.evicts = slot.cache
             slot.take(request, next(self._admitted), keep)
             if reuse:
                 request.copy_from = find_source(

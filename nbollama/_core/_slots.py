@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 _NO_TOKENS: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
 
-__all__ = ["Request", "Slot", "Source"]
+__all__ = ["Request", "SavedPrompt", "Slot", "Source"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,19 @@ class Source:
     slot: int
     tokens: int
     ready: bool
+
+
+@dataclass(frozen=True, eq=False)
+class SavedPrompt:
+    """A sequence kept in host RAM (see ``_prompt_cache``): its tokens (positions 0..n-1) and
+    llama.cpp's bytes for their KV."""
+
+    tokens: npt.NDArray[np.int32]
+    state: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.state) + self.tokens.nbytes
 
 
 @dataclass(eq=False)
@@ -63,6 +76,10 @@ class Request:
     n_prefilled: int = 0  # prompt tokens in the KV cache: reused or computed
     cached_tokens: int = 0  # of those, reused from a cache or copied from another slot
     copy_from: Source | None = None  # waiting for another slot's prefix before prefilling
+    # the prompt cache in host RAM (see _prompt_cache): a saved prompt to write into the slot and
+    # how many of its tokens to keep; the tokens the slot held, to save before they are cut
+    restore: tuple[SavedPrompt, int] | None = None
+    evicts: npt.NDArray[np.int32] | None = None
     output_ids: list[int] = field(default_factory=list)  # sampled tokens, in order
     completion_tokens: int = 0
     # what the request asked beyond text (see _logits and _choice)

@@ -93,7 +93,7 @@ class NbollamaMagics(Magics):
                            [--threads N] [--batch N] [--no-prefix-cache] [--reproducible]
                            [--max-parallel N] [--min-tps R | --max-ttft S]
                            [--kv-type f16|q8_0|q4_0] [--kv-type-v TYPE] [--flash-attn on|off|auto]
-                           [--jump-forward on|off] [--as NAME] [--download]
+                           [--jump-forward on|off] [--cache-ram MIB] [--as NAME] [--download]
             %nbollama status [NAME]
             %nbollama dashboard
             %nbollama bench [--parallel 1,2,4,8] [--prompts N] [--max-tokens N] [--ctx N]

@@ -98,6 +98,7 @@ def _nbollama_parser(*, dashboard: bool) -> tuple[Parser, dict[str, Parser]]:
     load.add_argument("--kv-type-v", metavar="TYPE")
     load.add_argument("--flash-attn", type=flash_attn_arg, metavar="on|off|auto")
     load.add_argument("--jump-forward", type=_on_off, metavar="on|off")
+    load.add_argument("--cache-ram", type=non_negative_int, metavar="MIB")
     load.add_argument("--as", dest="name", type=engine_name, metavar="NAME")
     load.add_argument("--download", action="store_true", default=None)
     connect = subs["connect"]
@@ -163,6 +164,7 @@ class LoadCall:
     kv_type_v: str | None = None
     flash_attn: bool | Literal["auto"] | None = None
     jump_forward: bool | None = None  # --jump-forward off: a format's forced tokens are sampled too
+    cache_ram: int | None = None  # --cache-ram MIB: host RAM for prompts evicted from slots
     name: str | None = None  # --as NAME
     download: bool | None = None  # hf:... not in the cache: fetch it
 
@@ -349,6 +351,7 @@ def parse_nbollama(line: str) -> NbollamaCall:
             kv_type_v=args.kv_type_v,
             flash_attn=args.flash_attn,
             jump_forward=args.jump_forward,
+            cache_ram=args.cache_ram,
             name=args.name,
             download=args.download,
         )

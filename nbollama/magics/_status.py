@@ -46,10 +46,13 @@ def _prefix_cache_line(snapshot: EngineSnapshot) -> str:
     if not cache["enabled"]:
         return "off (every prompt is prefilled in full)"
     totals = snapshot["totals"]
-    return (
+    line = (
         f"on — hit rate {cache['hit_rate']:.0%}: {totals['cached_tokens']} of {totals['prompt_tokens']} "
         f"prompt tokens reused, {cache['shared_prefills']} prefixes shared across slots"
     )
+    if cache.get("ram_prompts"):
+        line += f", {cache['ram_prompts']} prompts kept in RAM ({format_bytes(cache['ram_bytes'] or 0)})"
+    return line
 
 
 def _gpu_line(gpu: GPUFigures) -> str:

@@ -114,6 +114,8 @@ class RemoteRows(RemoteState):
                 "enabled": info.prefix_cache,
                 "hit_rate": prefix_hit_rate(books[0]),
                 "shared_prefills": None,
+                "ram_prompts": None,
+                "ram_bytes": None,
             },
             adaptive=None,
             remote=remote,
