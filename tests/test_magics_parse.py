@@ -173,6 +173,7 @@ def test_parse_nbollama_calls() -> None:
     assert load == LoadCall(model="~/m.gguf", parallel=2, ctx=64, n_batch=32)
     assert load.options() == {"parallel": 2, "ctx": 64, "n_batch": 32}
     assert parse_nbollama("load").options() == {"parallel": "auto"}  # type: ignore[union-attr]
+    assert parse_nbollama("load --cache-ram 0").options() == {"parallel": "auto", "cache_ram": 0}  # type: ignore[union-attr]
     assert parse_nbollama("bench --parallel 4,1 --apply") == BenchCall(
         parallel=(4, 1), prompts=16, max_tokens=64, ctx=None, apply=True
     )
@@ -188,6 +189,7 @@ def test_parse_nbollama_calls() -> None:
         ("load --ctx 8", r"%nbollama load: --ctx 8: the context of one slot must be .* >= 32"),
         ("load --gpu-layers -4", r"%nbollama load: --gpu-layers -4"),
         ("bench --ctx 8", r"%nbollama bench: --ctx 8"),
+        ("load --cache-ram -1", r"%nbollama load: argument --cache-ram: .*-1"),
     ],
 )
 def test_parse_nbollama_checks_load_values(line: str, message: str) -> None:

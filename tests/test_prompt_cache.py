@@ -11,6 +11,7 @@ from nbollama import Engine
 from nbollama._core._prefix import REUSE_MIN_TOKENS
 from nbollama._core._prompt_cache import PromptCache
 from nbollama.exceptions import InvalidParamsError
+from nbollama.magics import StatusReport
 
 MIB = 1 << 20
 
@@ -94,6 +95,8 @@ def test_a_prompt_whose_slot_moved_on_comes_back_from_ram(model_path: Path) -> N
         assert lesson_len <= shared.cached_tokens < shared.prompt_tokens - 1
         snap = engine.snapshot()
         assert snap["prefix_cache"]["ram_bytes"] > 0
+        line = repr(StatusReport(snap))
+        assert f"{snap['prefix_cache']['ram_prompts']} prompts kept in RAM (" in line
         assert engine._runner.context.sequence_length(0) == snap["slots"][0]["kv_used"]
 
 
@@ -117,6 +120,16 @@ def test_restored_prompts_keep_reproducible_modes_promise(model_path: Path) -> N
     without, logprobs_without, cached_without = texts(0)
     assert cached >= 128 and cached % 128 == 0 and cached_without == 0
     assert with_ram == without and logprobs_with == logprobs_without
+
+
+def test_closing_the_engine_frees_the_saved_prompts(model_path: Path) -> None:
+    engine = Engine.load(model_path, parallel=1, ctx=512)
+    for prompt in prompts_for("the capital of Chad?", "the capital of Laos?"):
+        engine.generate([prompt], max_tokens=2, temperature=0.0, cache=False)
+    saved = engine._scheduler.saved
+    assert len(saved) == 1
+    engine.close()
+    assert len(saved) == 0 and saved.nbytes == 0
 
 
 def test_a_refused_state_is_prefilled_instead(model_path: Path) -> None:

@@ -332,6 +332,7 @@ class EngineLoop(StepIntake):
                 logger.exception("nbollama: finishing slot %s at shutdown failed", slot.id)
         with self._lock:
             self._scheduler.queue.drain()
+            self._scheduler.saved.clear()  # its RAM goes with the engine, whoever keeps the object
             leftovers = list(self._requests.values())
             self._requests.clear()
         for request in leftovers:  # queued, or taken from the queue when the loop stopped
