@@ -9,7 +9,7 @@ import pytest
 
 from nbollama import Engine
 from nbollama._core._prefix import REUSE_MIN_TOKENS
-from nbollama._core._prompt_cache import PromptCache
+from nbollama._core._prompt_cache import RESTORE_MIN_GAIN, PromptCache
 from nbollama.exceptions import InvalidParamsError
 from nbollama.magics import StatusReport
 
@@ -30,9 +30,9 @@ def test_the_entry_sharing_most_wins_only_when_it_beats_the_slots_own_cache() ->
     prompt = np.concatenate([run(0, 60), run(900, 5)])
     found = cache.best(prompt, len(prompt), beyond=0)
     assert found is not None and found[1] == 40 and found[0].state == b"a" * 100
-    # the slot's own cache already gives 30: 10 more is not worth a restore
-    assert cache.best(prompt, len(prompt), beyond=30) is None
-    assert cache.best(prompt, len(prompt), beyond=40 - REUSE_MIN_TOKENS) is not None
+    # the slot's own cache already gives 37: 3 more is not worth a restore, 4 are
+    assert cache.best(prompt, len(prompt), beyond=40 - RESTORE_MIN_GAIN + 1) is None
+    assert cache.best(prompt, len(prompt), beyond=40 - RESTORE_MIN_GAIN) is not None
     # never the whole prompt (its last token gives the logits), and whole chunks when aligned
     assert cache.best(run(0, 40), 40, beyond=0)[1] == 39  # type: ignore[index]
     assert cache.best(prompt, len(prompt), beyond=0, align=32)[1] == 32  # type: ignore[index]
