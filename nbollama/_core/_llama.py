@@ -402,21 +402,29 @@ class LlamaContext:
             ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
             ll.llama_memory_seq_rm(self.memory, dst, n, -1)
 
-    def save_sequence(self, seq: int) -> bytes:
+    def save_sequence(self, seq: int) -> bytearray:
         """The sequence's KV cells as llama.cpp serializes them (``llama_state_seq_get_data``)."""
         size = int(ll.llama_state_seq_get_size(self.ptr, seq))
-        buffer = (ctypes.c_uint8 * size)()
-        written = int(ll.llama_state_seq_get_data(self.ptr, buffer, size, seq))
+        state = bytearray(size)
+        written = int(
+            ll.llama_state_seq_get_data(self.ptr, (ctypes.c_uint8 * size).from_buffer(state), size, seq)
+        )
         if written == 0:
             raise ContextError(f"llama.cpp could not save sequence {seq}")
-        return bytes(memoryview(buffer)[:written])
+        del state[written:]
+        return state
 
-    def restore_sequence(self, seq: int, state: bytes) -> bool:
+    def restore_sequence(self, seq: int, state: bytes | bytearray) -> bool:
         """Replace the sequence with cells saved by ``save_sequence`` (from any sequence); False
         when llama.cpp refuses them (the sequence is then empty)."""
         self.clear_sequence(seq)
-        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if int(ll.llama_state_seq_set_data(self.ptr, buffer, len(state), seq)) == 0:
+        size = len(state)
+        data = (
+            (ctypes.c_uint8 * size).from_buffer(state)
+            if isinstance(state, bytearray)
+            else (ctypes.c_uint8 * size).from_buffer_copy(state)
+        )
+        if int(ll.llama_state_seq_set_data(self.ptr, data, size, seq)) == 0:
             self.clear_sequence(seq)
             return False
         return True

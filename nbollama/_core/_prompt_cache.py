@@ -34,11 +34,16 @@ _MIB = 1 << 20
 
 
 class PromptCache:
-    """Saved prompts, least recently used first out, within ``limit_mib`` of host RAM."""
+    """Saved prompts, least recently used first out, within ``limit_mib`` of host RAM.
+
+    Entries are filed by their first ``REUSE_MIN_TOKENS`` tokens: a prompt can only reuse an
+    entry that starts the same way, so a lookup reads one bucket, not every entry.
+    """
 
     def __init__(self, limit_mib: int) -> None:
         self.limit = limit_mib * _MIB
         self._entries: OrderedDict[int, SavedPrompt] = OrderedDict()
+        self._buckets: dict[bytes, set[int]] = {}
         self._ids = 0
         self.nbytes = 0
         self.saved = 0  # sequences saved over the engine's life
@@ -59,20 +64,22 @@ class PromptCache:
             return False
         return not any(
             len(e.tokens) >= len(tokens) and common_prefix(e.tokens, tokens) == len(tokens)
-            for e in self._entries.values()
+            for _, e in self._bucket(tokens)
         )
 
-    def add(self, tokens: npt.NDArray[np.int32], state: bytes) -> None:
+    def add(self, tokens: npt.NDArray[np.int32], state: bytes | bytearray) -> None:
         """Keep a saved sequence; entries it extends go (it holds all of theirs), then the oldest
-        until the total fits. A state larger than the whole budget is not kept."""
+        until the total fits. A state larger than the whole budget, or a sequence too short to
+        reuse, is not kept."""
         entry = SavedPrompt(tokens.copy(), state)
-        if entry.nbytes > self.limit:
+        if entry.nbytes > self.limit or len(tokens) < REUSE_MIN_TOKENS:
             return
-        for key, old in list(self._entries.items()):
+        for key, old in self._bucket(tokens):
             if common_prefix(old.tokens, tokens) == len(old.tokens):
                 self._drop(key)
         self._ids += 1
         self._entries[self._ids] = entry
+        self._buckets.setdefault(_head(tokens), set()).add(self._ids)
         self.nbytes += entry.nbytes
         self.saved += 1
         while self.nbytes > self.limit:
@@ -81,10 +88,13 @@ class PromptCache:
     def best(
         self, prompt: npt.NDArray[np.int32], prompt_len: int, *, beyond: int, align: int = 1
     ) -> tuple[SavedPrompt, int] | None:
-        """The entry that spares ``prompt`` the most prefill, if it spares more than ``beyond``
-        tokens (what the slot's own cache gives), and how many tokens of it to keep."""
+        """The entry that spares ``prompt`` the most prefill, if it spares at least
+        ``RESTORE_MIN_GAIN`` tokens more than ``beyond`` (what the slot's own cache gives), and
+        how many tokens of it to keep."""
         found: tuple[int, SavedPrompt, int] | None = None
-        for key, entry in self._entries.items():
+        if len(prompt) < REUSE_MIN_TOKENS:
+            return None
+        for key, entry in self._bucket(prompt):
             keep = usable_prefix(common_prefix(prompt, entry.tokens), prompt_len, align)
             if keep >= max(beyond + RESTORE_MIN_GAIN, REUSE_MIN_TOKENS) and (
                 found is None or keep > found[2]
@@ -102,7 +112,22 @@ class PromptCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._buckets.clear()
         self.nbytes = 0
 
+    def _bucket(self, tokens: npt.NDArray[np.int32]) -> list[tuple[int, SavedPrompt]]:
+        keys = self._buckets.get(_head(tokens), ())
+        return [(key, self._entries[key]) for key in keys]
+
     def _drop(self, key: int) -> None:
-        self.nbytes -= self._entries.pop(key).nbytes
+        entry = self._entries.pop(key)
+        head = _head(entry.tokens)
+        bucket = self._buckets[head]
+        bucket.discard(key)
+        if not bucket:
+            del self._buckets[head]
+        self.nbytes -= entry.nbytes
+
+
+def _head(tokens: npt.NDArray[np.int32]) -> bytes:
+    return tokens[:REUSE_MIN_TOKENS].tobytes()

@@ -86,10 +86,10 @@ class ModelRunner(StreamSteps):
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         self.context.copy_prefix(src, dst, n)
 
-    def save_sequence(self, seq: int) -> bytes:
+    def save_sequence(self, seq: int) -> bytearray:
         return self.context.save_sequence(seq)
 
-    def restore_sequence(self, seq: int, state: bytes) -> bool:
+    def restore_sequence(self, seq: int, state: bytes | bytearray) -> bool:
         return self.context.restore_sequence(seq, state)
 
     def run(self, plan: StepPlan, requests: Mapping[int, Request]) -> StepOutcome:

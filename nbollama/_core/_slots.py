@@ -52,7 +52,7 @@ class SavedPrompt:
     llama.cpp's bytes for their KV."""
 
     tokens: npt.NDArray[np.int32]
-    state: bytes
+    state: bytes | bytearray
 
     @property
     def nbytes(self) -> int:
