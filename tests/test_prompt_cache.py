@@ -12,6 +12,7 @@ from nbollama._core._prefix import REUSE_MIN_TOKENS
 from nbollama._core._prompt_cache import RESTORE_MIN_GAIN, PromptCache
 from nbollama.exceptions import InvalidParamsError
 from nbollama.magics import StatusReport
+from nbollama.widgets import dashboard
 
 MIB = 1 << 20
 
@@ -95,8 +96,14 @@ def test_a_prompt_whose_slot_moved_on_comes_back_from_ram(model_path: Path) -> N
         assert lesson_len <= shared.cached_tokens < shared.prompt_tokens - 1
         snap = engine.snapshot()
         assert snap["prefix_cache"]["ram_bytes"] > 0
-        line = repr(StatusReport(snap))
-        assert f"{snap['prefix_cache']['ram_prompts']} prompts kept in RAM (" in line
+        kept = snap["prefix_cache"]["ram_prompts"]
+        assert f"{kept} prompts kept in RAM (" in repr(StatusReport(snap))
+        board = dashboard(engine)  # the inline dashboard's header says it too
+        try:
+            board._on_snapshot(snap)
+            assert f"{kept} prompts in RAM" in board._header.value
+        finally:
+            board.close()
         assert engine._runner.context.sequence_length(0) == snap["slots"][0]["kv_used"]
 
 

@@ -105,6 +105,9 @@ export interface IPrefixCacheFigures {
   hit_rate: number | null;
   /** prefixes computed once and copied to other slots; null: unknown remotely */
   shared_prefills: number | null;
+  /** prompts kept in host RAM after their slot moved on, and their bytes; null or absent: remote */
+  ram_prompts?: number | null;
+  ram_bytes?: number | null;
 }
 
 /** One change of the active slot count by adaptive parallelism. */
@@ -284,7 +287,9 @@ function isPrefixCache(value: unknown): value is IPrefixCacheFigures | null | un
     isRecord(value) &&
     (value.enabled === null || typeof value.enabled === 'boolean') &&
     isNumberOrNull(value.hit_rate) &&
-    isNumberOrNull(value.shared_prefills ?? null)
+    isNumberOrNull(value.shared_prefills ?? null) &&
+    isNumberOrNull(value.ram_prompts ?? null) &&
+    isNumberOrNull(value.ram_bytes ?? null)
   );
 }
 
@@ -921,6 +926,11 @@ export function prefixCacheText(snapshot: IEngineSnapshot): string | null {
       ? `${formatCount(shared)} shared prefill${shared === 1 ? '' : 's'}`
       : 'shared prefills ?'
   );
+  const kept = cache.ram_prompts;
+  if (isNumber(kept) && kept > 0) {
+    const bytes = isNumber(cache.ram_bytes) ? ` (${formatBytes(cache.ram_bytes)})` : '';
+    parts.push(`${formatCount(kept)} prompt${kept === 1 ? '' : 's'} in RAM${bytes}`);
+  }
   return parts.join(' · ');
 }
 

@@ -271,6 +271,9 @@ class Dashboard(widgets.VBox):
             if cache["enabled"]
             else "prefix cache off"
         )
+        kept = (cache or {}).get("ram_prompts")
+        if kept:
+            self.prefix_cache += f" · {kept} prompt{'s' if kept != 1 else ''} in RAM"
         self.kind = snapshot.get("kind", "local")
         self.endpoint = snapshot.get("endpoint") or ""
         self._remote = snapshot.get("remote")
@@ -278,7 +281,7 @@ class Dashboard(widgets.VBox):
     # -- rendering ----------------------------------------------------------------------
 
     _remote: Any = None
-    #: "prefix cache 42% hit" / "prefix cache off" (local engines), from the snapshot
+    #: "prefix cache 42% hit · 3 prompts in RAM" / "prefix cache off" (local engines), from the snapshot
     prefix_cache: str = ""
     #: batch-invariant decoding (``%nbollama load --reproducible``)
     reproducible: bool = False

@@ -616,6 +616,12 @@ describe('prefix cache', () => {
     expect(prefixCacheText(snapshot({ prefix_cache: { enabled: false, hit_rate: 0, shared_prefills: 0 } }))).toBe(
       'prefix cache off'
     );
+    const kept = snapshot({
+      prefix_cache: { enabled: true, hit_rate: 0.97, shared_prefills: 7, ram_prompts: 17, ram_bytes: 87_451_238 }
+    });
+    expect(prefixCacheText(kept)).toBe('prefix cache 97% hit · 7 shared prefills · 17 prompts in RAM (83.4 MiB)');
+    const none = snapshot({ prefix_cache: { enabled: true, hit_rate: 0, shared_prefills: 0, ram_prompts: 0, ram_bytes: 0 } });
+    expect(prefixCacheText(none)).toBe('prefix cache 0% hit · 0 shared prefills');
   });
 
   it('says "?" for what a remote server does not tell', () => {
@@ -633,6 +639,10 @@ describe('prefix cache', () => {
   it('accepts the kernel message with these parts', () => {
     const snap = adaptiveSnapshot({ reproducible: true, prefix_cache: { enabled: true, hit_rate: 0.1, shared_prefills: 2 } });
     expect(parseKernelMessage({ v: 1, type: 'snapshot', engine: snap })).toEqual({ v: 1, type: 'snapshot', engine: snap });
+    const withRam = snapshot({ prefix_cache: { enabled: true, hit_rate: 0.1, shared_prefills: 2, ram_prompts: 3, ram_bytes: 1024 } });
+    expect(parseKernelMessage({ v: 1, type: 'snapshot', engine: withRam })).toEqual({ v: 1, type: 'snapshot', engine: withRam });
+    const badRam = snapshot({ prefix_cache: { enabled: true, hit_rate: 0.1, shared_prefills: 2, ram_prompts: '3' } as never });
+    expect(parseKernelMessage({ v: 1, type: 'snapshot', engine: badRam })).toEqual({ invalid: 'malformed engine snapshot' });
     const bad = snapshot({ prefix_cache: { enabled: 'yes' } as never });
     expect(parseKernelMessage({ v: 1, type: 'snapshot', engine: bad })).toEqual({ invalid: 'malformed engine snapshot' });
   });
