@@ -10,7 +10,7 @@ import pytest
 from nbollama import Engine
 from nbollama._core._prefix import REUSE_MIN_TOKENS
 from nbollama._core._prompt_cache import RESTORE_MIN_GAIN, PromptCache
-from nbollama.exceptions import InvalidParamsError
+from nbollama.exceptions import ContextError, InvalidParamsError
 from nbollama.magics import StatusReport
 from nbollama.widgets import dashboard
 
@@ -137,6 +137,22 @@ def test_closing_the_engine_frees_the_saved_prompts(model_path: Path) -> None:
     assert len(saved) == 1
     engine.close()
     assert len(saved) == 0 and saved.nbytes == 0
+
+
+def test_a_prompt_that_cannot_be_saved_costs_only_its_entry(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Engine.load(model_path, parallel=1, ctx=512) as engine:
+
+        def refuse(seq: int) -> bytearray:
+            raise ContextError(f"llama.cpp could not save sequence {seq}")
+
+        monkeypatch.setattr(engine._runner, "save_sequence", refuse)
+        results = [
+            engine.generate([p], max_tokens=2, temperature=0.0, cache=False)[0]
+            for p in prompts_for("the capital of Chad?", "the capital of Laos?")
+        ]
+        assert all(r.ok for r in results) and engine.snapshot()["prefix_cache"]["ram_prompts"] == 0
 
 
 def test_a_refused_state_is_prefilled_instead(model_path: Path) -> None:

@@ -20,6 +20,7 @@ from .._api.base import error_of
 from .._api.requests import FinishReason
 from .._api.snapshot import ParallelChange, completed_request
 from .._logging import logger
+from ..exceptions import ContextError
 from ._adaptive import ParallelController
 from ._intake import StepIntake
 from ._llama import DECODE_NO_KV_SLOT, DECODE_OK, LlamaModel, release_openmp_threads
@@ -158,7 +159,10 @@ class EngineLoop(StepIntake):
         saved = self._scheduler.saved
         evicts, request.evicts = request.evicts, None
         if evicts is not None and saved.worth_saving(evicts):
-            saved.add(evicts, self._runner.save_sequence(slot.id))
+            try:
+                saved.add(evicts, self._runner.save_sequence(slot.id))
+            except (ContextError, MemoryError) as exc:  # not kept: the request runs all the same
+                logger.debug("nbollama: slot %s's prompt was not kept in RAM: %s", slot.id, exc)
         if request.restore is None:
             return
         entry, keep = request.restore
