@@ -419,11 +419,8 @@ class LlamaContext:
         when llama.cpp refuses them (the sequence is then empty)."""
         self.clear_sequence(seq)
         size = len(state)
-        data = (
-            (ctypes.c_uint8 * size).from_buffer(state)
-            if isinstance(state, bytearray)
-            else (ctypes.c_uint8 * size).from_buffer_copy(state)
-        )
+        writable = state if isinstance(state, bytearray) else bytearray(state)  # ctypes shares, no copy
+        data = (ctypes.c_uint8 * size).from_buffer(writable)
         if int(ll.llama_state_seq_set_data(self.ptr, data, size, seq)) == 0:
             self.clear_sequence(seq)
             return False

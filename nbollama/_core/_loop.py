@@ -165,11 +165,8 @@ class EngineLoop(StepIntake):
                 logger.debug("nbollama: slot %s's prompt was not kept in RAM: %s", slot.id, exc)
         if request.restore is None:
             return
-        entry, keep = request.restore
-        request.restore = None
-        if self._runner.restore_sequence(slot.id, entry.state):
-            saved.count_restore(keep)
-        else:
+        entry, request.restore = request.restore[0], None
+        if not self._runner.restore_sequence(slot.id, entry.state):
             request.n_prefilled = request.cached_tokens = slot.n_past = 0
 
     def _copy_prefix(self, slot: Slot, request: Request) -> None:

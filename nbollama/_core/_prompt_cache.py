@@ -47,8 +47,6 @@ class PromptCache:
         self._ids = 0
         self.nbytes = 0
         self.saved = 0  # sequences saved over the engine's life
-        self.restored = 0  # sequences written back into a slot
-        self.restored_tokens = 0  # prompt tokens those restores spared a prefill
 
     @property
     def enabled(self) -> bool:
@@ -91,9 +89,9 @@ class PromptCache:
         """The entry that spares ``prompt`` the most prefill, if it spares at least
         ``RESTORE_MIN_GAIN`` tokens more than ``beyond`` (what the slot's own cache gives), and
         how many tokens of it to keep."""
-        found: tuple[int, SavedPrompt, int] | None = None
         if len(prompt) < REUSE_MIN_TOKENS:
             return None
+        found: tuple[int, SavedPrompt, int] | None = None
         for key, entry in self._bucket(prompt):
             keep = usable_prefix(common_prefix(prompt, entry.tokens), prompt_len, align)
             if keep >= max(beyond + RESTORE_MIN_GAIN, REUSE_MIN_TOKENS) and (
@@ -105,10 +103,6 @@ class PromptCache:
         key, entry, keep = found
         self._entries.move_to_end(key)
         return entry, keep
-
-    def count_restore(self, tokens: int) -> None:
-        self.restored += 1
-        self.restored_tokens += tokens
 
     def clear(self) -> None:
         self._entries.clear()

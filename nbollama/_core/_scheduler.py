@@ -207,7 +207,7 @@ class Scheduler:
             idle.remove(slot)
             request.restore = (
                 self.saved.best(request.tokens, request.prompt_len, beyond=keep, align=align)
-                if reuse and self.saved.enabled
+                if reuse
                 else None
             )
             if request.restore is not None:
